@@ -1,0 +1,63 @@
+"""The local backend: an embedded :class:`distributed.LocalCluster` of worker processes."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+from distributed import LocalCluster
+
+from ..executor import HPCExecutor
+
+logger = logging.getLogger("futures_hpc")
+
+#: Common options that mean nothing on one machine; accepted (a profile may set them) and logged.
+_IGNORED_OPTIONS = ("walltime", "queue", "account", "job_extra", "prologue", "python")
+
+
+def local_core_count() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class LocalExecutor(HPCExecutor):
+    """Executor on worker processes of this machine (a :class:`distributed.LocalCluster`).
+
+    ``max_workers`` worker processes (default: one per core), each with ``cores`` threads
+    (default 1) and ``memory`` as its memory limit; ``env`` is set in the workers. Any other
+    keyword argument of :class:`distributed.LocalCluster` passes through.
+    """
+
+    backend_name = "local"
+    # Any LocalCluster argument passes through, but for those the common options set.
+    backend_option_names = frozenset(
+        inspect.signature(LocalCluster.__init__).parameters
+    ) - {"self", "n_workers", "threads_per_worker", "processes", "memory_limit", "kwargs"}
+    networked = False
+
+    def _planned_worker_slots(self) -> int:
+        return (self.max_workers or local_core_count()) * (self.resources.cores or 1)
+
+    def _create_cluster(self) -> LocalCluster:
+        ignored = sorted(set(self.resources.given()) & set(_IGNORED_OPTIONS))
+        if ignored:
+            logger.info("the local backend ignores the options %s", ", ".join(ignored))
+        options = dict(
+            n_workers=self.max_workers or local_core_count(),
+            threads_per_worker=self.resources.cores or 1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=self.dashboard_address,
+            memory_limit=self.resources.memory_bytes or "auto",
+            silence_logs=logging.WARNING,
+        )
+        if self.resources.env:
+            options["env"] = dict(self.resources.env)
+        if self.security is not None:
+            options.update(security=self.security, protocol="tls")
+        options.update(self.backend_options)
+        return LocalCluster(**options)

@@ -1,0 +1,257 @@
+"""The bridge from distributed futures to standard :class:`concurrent.futures.Future` objects.
+
+Each call the executor sends becomes one dask task with a key of its own and one standard future.
+The standard future goes through the same states as one from the standard library's executors:
+
+- PENDING while the task waits in the scheduler's queue (``cancel()`` succeeds and the task is
+  released, so it never runs);
+- RUNNING once the scheduler hands the task to a worker: a small scheduler plugin publishes that
+  transition on an event topic the bridge subscribes to (``cancel()`` then returns False);
+- FINISHED when the outcome is back: results are fetched in batches by one collector thread, one
+  ``gather`` for every task that finished since the last one, and the dask task is released at
+  once so that neither the worker nor the bridge holds a stale reference to the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from typing import Any
+
+import distributed
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from .calls import unpack_outcome
+
+logger = logging.getLogger("futures_hpc")
+
+#: The most finished tasks fetched by one gather.
+GATHER_BATCH_SIZE = 1000
+
+
+class RunningTasksPlugin(SchedulerPlugin):
+    """Scheduler plugin that reports when one client's tasks are handed to a worker.
+
+    Parameters
+    ----------
+    client_id : str
+        Only tasks wanted by this client are reported.
+    topic : str
+        The event topic the key of each such task is published on.
+
+    """
+
+    def __init__(self, client_id: str, topic: str) -> None:
+        self.client_id = client_id
+        self.topic = topic
+        self.name = topic
+        self.scheduler = None
+
+    async def start(self, scheduler: Any) -> None:  # noqa: D102
+        self.scheduler = scheduler
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        """Publish ``key`` when one of the client's tasks starts processing on a worker."""
+        if finish != "processing" or self.scheduler is None:
+            return
+        task = self.scheduler.tasks.get(key)
+        wanted_by = getattr(task, "who_wants", None) or ()
+        if any(client.client_key == self.client_id for client in wanted_by):
+            self.scheduler.log_event(self.topic, key)
+
+
+@dataclass
+class _Record:
+    future: Future
+    dask_future: distributed.Future
+    decode: Callable[[tuple[Any, ...]], Any]
+
+
+def decode_call_outcome(outcome: tuple[Any, ...]) -> Any:
+    """Turn the outcome of one call into its result, or raise its exception."""
+    if outcome[0] == "ok":
+        return outcome[1]
+    raise outcome[1]
+
+
+class FutureBridge:
+    """Tracks dask futures and completes the standard futures that stand for them.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The executor's client.
+
+    """
+
+    def __init__(self, client: distributed.Client) -> None:
+        self._client = client
+        self._records: dict[str, _Record] = {}
+        self._lock = threading.Lock()
+        self._finished: queue.SimpleQueue[distributed.Future | None] = queue.SimpleQueue()
+        self._topic = f"futures_hpc-running-{client.id}"
+        self.tracks_running = self._subscribe_running()
+        self._collector = threading.Thread(
+            target=self._collect, name="futures_hpc-results", daemon=True
+        )
+        self._collector.start()
+
+    def _subscribe_running(self) -> bool:
+        try:
+            self._client.subscribe_topic(self._topic, self._on_running)
+            self._client.register_plugin(RunningTasksPlugin(self._client.id, self._topic))
+        except Exception as error:  # a scheduler without futures_hpc installed
+            logger.warning(
+                "futures will show RUNNING only when done: the scheduler plugin failed (%r)", error
+            )
+            return False
+        return True
+
+    def track(
+        self,
+        dask_future: distributed.Future,
+        decode: Callable[[tuple[Any, ...]], Any] = decode_call_outcome,
+    ) -> Future:
+        """Return a standard future completed from ``dask_future``'s packed outcome."""
+        future: Future = Future()
+        with self._lock:
+            self._records[dask_future.key] = _Record(future, dask_future, decode)
+        future.add_done_callback(self._on_future_done)
+        future._futures_hpc_key = dask_future.key  # type: ignore[attr-defined]
+        dask_future.add_done_callback(self._finished.put)
+        return future
+
+    def outstanding(self) -> list[Future]:
+        """The standard futures not yet done."""
+        with self._lock:
+            return [record.future for record in self._records.values()]
+
+    def cancel_pending(self) -> int:
+        """Cancel every future that has not started running; return how many were cancelled."""
+        return sum(future.cancel() for future in self.outstanding())
+
+    def close(self) -> None:
+        """Stop the collector thread and release every tracked task."""
+        self._finished.put(None)
+        self._collector.join(timeout=10)
+        with self._lock:
+            records = list(self._records.values())
+            self._records.clear()
+        for record in records:
+            record.dask_future.release()
+            if not record.future.cancel():
+                _set_exception_once(
+                    record.future, CancelledError("the executor's cluster was closed")
+                )
+        if self.tracks_running:
+            try:
+                self._client.unsubscribe_topic(self._topic)
+            except Exception:  # the client may already be closing
+                pass
+
+    # -- state transitions -------------------------------------------------------------------
+
+    def _mark_running(self, future: Future) -> bool:
+        with self._lock:
+            if future.running():
+                return True
+            if future.done():
+                return False
+            return future.set_running_or_notify_cancel()
+
+    def _on_running(self, event: tuple[float, Any]) -> None:
+        with self._lock:
+            record = self._records.get(event[1])
+        if record is not None:
+            self._mark_running(record.future)
+
+    def _on_future_done(self, future: Future) -> None:
+        if not future.cancelled():
+            return
+        key = future._futures_hpc_key  # type: ignore[attr-defined]
+        with self._lock:
+            record = self._records.pop(key, None)
+        if record is not None:
+            record.dask_future.release()
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        while True:
+            first = self._finished.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < GATHER_BATCH_SIZE:
+                try:
+                    item = self._finished.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._finished.put(None)
+                    break
+                batch.append(item)
+            try:
+                self._resolve(batch)
+            except Exception:  # never let the collector die: that would hang callers
+                logger.exception("futures_hpc: failed to deliver results")
+
+    def _resolve(self, batch: list[distributed.Future]) -> None:
+        with self._lock:
+            records = [self._records.get(dask_future.key) for dask_future in batch]
+        records = [record for record in records if record is not None]
+        finished = [record for record in records if record.dask_future.status == "finished"]
+        failed = [record for record in records if record.dask_future.status != "finished"]
+        if finished:
+            try:
+                packed = self._client.gather([record.dask_future for record in finished])
+            except Exception:  # one result was lost: fetch one by one
+                packed = None
+                failed.extend(finished)
+            if packed is not None:
+                for record, outcome in zip(finished, packed, strict=True):
+                    self._complete(record, outcome=outcome)
+        for record in failed:
+            self._complete_one_by_one(record)
+
+    def _complete_one_by_one(self, record: _Record) -> None:
+        dask_future = record.dask_future
+        try:
+            if dask_future.status == "cancelled":
+                raise CancelledError(f"task {dask_future.key} was cancelled in the dask cluster")
+            outcome = dask_future.result()
+        except BaseException as error:  # noqa: BLE001
+            self._complete(record, error=error)
+        else:
+            self._complete(record, outcome=outcome)
+
+    def _complete(
+        self, record: _Record, outcome: bytes | None = None, error: BaseException | None = None
+    ) -> None:
+        with self._lock:
+            self._records.pop(record.dask_future.key, None)
+        record.dask_future.release()
+        if not self._mark_running(record.future):
+            return
+        if error is not None:
+            _set_exception_once(record.future, error)
+            return
+        try:
+            value = record.decode(unpack_outcome(outcome))
+        except BaseException as raised:  # noqa: BLE001 - the call's own exception
+            _set_exception_once(record.future, raised)
+        else:
+            if not record.future.done():
+                record.future.set_result(value)
+
+
+def _set_exception_once(future: Future, error: BaseException) -> None:
+    if not future.done():
+        try:
+            future.set_exception(error)
+        except Exception:  # completed by another thread in between
+            pass

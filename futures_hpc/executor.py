@@ -1,0 +1,473 @@
+"""HPCExecutor: a standard :class:`concurrent.futures.Executor` over a dask distributed client.
+
+``HPCExecutor(backend=None, **options)`` gives an instance of the chosen backend's subclass. The
+subclass only creates the cluster (:meth:`HPCExecutor._create_cluster`) and, for batch systems,
+starts its workers (:meth:`HPCExecutor._start_workers`); everything the user calls lives here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_for_futures
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dask.config
+import distributed
+from distributed.deploy import Cluster
+from distributed.security import Security
+
+from . import config as _config  # noqa: F401 - registers the default configuration
+from .bridge import FutureBridge
+from .calls import PlaceholderArgument, pack_call, pack_chunk, run_call, run_chunk
+from .errors import ExecutorShutdownError, OptionError
+from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
+from .security import RunCredentials, create_run_credentials
+
+logger = logging.getLogger("futures_hpc")
+
+#: Chunks per worker slot that ``map`` aims for when it chooses the chunk size itself: enough to
+#: balance uneven calls, few enough that dask's cost per task (about 2 ms) stays negligible.
+CHUNKS_PER_WORKER_SLOT = 4
+
+#: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
+MAX_GROWING_CHUNKSIZE = 256
+
+_live_executors: weakref.WeakSet[HPCExecutor] = weakref.WeakSet()
+
+
+def _function_name(function: Callable[..., Any]) -> str:
+    name = getattr(function, "__name__", None) or type(function).__name__
+    return "".join(character if character.isalnum() else "_" for character in name)[:40]
+
+
+def _decode_chunk(outcome: tuple[Any, ...]) -> tuple[list[Any], BaseException | None]:
+    return outcome[1], outcome[2]
+
+
+class HPCExecutor(Executor):
+    """Run calls on a dask cluster chosen by backend, with standard-library semantics.
+
+    Parameters
+    ----------
+    backend : str, optional
+        ``"local"``, ``"slurm"``, ``"pbs"``, ``"sge"``, ``"mpi"``, ``"ecs"`` or a third-party
+        backend. Without it: ``FUTURES_HPC_BACKEND``, then the profile's ``backend``, then the dask
+        config key ``futures_hpc.backend``, then auto-detection, else ``"local"``.
+    max_workers : int, optional
+        The most workers (batch: jobs times processes) this executor uses.
+    profile : str, optional
+        A named set of options from dask config (``futures_hpc.profiles.<name>``); explicit
+        arguments override it.
+    security : bool or distributed.security.Security, optional
+        TLS between scheduler, workers and client. Default: on for backends whose workers
+        connect over a network (a fresh certificate per run), off for ``local``.
+    dashboard_address : str, optional
+        Where the dashboard listens (default from config ``futures_hpc.dashboard-address``).
+    **options
+        The common resource options (``cores, memory, walltime, queue, account, processes,
+        job_extra, prologue, env, python, log_dir``) and the backend's own ones.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend, ``max_workers <= 0`` or any bad option (as
+        :class:`~futures_hpc.errors.OptionError`), before anything is started.
+
+    """
+
+    #: The backend's name in the registry.
+    backend_name: ClassVar[str] = ""
+    #: Options the backend accepts besides the common ones; None accepts anything.
+    backend_option_names: ClassVar[frozenset[str] | None] = frozenset()
+    #: Whether workers connect over a network (TLS is then on by default).
+    networked: ClassVar[bool] = True
+
+    def __new__(cls, backend: str | None = None, /, **options: Any) -> HPCExecutor:
+        """Give an instance of the chosen backend's subclass when called as ``HPCExecutor``."""
+        if cls is HPCExecutor:
+            from .backends import resolve_backend
+
+            cls = resolve_backend(backend, options.get("profile")).executor_class
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        backend: str | None = None,
+        /,
+        *,
+        max_workers: int | None = None,
+        profile: str | None = None,
+        security: bool | Security | None = None,
+        dashboard_address: str | None = None,
+        **options: Any,
+    ) -> None:
+        if backend is not None and backend != self.backend_name:
+            raise OptionError(
+                f"backend={backend!r} does not match {type(self).__name__}, whose backend is "
+                f"{self.backend_name!r}"
+            )
+        merged = merge_with_profile(profile, dict(options, max_workers=max_workers))
+        executor_options, common_options, backend_options = split_options(
+            merged, self.backend_option_names, self.backend_name
+        )
+        self.max_workers: int | None = executor_options.pop("max_workers", None)
+        if self.max_workers is not None and (
+            isinstance(self.max_workers, bool)
+            or not isinstance(self.max_workers, int)
+            or self.max_workers <= 0
+        ):
+            raise OptionError("max_workers must be greater than 0")
+        self.resources: ResourceOptions = parse_resources(common_options)
+        self.backend_options: dict[str, Any] = backend_options
+        self.executor_options: dict[str, Any] = executor_options
+        self.run_name: str = f"fhpc-{uuid.uuid4().hex[:8]}"
+        self.dashboard_address: str = dashboard_address or dask.config.get(
+            "futures_hpc.dashboard-address", "localhost:0"
+        )
+        self._log_dir: Path | None = None
+        self._validate_options()
+        self.credentials: RunCredentials | None = None
+        self.security: Security | None = self._make_security(security)
+
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._closed = False
+        self._cluster: Cluster | None = None
+        self._client: distributed.Client | None = None
+        self._bridge: FutureBridge | None = None
+        try:
+            self._cluster = self._create_cluster()
+            self._client = distributed.Client(
+                self._cluster, security=self.security, set_as_default=False
+            )
+            self._bridge = FutureBridge(self._client)
+            self._start_workers()
+        except BaseException:
+            self._close_cluster()
+            raise
+        _live_executors.add(self)
+        logger.info("%s started: %r", type(self).__name__, self)
+
+    # -- what a backend provides -------------------------------------------------------------
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why this backend cannot run here, or return None if it can."""
+        return None
+
+    def _validate_options(self) -> None:
+        """Check backend-specific options; raise OptionError before anything starts."""
+
+    def _create_cluster(self) -> Cluster:
+        """Create and return the backend's dask cluster (workers may start later)."""
+        raise NotImplementedError
+
+    def _start_workers(self) -> None:
+        """Ask the cluster for its workers (fixed size or adaptive); called once."""
+
+    def _planned_worker_slots(self) -> int:
+        """Worker threads expected when none is connected yet (used to choose chunk sizes)."""
+        return max(1, (self.max_workers or 1) * (self.resources.cores or 1))
+
+    # -- public attributes ---------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> Cluster:
+        """The :class:`distributed.deploy.Cluster` this executor runs on."""
+        return self._cluster
+
+    @property
+    def client(self) -> distributed.Client:
+        """The :class:`distributed.Client` connected to :attr:`cluster`."""
+        return self._client
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The URL of the dask dashboard, if it runs."""
+        try:
+            return self._cluster.dashboard_link
+        except Exception:
+            return None
+
+    @property
+    def log_dir(self) -> Path:
+        """The run's own directory for job scripts, worker logs and TLS files (made on use)."""
+        if self._log_dir is None:
+            base = self.resources.log_dir or Path(
+                dask.config.get("futures_hpc.log-dir", None) or "futures_hpc-logs"
+            )
+            self._log_dir = (base / self.run_name).absolute()
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+        return self._log_dir
+
+    def worker_slots(self) -> int:
+        """Worker threads connected now, or the planned number if none is connected yet."""
+        try:
+            workers = self._client.scheduler_info(n_workers=-1)["workers"].values()
+            connected = sum(worker.get("nthreads", 1) for worker in workers)
+        except Exception:
+            connected = 0
+        return connected or self._planned_worker_slots()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return (
+            f"<{type(self).__name__} backend={self.backend_name!r} run={self.run_name!r} "
+            f"max_workers={self.max_workers} {state}>"
+        )
+
+    # -- security ----------------------------------------------------------------------------------
+
+    def _make_security(self, security: bool | Security | None) -> Security | None:
+        if security is None:
+            security = self.networked and dask.config.get("futures_hpc.security", True)
+        if isinstance(security, Security):
+            return security
+        if security is True:
+            self.credentials = create_run_credentials(self.log_dir / "tls")
+            return self.credentials.security
+        if security is False:
+            return None
+        raise OptionError(
+            f"security={security!r} is not allowed; use True, False or a "
+            "distributed.security.Security"
+        )
+
+    # -- submitting work ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise ExecutorShutdownError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule ``fn(*args, **kwargs)`` and return a :class:`concurrent.futures.Future`.
+
+        Every call runs once, as its own task: calls are never merged or cached. A top-level
+        argument that is a :class:`distributed.Future` (from ``ex.client.scatter``) reaches the
+        function as its value, as in dask.
+
+        Raises
+        ------
+        RuntimeError
+            After :meth:`shutdown`.
+
+        """
+        dependencies: list[distributed.Future] = []
+
+        def placeholder(value: Any) -> Any:
+            if isinstance(value, distributed.Future):
+                dependencies.append(value)
+                return PlaceholderArgument(len(dependencies) - 1)
+            return value
+
+        args = tuple(placeholder(value) for value in args)
+        kwargs = {key: placeholder(value) for key, value in kwargs.items()}
+        payload = pack_call(fn, args, kwargs)
+        with self._shutdown_lock:
+            self._check_open()
+            dask_future = self._client.submit(
+                run_call,
+                payload,
+                *dependencies,
+                key=f"{_function_name(fn)}-{uuid.uuid4().hex}",
+                pure=False,
+            )
+            return self._bridge.track(dask_future)
+
+    def _submit_chunk(self, fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> Future:
+        payload = pack_chunk(fn, chunk)
+        with self._shutdown_lock:
+            self._check_open()
+            dask_future = self._client.submit(
+                run_chunk, payload, key=f"{_function_name(fn)}-map-{uuid.uuid4().hex}", pure=False
+            )
+            return self._bridge.track(dask_future, decode=_decode_chunk)
+
+    def automatic_chunksize(self, call_count: int) -> int:
+        """The chunk size ``map`` uses for ``call_count`` calls when none is given.
+
+        About :data:`CHUNKS_PER_WORKER_SLOT` chunks per worker thread: each dask task costs about
+        2 ms, so large chunks make trivial calls cheap, while several chunks per worker keep
+        uneven calls balanced.
+        """
+        slots = self.worker_slots()
+        return max(1, math.ceil(call_count / (slots * CHUNKS_PER_WORKER_SLOT)))
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """Return an iterator of ``fn`` applied to the items of ``iterables``, in input order.
+
+        Parameters
+        ----------
+        fn : callable
+            Called as ``fn(*items)``, with one item from each iterable.
+        *iterables : iterable
+            The arguments, one iterable per positional parameter of ``fn``.
+        timeout : float, optional
+            Seconds from this call after which ``next()`` raises :class:`TimeoutError`.
+        chunksize : int, optional
+            Calls per dask task. Default: chosen from the input length and the workers
+            (:meth:`automatic_chunksize`); for inputs of unknown length (with ``buffersize``),
+            chunks grow from 1 call by doubling up to :data:`MAX_GROWING_CHUNKSIZE`.
+        buffersize : int, optional
+            The most chunks in flight; the iterables are then read lazily, so a map over a
+            huge or endless generator runs in bounded memory.
+
+        Returns
+        -------
+        iterator
+            The results; the first failing call raises when its result is reached, after the
+            results before it. Closing the iterator early cancels what it has not yielded.
+
+        """
+        for name, value in (("chunksize", chunksize), ("buffersize", buffersize)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        calls: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
+        if buffersize is None:
+            calls = list(calls)
+            sizes = itertools.repeat(chunksize or self.automatic_chunksize(len(calls)))
+        elif chunksize is not None:
+            sizes = itertools.repeat(chunksize)
+        else:
+            sizes = (min(2**power, MAX_GROWING_CHUNKSIZE) for power in itertools.count())
+        chunks = _chunked(iter(calls), sizes)
+        pending: deque[Future] = deque(
+            self._submit_chunk(fn, chunk)
+            for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize))
+        )
+        refill = None if buffersize is None else chunks
+        return self._results_in_order(fn, pending, refill, end_time)
+
+    def _results_in_order(
+        self,
+        fn: Callable[..., Any],
+        pending: deque[Future],
+        refill: Iterator[list[tuple[Any, ...]]] | None,
+        end_time: float | None,
+    ) -> Iterator[Any]:
+        try:
+            while pending:
+                future = pending.popleft()
+                remaining = None if end_time is None else end_time - time.monotonic()
+                results, error = future.result(remaining)
+                del future
+                if refill is not None:
+                    chunk = next(refill, None)
+                    if chunk is not None:
+                        pending.append(self._submit_chunk(fn, chunk))
+                yield from results
+                del results
+                if error is not None:
+                    raise error
+        finally:
+            for future in pending:
+                future.cancel()
+
+    # -- shutting down ------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work and release the cluster once the accepted work is done.
+
+        Parameters
+        ----------
+        wait : bool
+            Return only when every accepted call is done and the cluster, with every process
+            and job it started, is gone. With False, return at once and do that in a thread.
+        cancel_futures : bool
+            Cancel the calls that have not started running.
+
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        if self._bridge is not None and cancel_futures:
+            self._bridge.cancel_pending()
+        if wait:
+            self._wait_and_close()
+        else:
+            threading.Thread(
+                target=self._wait_and_close, name="futures_hpc-shutdown", daemon=False
+            ).start()
+
+    def _wait_and_close(self) -> None:
+        if self._bridge is not None:
+            wait_for_futures(self._bridge.outstanding())
+        self._close_cluster()
+
+    def _abort(self) -> None:
+        """Cancel everything and close the cluster now (Ctrl-C, SIGTERM, interpreter exit)."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._close_cluster()
+
+    def _close_cluster(self) -> None:
+        with self._shutdown_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _live_executors.discard(self)
+        for step, closer in (
+            ("results bridge", self._bridge and self._bridge.close),
+            ("client", self._client and self._client.close),
+            ("cluster", self._cluster and self._cluster.close),
+        ):
+            if closer:
+                try:
+                    closer()
+                except Exception as error:
+                    logger.warning("closing the %s of %r failed: %r", step, self, error)
+        logger.info("%r closed", self)
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # KeyboardInterrupt, SystemExit: do not wait for running calls; leave nothing behind.
+            self._abort()
+        else:
+            self.shutdown(wait=True)
+        return False
+
+    def __del__(self) -> None:
+        try:
+            if not getattr(self, "_closed", True):
+                self._abort()
+        except Exception:
+            pass
+
+
+def _chunked(
+    calls: Iterator[tuple[Any, ...]], sizes: Iterator[int]
+) -> Iterator[list[tuple[Any, ...]]]:
+    for size in sizes:
+        chunk = list(itertools.islice(calls, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+@atexit.register
+def _close_live_executors() -> None:
+    for executor in list(_live_executors):
+        try:
+            executor._abort()
+        except Exception:
+            pass

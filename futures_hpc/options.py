@@ -1,0 +1,359 @@
+"""The common resource vocabulary: parsing, validation and named profiles.
+
+Every option is checked here, before anything is started or submitted, and a bad one raises
+:class:`~futures_hpc.errors.OptionError` (a :class:`ValueError`) that names the option, the value
+and what is allowed, with the closest valid name for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dask.config
+from dask.utils import parse_bytes
+
+from .errors import OptionError
+
+#: Options that every backend understands (batch backends map all of them onto their jobs).
+COMMON_OPTION_NAMES = (
+    "cores",
+    "memory",
+    "walltime",
+    "queue",
+    "account",
+    "processes",
+    "job_extra",
+    "prologue",
+    "env",
+    "python",
+    "log_dir",
+)
+
+#: Options of the executor itself, the same on every backend.
+EXECUTOR_OPTION_NAMES = (
+    "max_workers",
+    "profile",
+    "security",
+    "dashboard_address",
+    "adaptive",
+    "min_workers",
+    "idle_timeout",
+    "max_pending_jobs",
+    "max_resubmissions",
+    "max_call_retries",
+)
+
+_WALLTIME_PATTERN = re.compile(
+    r"^(?:(?P<days>\d+)-)?(?P<hours>\d+)(?::(?P<minutes>\d{1,2}))?(?::(?P<seconds>\d{1,2}))?$"
+)
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """Return the candidate closest to ``name`` (for "did you mean" hints), or None."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_option_error(name: str, value: Any, allowed: Iterable[str], where: str) -> OptionError:
+    """Build the error for an option nobody understands, with a suggestion for a typo."""
+    allowed = sorted(set(allowed))
+    suggestion = closest_name(name, allowed)
+    hint = f" Did you mean {suggestion!r}?" if suggestion else ""
+    return OptionError(
+        f"unknown option {name}={value!r} for {where}.{hint} "
+        f"Allowed options: {', '.join(allowed)}."
+    )
+
+
+def parse_memory(value: Any, option: str = "memory") -> int:
+    """Parse a memory amount (``"8GB"``, ``"512 MiB"``, or a number of bytes) into bytes.
+
+    Raises
+    ------
+    OptionError
+        If ``value`` is not a positive amount of memory.
+
+    """
+    allowed = "a positive amount such as '8GB', '512MiB', '1.5 TB' or a number of bytes"
+    if isinstance(value, bool):
+        raise OptionError(f"{option}={value!r} is not an amount of memory; use {allowed}")
+    if isinstance(value, (int, float)):
+        amount = int(value)
+    elif isinstance(value, str):
+        try:
+            amount = parse_bytes(value.strip())
+        except (ValueError, TypeError, KeyError):
+            raise OptionError(
+                f"{option}={value!r} is not an amount of memory; use {allowed}"
+            ) from None
+    else:
+        raise OptionError(f"{option}={value!r} is not an amount of memory; use {allowed}")
+    if amount <= 0:
+        raise OptionError(f"{option}={value!r} must be greater than 0; use {allowed}")
+    return amount
+
+
+def parse_walltime(value: Any, option: str = "walltime") -> int:
+    """Parse a walltime into seconds.
+
+    Accepts ``"HH:MM:SS"``, ``"HH:MM"``, ``"D-HH:MM:SS"`` (hours may exceed 23, as the batch
+    systems allow), a :class:`datetime.timedelta`, or a number of seconds.
+
+    Raises
+    ------
+    OptionError
+        If ``value`` is not one of these forms or not positive.
+
+    """
+    allowed = (
+        "'HH:MM:SS' or 'D-HH:MM:SS' (e.g. '25:00:00' or '1-01:00:00'), "
+        "a number of seconds, or a datetime.timedelta"
+    )
+    if isinstance(value, bool):
+        raise OptionError(f"{option}={value!r} is not a duration; use {allowed}")
+    if isinstance(value, timedelta):
+        seconds = int(value.total_seconds())
+    elif isinstance(value, (int, float)):
+        seconds = int(value)
+    elif isinstance(value, str):
+        match = _WALLTIME_PATTERN.match(value.strip())
+        if not match or (match["minutes"] is None and match["days"] is None):
+            raise OptionError(f"{option}={value!r} is not a duration; use {allowed}")
+        parts = {name: int(text or 0) for name, text in match.groupdict().items()}
+        if parts["minutes"] > 59 or parts["seconds"] > 59:
+            raise OptionError(
+                f"{option}={value!r} has minutes or seconds above 59; use {allowed}"
+            )
+        seconds = (
+            parts["days"] * 86400 + parts["hours"] * 3600 + parts["minutes"] * 60 + parts["seconds"]
+        )
+    else:
+        raise OptionError(f"{option}={value!r} is not a duration; use {allowed}")
+    if seconds <= 0:
+        raise OptionError(f"{option}={value!r} must be longer than 0 seconds; use {allowed}")
+    return seconds
+
+
+def format_walltime(seconds: int) -> str:
+    """Format seconds as ``HH:MM:SS`` (hours may exceed 23)."""
+    hours, remainder = divmod(int(seconds), 3600)
+    minutes, seconds = divmod(remainder, 60)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OptionError(f"{name}={value!r} is not allowed; {name} must be an integer >= 1")
+    return value
+
+
+def _non_empty_text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"{name}={value!r} is not allowed; {name} must be a non-empty string")
+    return value.strip()
+
+
+def _text_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise OptionError(
+            f"{name}={value!r} is not allowed; {name} must be a list of strings, one per line "
+            f"(e.g. {name}=[{value!r}])"
+        )
+    for item in value:
+        if not isinstance(item, str):
+            raise OptionError(
+                f"{name}={value!r} is not allowed; item {item!r} is not a string"
+            )
+    return list(value)
+
+
+def _environment(name: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise OptionError(f"{name}={value!r} is not allowed; {name} must be a dict of str to str")
+    environment = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise OptionError(
+                f"{name}={value!r} is not allowed; {key!r} is not an environment variable name"
+            )
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+            raise OptionError(
+                f"{name}={value!r} is not allowed; the value of {key} must be a string or number"
+            )
+        environment[key] = str(item)
+    return environment
+
+
+@dataclass(frozen=True)
+class ResourceOptions:
+    """The common resource options, validated and normalized.
+
+    Attributes
+    ----------
+    cores : int or None
+        Cores per job (batch) or threads per worker process (local).
+    memory : str or None
+        Memory per job as given (``"8GB"``); ``memory_bytes`` holds the parsed amount.
+    walltime : str or None
+        ``HH:MM:SS``; ``walltime_seconds`` holds the parsed duration.
+    queue, account : str or None
+        Batch queue (partition) and account to charge.
+    processes : int or None
+        Worker processes per job.
+    job_extra : list of str
+        Extra scheduler directives, one per item.
+    prologue : list of str
+        Shell lines run before the worker starts.
+    env : dict of str to str
+        Environment variables for the workers.
+    python : str or None
+        Interpreter on the compute side.
+    log_dir : pathlib.Path or None
+        Where each run's directory of job scripts and logs goes.
+
+    """
+
+    cores: int | None = None
+    memory: str | None = None
+    memory_bytes: int | None = None
+    walltime: str | None = None
+    walltime_seconds: int | None = None
+    queue: str | None = None
+    account: str | None = None
+    processes: int | None = None
+    job_extra: list[str] = field(default_factory=list)
+    prologue: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None
+    log_dir: Path | None = None
+
+    def given(self) -> dict[str, Any]:
+        """Return the options that were set (without the derived bytes and seconds)."""
+        derived = {"memory_bytes", "walltime_seconds"}
+        values = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name not in derived and value not in (None, [], {}):
+                values[item.name] = value
+        return values
+
+
+def parse_resources(options: Mapping[str, Any]) -> ResourceOptions:
+    """Validate the common options in ``options`` (other keys are ignored here).
+
+    Raises
+    ------
+    OptionError
+        Naming the first bad option, its value and what is allowed.
+
+    """
+    values: dict[str, Any] = {}
+    if options.get("cores") is not None:
+        values["cores"] = _positive_int("cores", options["cores"])
+    if options.get("processes") is not None:
+        values["processes"] = _positive_int("processes", options["processes"])
+        if values.get("cores") and values["processes"] > values["cores"]:
+            raise OptionError(
+                f"processes={values['processes']} is not allowed with cores={values['cores']}; "
+                "processes must be at most cores (each process gets cores // processes threads)"
+            )
+    if options.get("memory") is not None:
+        values["memory_bytes"] = parse_memory(options["memory"])
+        memory = options["memory"]
+        values["memory"] = memory.strip() if isinstance(memory, str) else f"{int(memory)}B"
+    if options.get("walltime") is not None:
+        values["walltime_seconds"] = parse_walltime(options["walltime"])
+        values["walltime"] = format_walltime(values["walltime_seconds"])
+    for name in ("queue", "account", "python"):
+        if options.get(name) is not None:
+            values[name] = _non_empty_text(name, options[name])
+    for name in ("job_extra", "prologue"):
+        if options.get(name) is not None:
+            values[name] = _text_list(name, options[name])
+    if options.get("env") is not None:
+        values["env"] = _environment("env", options["env"])
+    if options.get("log_dir") is not None:
+        log_dir = options["log_dir"]
+        if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir).strip():
+            raise OptionError(f"log_dir={log_dir!r} is not allowed; log_dir must be a path")
+        values["log_dir"] = Path(log_dir).expanduser()
+    return ResourceOptions(**values)
+
+
+def profile_options(profile: str | None) -> dict[str, Any]:
+    """Return the options of a named profile from dask config (``futures_hpc.profiles.<name>``).
+
+    Without an explicit ``profile`` the config key ``futures_hpc.profile`` names the default one.
+
+    Raises
+    ------
+    OptionError
+        If the profile does not exist; the message lists the defined profiles.
+
+    """
+    if profile is None:
+        profile = dask.config.get("futures_hpc.profile", default=None)
+        if profile is None:
+            return {}
+    profiles = dask.config.get("futures_hpc.profiles", default={}) or {}
+    if profile not in profiles:
+        defined = ", ".join(sorted(profiles)) or "none are defined"
+        suggestion = closest_name(str(profile), profiles)
+        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
+        raise OptionError(
+            f"profile={profile!r} is not defined in dask config 'futures_hpc.profiles'.{hint} "
+            f"Defined profiles: {defined}."
+        )
+    options = dict(profiles[profile] or {})
+    # dask config normalizes '_' and '-' in keys; options use Python names.
+    return {key.replace("-", "_"): value for key, value in options.items()}
+
+
+def merge_with_profile(profile: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of the profile, overridden by the explicit ones (``None`` counts as not given)."""
+    merged = profile_options(profile)
+    merged.pop("backend", None)
+    merged.update({key: value for key, value in explicit.items() if value is not None})
+    return merged
+
+
+def split_options(
+    options: Mapping[str, Any], backend_option_names: Iterable[str] | None, backend: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split merged options into executor, common-resource and backend-specific ones.
+
+    Parameters
+    ----------
+    options : mapping
+        All options after merging the profile.
+    backend_option_names : iterable of str or None
+        The backend's own option names; ``None`` means the backend takes anything else.
+    backend : str
+        For the error message.
+
+    Raises
+    ------
+    OptionError
+        For a name that neither the executor, the common vocabulary nor the backend knows.
+
+    """
+    executor_options, common_options, backend_options = {}, {}, {}
+    backend_names = None if backend_option_names is None else set(backend_option_names)
+    for name, value in options.items():
+        if name in EXECUTOR_OPTION_NAMES:
+            executor_options[name] = value
+        elif name in COMMON_OPTION_NAMES:
+            common_options[name] = value
+        elif backend_names is None or name in backend_names:
+            backend_options[name] = value
+        else:
+            allowed = set(EXECUTOR_OPTION_NAMES) | set(COMMON_OPTION_NAMES) | backend_names
+            raise unknown_option_error(name, value, allowed, f"the {backend!r} backend")
+    return executor_options, common_options, backend_options
