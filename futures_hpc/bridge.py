@@ -5,7 +5,7 @@ The standard future goes through the same states as one from the standard librar
 
 - PENDING while the task waits in the scheduler's queue (``cancel()`` succeeds and the task is
   released, so it never runs);
-- RUNNING once the scheduler hands the task to a worker: a small scheduler plugin publishes that
+- RUNNING once a worker starts executing the task: a small worker plugin publishes that
   transition on an event topic the bridge subscribes to (``cancel()`` then returns False);
 - FINISHED when the outcome is back: results are fetched in batches by one collector thread, one
   ``gather`` for every task that finished since the last one, and the dask task is released at
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import distributed
-from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from .calls import unpack_outcome
 
@@ -33,35 +33,31 @@ logger = logging.getLogger("futures_hpc")
 GATHER_BATCH_SIZE = 1000
 
 
-class RunningTasksPlugin(SchedulerPlugin):
-    """Scheduler plugin that reports when one client's tasks are handed to a worker.
+class RunningTasksPlugin(WorkerPlugin):
+    """Worker plugin that reports when one executor's calls start executing.
 
     Parameters
     ----------
-    client_id : str
-        Only tasks wanted by this client are reported.
+    key_marker : str
+        Only tasks whose key contains this marker (the executor's run name) are reported.
     topic : str
         The event topic the key of each such task is published on.
 
     """
 
-    def __init__(self, client_id: str, topic: str) -> None:
-        self.client_id = client_id
+    def __init__(self, key_marker: str, topic: str) -> None:
+        self.key_marker = key_marker
         self.topic = topic
         self.name = topic
-        self.scheduler = None
+        self.worker = None
 
-    async def start(self, scheduler: Any) -> None:  # noqa: D102
-        self.scheduler = scheduler
+    def setup(self, worker: Any) -> None:  # noqa: D102
+        self.worker = worker
 
-    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        """Publish ``key`` when one of the client's tasks starts processing on a worker."""
-        if finish != "processing" or self.scheduler is None:
-            return
-        task = self.scheduler.tasks.get(key)
-        wanted_by = getattr(task, "who_wants", None) or ()
-        if any(client.client_key == self.client_id for client in wanted_by):
-            self.scheduler.log_event(self.topic, key)
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        """Publish ``key`` when one of the executor's tasks starts executing."""
+        if finish == "executing" and isinstance(key, str) and self.key_marker in key:
+            self.worker.log_event(self.topic, key)
 
 
 @dataclass
@@ -85,11 +81,14 @@ class FutureBridge:
     ----------
     client : distributed.Client
         The executor's client.
+    key_marker : str
+        A string in the key of every task the executor submits (its run name).
 
     """
 
-    def __init__(self, client: distributed.Client) -> None:
+    def __init__(self, client: distributed.Client, key_marker: str) -> None:
         self._client = client
+        self._key_marker = key_marker
         self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()
         self._finished: queue.SimpleQueue[distributed.Future | None] = queue.SimpleQueue()
@@ -103,10 +102,10 @@ class FutureBridge:
     def _subscribe_running(self) -> bool:
         try:
             self._client.subscribe_topic(self._topic, self._on_running)
-            self._client.register_plugin(RunningTasksPlugin(self._client.id, self._topic))
+            self._client.register_plugin(RunningTasksPlugin(self._key_marker, self._topic))
         except Exception as error:  # a scheduler without futures_hpc installed
             logger.warning(
-                "futures will show RUNNING only when done: the scheduler plugin failed (%r)", error
+                "futures will show RUNNING only when done: the worker plugin failed (%r)", error
             )
             return False
         return True

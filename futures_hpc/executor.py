@@ -43,6 +43,9 @@ CHUNKS_PER_WORKER_SLOT = 4
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
 
+#: Payloads larger than this are scattered to a worker instead of sent inside the task graph.
+LARGE_PAYLOAD_BYTES = 1024 * 1024
+
 _live_executors: weakref.WeakSet[HPCExecutor] = weakref.WeakSet()
 
 
@@ -151,7 +154,7 @@ class HPCExecutor(Executor):
             self._client = distributed.Client(
                 self._cluster, security=self.security, set_as_default=False
             )
-            self._bridge = FutureBridge(self._client)
+            self._bridge = FutureBridge(self._client, self.run_name)
             self._start_workers()
         except BaseException:
             self._close_cluster()
@@ -273,14 +276,17 @@ class HPCExecutor(Executor):
 
         args = tuple(placeholder(value) for value in args)
         kwargs = {key: placeholder(value) for key, value in kwargs.items()}
-        payload = pack_call(fn, args, kwargs)
+        payload: bytes | distributed.Future = pack_call(fn, args, kwargs)
         with self._shutdown_lock:
             self._check_open()
+            if len(payload) > LARGE_PAYLOAD_BYTES:
+                # Straight to a worker, not through the task graph.
+                payload = self._client.scatter(payload, hash=False)
             dask_future = self._client.submit(
                 run_call,
                 payload,
                 *dependencies,
-                key=f"{_function_name(fn)}-{uuid.uuid4().hex}",
+                key=f"{_function_name(fn)}-{self.run_name}-{uuid.uuid4().hex}",
                 pure=False,
             )
             return self._bridge.track(dask_future)
@@ -290,7 +296,10 @@ class HPCExecutor(Executor):
         with self._shutdown_lock:
             self._check_open()
             dask_future = self._client.submit(
-                run_chunk, payload, key=f"{_function_name(fn)}-map-{uuid.uuid4().hex}", pure=False
+                run_chunk,
+                payload,
+                key=f"{_function_name(fn)}-map-{self.run_name}-{uuid.uuid4().hex}",
+                pure=False,
             )
             return self._bridge.track(dask_future, decode=_decode_chunk)
 

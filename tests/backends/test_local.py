@@ -1,0 +1,75 @@
+"""The executor suite on the local backend, plus what only the local backend promises."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from futures_hpc import HPCExecutor, LocalExecutor
+from tests.executor_suite import *  # noqa: F403 - the shared executor suite
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with HPCExecutor("local", max_workers=2) as executor:
+        yield executor
+
+
+@pytest.fixture
+def make_executor():
+    def make():
+        return LocalExecutor(max_workers=2)
+
+    return make
+
+
+def _descendants() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def test_backend_instance_is_the_local_subclass(ex):
+    assert type(ex) is LocalExecutor
+    assert ex.backend_name == "local"
+    assert len(ex.client.scheduler_info()["workers"]) == 2
+
+
+def test_every_process_is_gone_after_shutdown():
+    before = _descendants()
+    executor = LocalExecutor(max_workers=2)
+    assert executor.submit(os.getpid).result(timeout=60) != os.getpid()
+    started = _descendants() - before
+    assert len(started) >= 2
+    executor.shutdown(wait=True)
+    still_alive = [pid for pid in started if psutil.pid_exists(pid)
+                   and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert still_alive == []
+
+
+def test_calls_run_in_worker_processes_with_the_given_environment():
+    with LocalExecutor(max_workers=2, env={"FUTURES_HPC_TEST_VALUE": "42"}) as executor:
+        values = set(
+            executor.map(lambda name: os.environ.get(name), ["FUTURES_HPC_TEST_VALUE"] * 8)
+        )
+        pids = set(executor.map(lambda _: os.getpid(), range(40), chunksize=1))
+    assert values == {"42"}
+    assert os.getpid() not in pids
+
+
+def test_keyboard_interrupt_in_with_block_closes_at_once():
+    before = _descendants()
+    with pytest.raises(KeyboardInterrupt):
+        with LocalExecutor(max_workers=1) as executor:
+            executor.submit(__import__("time").sleep, 30)
+            raise KeyboardInterrupt
+    assert executor._closed
+    leftover = [pid for pid in _descendants() - before
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert leftover == []
+
+
+def test_tls_can_be_turned_on_for_local_workers():
+    with LocalExecutor(max_workers=1, security=True) as executor:
+        assert executor.cluster.scheduler_address.startswith("tls://")
+        assert executor.submit(sum, [1, 2, 3]).result(timeout=60) == 6

@@ -1,0 +1,288 @@
+"""The executor test suite, shared by every backend.
+
+A backend's test module does ``from tests.executor_suite import *`` and defines two fixtures:
+
+- ``ex``: a running executor with at least 2 worker slots (module scope is fine: no test here
+  shuts it down);
+- ``make_executor``: a callable returning a new executor of the same backend and options, for
+  the tests that shut one down (they do so themselves).
+
+Functions here are pickled by value so that workers need not import this module.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import sys
+import time
+import uuid
+import weakref
+from concurrent.futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    CancelledError,
+    Future,
+    as_completed,
+    wait,
+)
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from futures_hpc.calls import RemoteTraceback
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class CustomError(Exception):
+    """An exception type the workers do not know."""
+
+
+def add(x, y=0):
+    return x + y
+
+
+def echo_keywords(**kwargs):
+    return kwargs
+
+
+def sleep_return(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise CustomError(f"bad item {x}")
+    return x * 2
+
+
+def raise_custom():
+    raise CustomError("raised on the worker")
+
+
+def touch(directory, name, seconds=0.0):
+    time.sleep(seconds)
+    with open(os.path.join(directory, str(name)), "w") as handle:
+        handle.write("ran")
+    return name
+
+
+def array_sum(array):
+    return float(array.sum()), array.nbytes
+
+
+class Payload:
+    """An argument whose lifetime the no-stale-references test watches."""
+
+    def method(self):
+        return 42
+
+
+def wait_until_idle(ex, timeout=120):
+    """Wait until no call of an earlier test is still running on the workers."""
+    deadline = time.monotonic() + timeout
+    while any(ex.client.processing().values()):
+        assert time.monotonic() < deadline, "workers stayed busy"
+        time.sleep(0.05)
+
+
+def occupy(ex, seconds):
+    """Fill every worker slot with a sleeping call; return those futures once all run."""
+    wait_until_idle(ex)
+    slots = ex.worker_slots()
+    blockers = [ex.submit(sleep_return, seconds) for _ in range(slots)]
+    deadline = time.monotonic() + 60
+    while not all(future.running() or future.done() for future in blockers):
+        assert time.monotonic() < deadline, "blocking calls never started"
+        time.sleep(0.05)
+    return blockers
+
+
+# -- submit -------------------------------------------------------------------------------------
+
+
+def test_submit_returns_standard_future(ex):
+    future = ex.submit(add, 2, y=3)
+    assert type(future) is Future
+    assert future.result(timeout=60) == 5
+
+
+def test_keyword_arguments_named_fn_and_self_reach_the_function(ex):
+    assert ex.submit(echo_keywords, fn=1, self=2).result(timeout=60) == {"fn": 1, "self": 2}
+
+
+def test_calls_are_never_merged_or_cached(ex):
+    first, second = ex.submit(uuid.uuid4), ex.submit(uuid.uuid4)
+    assert first.result(timeout=60) != second.result(timeout=60)
+    assert len(set(ex.map(lambda _: uuid.uuid4(), range(20), chunksize=1))) == 20
+
+
+def test_remote_exception_keeps_its_type_and_traceback(ex):
+    future = ex.submit(raise_custom)
+    with pytest.raises(CustomError, match="raised on the worker") as caught:
+        future.result(timeout=60)
+    assert isinstance(caught.value.__cause__, RemoteTraceback)
+    assert "raise_custom" in str(caught.value.__cause__)
+    assert isinstance(future.exception(), CustomError)
+
+
+def test_result_timeout(ex):
+    future = ex.submit(sleep_return, 3, "late")
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.2)
+    assert future.result(timeout=60) == "late"
+
+
+def test_large_numpy_argument(ex):
+    array = np.ones(8 * 1024 * 1024, dtype=np.float64)  # 64 MB
+    total, nbytes = ex.submit(array_sum, array).result(timeout=120)
+    assert (total, nbytes) == (float(array.size), 64 * 1024 * 1024)
+
+
+def test_no_stale_references_to_arguments_or_results(ex):
+    payload = Payload()
+    reference = weakref.ref(payload)
+    future = ex.submit(payload.method)
+    assert future.result(timeout=60) == 42
+    del payload, future
+    gc.collect()
+    assert reference() is None
+
+
+# -- map ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7, 1000])
+def test_map_keeps_input_order(ex, chunksize):
+    items = list(range(-50, 50))
+    assert list(ex.map(abs, items, chunksize=chunksize)) == [abs(item) for item in items]
+
+
+def test_map_several_iterables_stops_at_the_shortest(ex):
+    assert list(ex.map(add, range(10), range(100, 105))) == [100, 102, 104, 106, 108]
+
+
+def test_map_of_nothing(ex):
+    assert list(ex.map(abs, [])) == []
+
+
+def test_map_raises_at_the_first_failing_call_after_the_results_before_it(ex):
+    results = ex.map(fail_on, range(20), [7] * 20, chunksize=3)
+    assert [next(results) for _ in range(7)] == [0, 2, 4, 6, 8, 10, 12]
+    with pytest.raises(CustomError, match="bad item 7"):
+        next(results)
+
+
+def test_map_timeout(ex):
+    results = ex.map(sleep_return, [0.0, 5.0], timeout=1.0, chunksize=1)
+    assert next(results) is None
+    with pytest.raises(TimeoutError):
+        next(results)
+
+
+def test_map_buffersize_reads_an_endless_generator_lazily(ex):
+    produced = itertools.count()
+    drawn = []
+
+    def numbers():
+        for number in produced:
+            drawn.append(number)
+            yield number
+
+    results = ex.map(abs, numbers(), buffersize=3, chunksize=4)
+    assert [next(results) for _ in range(10)] == list(range(10))
+    results.close()
+    # What was read: the 3 chunks after the one in hand, at most, beyond what was yielded.
+    assert len(drawn) <= 10 + 4 * 4
+
+
+def test_closing_the_map_iterator_cancels_what_it_has_not_yielded(ex, tmp_path):
+    wait_until_idle(ex)
+    count = 4 * ex.worker_slots() + 10
+    results = ex.map(touch, [str(tmp_path)] * count, range(count), [0.3] * count, chunksize=1)
+    assert next(results) == 0
+    results.close()
+    time.sleep(2.0)
+    ran = len(os.listdir(tmp_path))
+    assert ran < count, f"all {count} calls ran although the iterator was closed after one"
+
+
+# -- standard-library helpers and cancellation -----------------------------------------------
+
+
+def test_as_completed_and_wait(ex):
+    wait_until_idle(ex)
+    futures = [ex.submit(sleep_return, seconds, seconds) for seconds in (1.5, 0.0)]
+    assert next(as_completed(futures, timeout=60)).result() == 0.0
+    done, not_done = wait(futures, timeout=60, return_when=FIRST_COMPLETED)
+    assert done
+    done, not_done = wait(futures, timeout=60, return_when=ALL_COMPLETED)
+    assert not not_done and sorted(future.result() for future in done) == [0.0, 1.5]
+
+
+def test_cancel_pending_but_not_running(ex):
+    blockers = occupy(ex, 2.0)
+    queued = ex.submit(add, 1, 1)
+    time.sleep(0.2)
+    assert queued.cancel()
+    assert queued.cancelled()
+    with pytest.raises(CancelledError):
+        queued.result(timeout=1)
+    assert not blockers[0].cancel()
+    assert blockers[0].result(timeout=60) is None
+
+
+def test_callbacks_run_once_on_completion(ex):
+    seen = []
+    future = ex.submit(add, 20, 22)
+    future.add_done_callback(lambda done: seen.append(done.result()))
+    future.result(timeout=60)
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == [42]
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+def test_shutdown_cancel_futures_cancels_queued_work(make_executor):
+    executor = make_executor()
+    blockers = occupy(executor, 1.5)
+    queued = [executor.submit(add, number, 1) for number in range(20)]
+    time.sleep(0.3)
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert all(future.done() for future in blockers + queued)
+    assert all(future.result() is None for future in blockers)
+    assert sum(future.cancelled() for future in queued) >= 15
+    for future in queued:
+        if not future.cancelled():
+            assert future.result() == queued.index(future) + 1
+
+
+def test_submit_after_shutdown_raises(make_executor):
+    executor = make_executor()
+    with executor:
+        assert executor.submit(add, 1, 2).result(timeout=60) == 3
+    with pytest.raises(RuntimeError):
+        executor.submit(add, 1, 2)
+    with pytest.raises(RuntimeError):
+        list(executor.map(abs, [1]))
+
+
+def test_shutdown_waits_for_accepted_work(make_executor):
+    executor = make_executor()
+    futures = [executor.submit(sleep_return, 0.5, number) for number in range(4)]
+    executor.shutdown(wait=True)
+    assert [future.result(timeout=0) for future in futures] == [0, 1, 2, 3]
+
+
+def test_shutdown_without_wait_still_finishes_accepted_work(make_executor):
+    executor = make_executor()
+    futures = [executor.submit(sleep_return, 0.5, number) for number in range(3)]
+    executor.shutdown(wait=False)
+    assert [future.result(timeout=120) for future in futures] == [0, 1, 2]
