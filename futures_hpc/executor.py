@@ -32,6 +32,7 @@ from .bridge import FutureBridge
 from .calls import PlaceholderArgument, pack_call, pack_chunk, run_call, run_chunk
 from .errors import ExecutorShutdownError, OptionError
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
+from .progress import track
 from .security import RunCredentials, create_run_credentials
 
 logger = logging.getLogger("futures_hpc")
@@ -320,6 +321,7 @@ class HPCExecutor(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        progress: bool = False,
     ) -> Iterator[Any]:
         """Return an iterator of ``fn`` applied to the items of ``iterables``, in input order.
 
@@ -338,6 +340,9 @@ class HPCExecutor(Executor):
         buffersize : int, optional
             The most chunks in flight; the iterables are then read lazily, so a map over a
             huge or endless generator runs in bounded memory.
+        progress : bool
+            Show a progress bar while results are consumed (on a terminal only; nothing is
+            written to a log file).
 
         Returns
         -------
@@ -366,7 +371,11 @@ class HPCExecutor(Executor):
             for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize))
         )
         refill = None if buffersize is None else chunks
-        return self._results_in_order(fn, pending, refill, end_time)
+        results = self._results_in_order(fn, pending, refill, end_time)
+        if progress:
+            total = len(calls) if isinstance(calls, list) else None
+            return track(results, total, description=_function_name(fn))
+        return results
 
     def _results_in_order(
         self,
