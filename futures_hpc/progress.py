@@ -48,6 +48,11 @@ def track(
     from tqdm.auto import tqdm
 
     with tqdm(total=total, desc=description, file=stream, unit="call", dynamic_ncols=True) as bar:
-        for item in items:
-            yield item
-            bar.update(1)
+        try:
+            for item in items:
+                yield item
+                bar.update(1)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # an early stop cancels what the map has not yielded
+                close()
