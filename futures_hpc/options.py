@@ -50,9 +50,30 @@ EXECUTOR_OPTION_NAMES = (
     "max_call_retries",
 )
 
-_WALLTIME_PATTERN = re.compile(
-    r"^(?:(?P<days>\d+)-)?(?P<hours>\d+)(?::(?P<minutes>\d{1,2}))?(?::(?P<seconds>\d{1,2}))?$"
-)
+_CLOCK_PATTERN = re.compile(r"^(?:(?P<days>\d+)-)?(?P<fields>\d+(?::\d{1,2}){0,2})$")
+
+
+def _parse_walltime_text(text: str) -> int | None:
+    """Seconds in a batch-system duration, or None if it is not one.
+
+    As SLURM and PBS read them: ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``. A
+    bare number is refused: SLURM reads it as minutes and PBS as seconds.
+    """
+    match = _CLOCK_PATTERN.match(text)
+    if not match:
+        return None
+    numbers = [int(part) for part in match["fields"].split(":")]
+    days = int(match["days"] or 0)
+    if match["days"] is not None:
+        numbers += [0] * (3 - len(numbers))  # D-HH[:MM[:SS]]
+    elif len(numbers) == 1:
+        return None
+    elif len(numbers) == 2:
+        numbers = [0, *numbers]  # MM:SS
+    hours, minutes, seconds = numbers
+    if minutes > 59 or seconds > 59:
+        return None
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 def closest_name(name: str, candidates: Iterable[str]) -> str | None:
@@ -103,8 +124,8 @@ def parse_memory(value: Any, option: str = "memory") -> int:
 def parse_walltime(value: Any, option: str = "walltime") -> int:
     """Parse a walltime into seconds.
 
-    Accepts ``"HH:MM:SS"``, ``"HH:MM"``, ``"D-HH:MM:SS"`` (hours may exceed 23, as the batch
-    systems allow), a :class:`datetime.timedelta`, or a number of seconds.
+    Accepts ``"HH:MM:SS"``, ``"MM:SS"``, ``"D-HH[:MM[:SS]]"`` (as SLURM and PBS read them; hours
+    may exceed 23), a :class:`datetime.timedelta`, or a number of seconds.
 
     Raises
     ------
@@ -113,7 +134,7 @@ def parse_walltime(value: Any, option: str = "walltime") -> int:
 
     """
     allowed = (
-        "'HH:MM:SS' or 'D-HH:MM:SS' (e.g. '25:00:00' or '1-01:00:00'), "
+        "'HH:MM:SS', 'MM:SS' or 'D-HH:MM:SS' (e.g. '25:00:00' or '1-01:00:00'), "
         "a number of seconds, or a datetime.timedelta"
     )
     if isinstance(value, bool):
@@ -123,17 +144,9 @@ def parse_walltime(value: Any, option: str = "walltime") -> int:
     elif isinstance(value, (int, float)):
         seconds = int(value)
     elif isinstance(value, str):
-        match = _WALLTIME_PATTERN.match(value.strip())
-        if not match or (match["minutes"] is None and match["days"] is None):
+        seconds = _parse_walltime_text(value.strip())
+        if seconds is None:
             raise OptionError(f"{option}={value!r} is not a duration; use {allowed}")
-        parts = {name: int(text or 0) for name, text in match.groupdict().items()}
-        if parts["minutes"] > 59 or parts["seconds"] > 59:
-            raise OptionError(
-                f"{option}={value!r} has minutes or seconds above 59; use {allowed}"
-            )
-        seconds = (
-            parts["days"] * 86400 + parts["hours"] * 3600 + parts["minutes"] * 60 + parts["seconds"]
-        )
     else:
         raise OptionError(f"{option}={value!r} is not a duration; use {allowed}")
     if seconds <= 0:

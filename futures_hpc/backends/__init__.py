@@ -104,7 +104,10 @@ def load_backend(name: str) -> type:
         raise BackendUnavailableError(
             f"the {name!r} backend cannot be imported ({error}).{hint}"
         ) from error
-    return getattr(module, class_name)
+    executor_class = getattr(module, class_name, None)
+    if executor_class is None:
+        raise BackendUnavailableError(f"the {name!r} backend's module has no {class_name}")
+    return executor_class
 
 
 def _availability(name: str, target: str) -> BackendInfo:
