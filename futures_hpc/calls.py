@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
@@ -69,9 +69,24 @@ def pack_call(
     return cloudpickle.dumps((function, tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def pack_chunk(function: Callable[..., Any], argument_tuples: Iterable[tuple[Any, ...]]) -> bytes:
-    """Pickle a chunk of calls of one function into an opaque payload."""
-    return cloudpickle.dumps((function, list(argument_tuples)), protocol=pickle.HIGHEST_PROTOCOL)
+def pack_function(function: Callable[..., Any]) -> bytes:
+    """Pickle a function once for every chunk of a map."""
+    return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def pack_chunk(packed_function: bytes, columns: Sequence[Sequence[Any]]) -> bytes:
+    """Pickle a chunk of calls of one function into an opaque payload.
+
+    Parameters
+    ----------
+    packed_function : bytes
+        From :func:`pack_function`.
+    columns : sequence of sequences
+        One sequence of arguments per parameter, all of the chunk's length (call ``i`` is
+        ``function(*(column[i] for column in columns))``). Slices of the caller's lists travel
+        as they are, without building a tuple per call.
+    """
+    return cloudpickle.dumps((packed_function, columns), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _pack_outcome(outcome: tuple[Any, ...]) -> bytes:
@@ -115,9 +130,14 @@ def run_chunk(payload: bytes) -> bytes:
     """
     results: list[Any] = []
     try:
-        function, argument_tuples = pickle.loads(payload)
-        for arguments in argument_tuples:
-            results.append(function(*arguments))
+        packed_function, columns = pickle.loads(payload)
+        function = pickle.loads(packed_function)
+        if len(columns) == 1:
+            for argument in columns[0]:
+                results.append(function(argument))
+        else:
+            for arguments in zip(*columns, strict=True):
+                results.append(function(*arguments))
     except BaseException as error:  # noqa: BLE001
         return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error)))
     return _pack_outcome(("chunk", results, None))

@@ -16,7 +16,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_for_futures
 from pathlib import Path
@@ -29,7 +29,14 @@ from distributed.security import Security
 
 from . import config as _config  # noqa: F401 - registers the default configuration
 from .bridge import FutureBridge
-from .calls import PlaceholderArgument, pack_call, pack_chunk, run_call, run_chunk
+from .calls import (
+    PlaceholderArgument,
+    pack_call,
+    pack_chunk,
+    pack_function,
+    run_call,
+    run_chunk,
+)
 from .errors import ExecutorShutdownError, OptionError
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
 from .progress import track
@@ -292,8 +299,10 @@ class HPCExecutor(Executor):
             )
             return self._bridge.track(dask_future)
 
-    def _submit_chunk(self, fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> Future:
-        payload = pack_chunk(fn, chunk)
+    def _submit_chunk(
+        self, fn: Callable[..., Any], packed_function: bytes, columns: list[Sequence[Any]]
+    ) -> Future:
+        payload = pack_chunk(packed_function, columns)
         with self._shutdown_lock:
             self._check_open()
             dask_future = self._client.submit(
@@ -357,31 +366,35 @@ class HPCExecutor(Executor):
             ):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
-        calls: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)
-        if buffersize is None:
-            calls = list(calls)
-            sizes = itertools.repeat(chunksize or self.automatic_chunksize(len(calls)))
-        elif chunksize is not None:
-            sizes = itertools.repeat(chunksize)
+        total: int | None = None
+        if buffersize is not None:
+            sizes = (
+                itertools.repeat(chunksize)
+                if chunksize is not None
+                else (min(2**power, MAX_GROWING_CHUNKSIZE) for power in itertools.count())
+            )
+            chunks = _chunks_of_calls(zip(*iterables, strict=False), sizes)
         else:
-            sizes = (min(2**power, MAX_GROWING_CHUNKSIZE) for power in itertools.count())
-        chunks = _chunked(iter(calls), sizes)
+            columns = _as_columns(iterables)
+            total = min((len(column) for column in columns), default=0)
+            chunks = _sliced_chunks(columns, total, chunksize or self.automatic_chunksize(total))
+        packed_function = pack_function(fn)
         pending: deque[Future] = deque(
-            self._submit_chunk(fn, chunk)
+            self._submit_chunk(fn, packed_function, chunk)
             for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize))
         )
         refill = None if buffersize is None else chunks
-        results = self._results_in_order(fn, pending, refill, end_time)
+        results = self._results_in_order(fn, packed_function, pending, refill, end_time)
         if progress:
-            total = len(calls) if isinstance(calls, list) else None
             return track(results, total, description=_function_name(fn))
         return results
 
     def _results_in_order(
         self,
         fn: Callable[..., Any],
+        packed_function: bytes,
         pending: deque[Future],
-        refill: Iterator[list[tuple[Any, ...]]] | None,
+        refill: Iterator[list[Sequence[Any]]] | None,
         end_time: float | None,
     ) -> Iterator[Any]:
         try:
@@ -393,7 +406,7 @@ class HPCExecutor(Executor):
                 if refill is not None:
                     chunk = next(refill, None)
                     if chunk is not None:
-                        pending.append(self._submit_chunk(fn, chunk))
+                        pending.append(self._submit_chunk(fn, packed_function, chunk))
                 yield from results
                 del results
                 if error is not None:
@@ -472,14 +485,42 @@ class HPCExecutor(Executor):
             pass
 
 
-def _chunked(
+def _is_sliceable(iterable: Iterable[Any]) -> bool:
+    return isinstance(iterable, (list, tuple, range, str, bytes)) or (
+        type(iterable).__name__ == "ndarray" and getattr(iterable, "ndim", 0) >= 1
+    )
+
+
+def _as_columns(iterables: tuple[Iterable[Any], ...]) -> list[Sequence[Any]]:
+    """The iterables as sequences that slice cheaply; lists, tuples, ranges, arrays as they are.
+
+    Otherwise the calls are read with ``zip`` (which stops at the shortest iterable, so an
+    endless iterator beside a finite one is fine, as with the standard library's ``map``).
+    """
+    if all(_is_sliceable(iterable) for iterable in iterables):
+        return list(iterables)
+    calls = list(zip(*iterables, strict=False))
+    if not calls:
+        return [[] for _ in iterables]
+    return [list(column) for column in zip(*calls, strict=True)]
+
+
+def _sliced_chunks(
+    columns: list[Sequence[Any]], total: int, chunksize: int
+) -> Iterator[list[Sequence[Any]]]:
+    for start in range(0, total, chunksize):
+        stop = min(start + chunksize, total)
+        yield [column[start:stop] for column in columns]
+
+
+def _chunks_of_calls(
     calls: Iterator[tuple[Any, ...]], sizes: Iterator[int]
-) -> Iterator[list[tuple[Any, ...]]]:
+) -> Iterator[list[Sequence[Any]]]:
     for size in sizes:
         chunk = list(itertools.islice(calls, size))
         if not chunk:
             return
-        yield chunk
+        yield [list(column) for column in zip(*chunk, strict=True)]
 
 
 @atexit.register

@@ -286,3 +286,11 @@ def test_shutdown_without_wait_still_finishes_accepted_work(make_executor):
     futures = [executor.submit(sleep_return, 0.5, number) for number in range(3)]
     executor.shutdown(wait=False)
     assert [future.result(timeout=120) for future in futures] == [0, 1, 2]
+
+
+def test_map_over_an_endless_iterator_beside_a_finite_one(ex):
+    assert list(ex.map(add, itertools.count(), [10, 20, 30])) == [10, 21, 32]
+
+
+def test_map_over_generators_and_arrays(ex):
+    assert list(ex.map(add, (n for n in range(5)), np.arange(5))) == [0, 2, 4, 6, 8]
