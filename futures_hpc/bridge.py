@@ -24,8 +24,10 @@ from typing import Any
 
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.scheduler import KilledWorker
 
 from .calls import unpack_outcome
+from .errors import WorkerLostError
 
 logger = logging.getLogger("futures_hpc")
 
@@ -65,6 +67,7 @@ class _Record:
     future: Future
     dask_future: distributed.Future
     decode: Callable[[tuple[Any, ...]], Any]
+    description: str
 
 
 def decode_call_outcome(outcome: tuple[Any, ...]) -> Any:
@@ -114,11 +117,17 @@ class FutureBridge:
         self,
         dask_future: distributed.Future,
         decode: Callable[[tuple[Any, ...]], Any] = decode_call_outcome,
+        description: str = "",
     ) -> Future:
-        """Return a standard future completed from ``dask_future``'s packed outcome."""
+        """Return a standard future completed from ``dask_future``'s packed outcome.
+
+        ``description`` names the call in errors that are not the call's own (a lost worker).
+        """
         future: Future = Future()
         with self._lock:
-            self._records[dask_future.key] = _Record(future, dask_future, decode)
+            self._records[dask_future.key] = _Record(
+                future, dask_future, decode, description or dask_future.key
+            )
         future.add_done_callback(self._on_future_done)
         future._futures_hpc_key = dask_future.key  # type: ignore[attr-defined]
         dask_future.add_done_callback(self._finished.put)
@@ -223,6 +232,15 @@ class FutureBridge:
             if dask_future.status == "cancelled":
                 raise CancelledError(f"task {dask_future.key} was cancelled in the dask cluster")
             outcome = dask_future.result()
+        except KilledWorker as killed:
+            lost = WorkerLostError(
+                f"the call {record.description} was running on a worker that died each of the "
+                f"{self._client.run_on_scheduler(_allowed_failures) + 1} times it was tried "
+                "(max_call_retries); it was not retried again. A call that kills its worker "
+                "usually runs out of memory or crashes the interpreter: check the worker logs."
+            )
+            lost.__cause__ = killed
+            self._complete(record, error=lost)
         except BaseException as error:  # noqa: BLE001
             self._complete(record, error=error)
         else:
@@ -246,6 +264,10 @@ class FutureBridge:
         else:
             if not record.future.done():
                 record.future.set_result(value)
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    return dask_scheduler.allowed_failures
 
 
 def _set_exception_once(future: Future, error: BaseException) -> None:

@@ -11,6 +11,7 @@ import atexit
 import itertools
 import logging
 import math
+import reprlib
 import threading
 import time
 import uuid
@@ -51,15 +52,42 @@ CHUNKS_PER_WORKER_SLOT = 4
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
 
+#: How many times a call may be running on a worker that dies before it fails with
+#: :class:`~futures_hpc.errors.WorkerLostError` (dask's ``allowed-failures`` is one less).
+DEFAULT_MAX_CALL_RETRIES = 3
+
 #: Payloads larger than this are scattered to a worker instead of sent inside the task graph.
 LARGE_PAYLOAD_BYTES = 1024 * 1024
 
 _live_executors: weakref.WeakSet[HPCExecutor] = weakref.WeakSet()
 
 
+def _set_allowed_failures(allowed_failures: int, dask_scheduler: Any = None) -> None:
+    dask_scheduler.allowed_failures = allowed_failures
+
+
 def _function_name(function: Callable[..., Any]) -> str:
     name = getattr(function, "__name__", None) or type(function).__name__
     return "".join(character if character.isalnum() else "_" for character in name)[:40]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        return _REPR.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _describe_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict) -> str:
+    """A short text naming a call, for errors: ``name(arg, key=value)``, cut at 200 characters."""
+    parts = [_short_repr(value) for value in args]
+    parts += [f"{key}={_short_repr(value)}" for key, value in kwargs.items()]
+    text = f"{getattr(function, '__qualname__', _function_name(function))}({', '.join(parts)})"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _decode_chunk(outcome: tuple[Any, ...]) -> tuple[list[Any], BaseException | None]:
@@ -142,6 +170,9 @@ class HPCExecutor(Executor):
         self.resources: ResourceOptions = parse_resources(common_options)
         self.backend_options: dict[str, Any] = backend_options
         self.executor_options: dict[str, Any] = executor_options
+        self.max_call_retries: int = self._positive_option(
+            "max_call_retries", DEFAULT_MAX_CALL_RETRIES
+        )
         self.run_name: str = f"fhpc-{uuid.uuid4().hex[:8]}"
         self.dashboard_address: str = dashboard_address or dask.config.get(
             "futures_hpc.dashboard-address", "localhost:0"
@@ -169,12 +200,21 @@ class HPCExecutor(Executor):
                 direct_to_workers=True,
             )
             self._bridge = FutureBridge(self._client, self.run_name)
+            self._client.run_on_scheduler(
+                _set_allowed_failures, self.max_call_retries - 1
+            )
             self._start_workers()
         except BaseException:
             self._close_cluster()
             raise
         _live_executors.add(self)
         logger.info("%s started: %r", type(self).__name__, self)
+
+    def _positive_option(self, name: str, default: int) -> int:
+        value = self.executor_options.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{name}={value!r} is not allowed; {name} must be an integer >= 1")
+        return value
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -303,7 +343,9 @@ class HPCExecutor(Executor):
                 key=f"{_function_name(fn)}-{self.run_name}-{uuid.uuid4().hex}",
                 pure=False,
             )
-            return self._bridge.track(dask_future)
+            return self._bridge.track(
+                dask_future, description=_describe_call(fn, args, kwargs)
+            )
 
     def _submit_chunk(
         self, fn: Callable[..., Any], packed_function: bytes, columns: list[Sequence[Any]]
@@ -317,7 +359,13 @@ class HPCExecutor(Executor):
                 key=f"{_function_name(fn)}-map-{self.run_name}-{uuid.uuid4().hex}",
                 pure=False,
             )
-            return self._bridge.track(dask_future, decode=_decode_chunk)
+            count = min((len(column) for column in columns), default=0)
+            first = tuple(column[0] for column in columns) if count else ()
+            return self._bridge.track(
+                dask_future,
+                decode=_decode_chunk,
+                description=f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)",
+            )
 
     def automatic_chunksize(self, call_count: int) -> int:
         """The chunk size ``map`` uses for ``call_count`` calls when none is given.
@@ -475,12 +523,27 @@ class HPCExecutor(Executor):
                     logger.warning("closing the %s of %r failed: %r", step, self, error)
         logger.info("%r closed", self)
 
+    def __enter__(self) -> HPCExecutor:
+        """Make this executor's cluster dask's scheduler for the block, and discoverable."""
+        from .integrations.dask import register_for_discovery, use_as_dask_scheduler
+
+        use_as_dask_scheduler(self)
+        register_for_discovery(self)
+        return self
+
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
-        if exc_type is not None and not issubclass(exc_type, Exception):
-            # KeyboardInterrupt, SystemExit: do not wait for running calls; leave nothing behind.
-            self._abort()
-        else:
-            self.shutdown(wait=True)
+        from .integrations.dask import restore_dask_scheduler, unregister_from_discovery
+
+        try:
+            restore_dask_scheduler(self)
+            unregister_from_discovery(self)
+        finally:
+            if exc_type is not None and not issubclass(exc_type, Exception):
+                # KeyboardInterrupt, SystemExit: do not wait for running calls; leave nothing
+                # behind.
+                self._abort()
+            else:
+                self.shutdown(wait=True)
         return False
 
     def __del__(self) -> None:

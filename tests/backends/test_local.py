@@ -73,3 +73,23 @@ def test_tls_can_be_turned_on_for_local_workers():
     with LocalExecutor(max_workers=1, security=True) as executor:
         assert executor.cluster.scheduler_address.startswith("tls://")
         assert executor.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+
+
+def _die():
+    os._exit(13)
+
+
+def test_a_call_that_kills_its_worker_fails_with_worker_lost_error_naming_it():
+    from futures_hpc import WorkerLostError
+
+    with LocalExecutor(max_workers=1, max_call_retries=2) as executor:
+        future = executor.submit(_die)
+        with pytest.raises(WorkerLostError, match=r"_die\(\).*2 times"):
+            future.result(timeout=120)
+        # The executor goes on: the nanny restarted the worker.
+        assert executor.submit(sum, [1, 2]).result(timeout=120) == 3
+
+
+def test_bad_max_call_retries_is_refused_before_start():
+    with pytest.raises(ValueError, match="max_call_retries=0"):
+        LocalExecutor(max_workers=1, max_call_retries=0)
