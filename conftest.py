@@ -20,6 +20,7 @@ dask.config.set(
     {
         "futures_hpc.dashboard-address": "localhost:0",
         "futures_hpc.log-dir": _LOG_DIR,
+        "futures_hpc.discovery-dir": os.path.join(_LOG_DIR, "discovery"),
         "distributed.admin.system-monitor.gil.enabled": False,
     }
 )

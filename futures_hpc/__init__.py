@@ -11,8 +11,12 @@ from .errors import (
     WorkerLostError,
 )
 from .executor import HPCExecutor
+from .integrations import register_integrations
 
 __version__ = "0.1.0"
+
+# The joblib backend "futures_hpc", if joblib is installed (about 10 ms).
+register_integrations()
 
 _LAZY_EXECUTORS = {
     "SLURMExecutor": "slurm",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
+
+#: Terminal size assumed when the terminal does not report its own.
+DEFAULT_COLUMNS = 80
+DEFAULT_ROWS = 24
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:
@@ -14,6 +19,14 @@ def is_terminal(stream: TextIO | None = None) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal behind ``stream`` in columns (0 if unknown)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def track(
@@ -47,7 +60,13 @@ def track(
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=description, file=stream, unit="call", dynamic_ncols=True) as bar:
+    # A terminal that reports a size of 0 (some CI ptys, editors' shells) gets no bar at all
+    # from tqdm unless given one.
+    width = terminal_columns(stream)
+    sizing = (
+        {"dynamic_ncols": True} if width else {"ncols": DEFAULT_COLUMNS, "nrows": DEFAULT_ROWS}
+    )
+    with tqdm(total=total, desc=description, file=stream, unit="call", **sizing) as bar:
         try:
             for item in items:
                 yield item

@@ -1,0 +1,690 @@
+"""The ``futures-hpc`` command: inspect the set-up, try it, and clean up after crashed runs.
+
+Sub-commands::
+
+    futures-hpc info                 backends, the one HPCExecutor() picks and why, config files
+    futures-hpc demo [--backend B]   a real parallel job with a progress bar and a timing summary
+    futures-hpc check BACKEND        one tiny job: job script, time to start, time to first result
+    futures-hpc jobs                 this user's futures_hpc jobs still in the batch queue
+    futures-hpc cancel [TARGET ...]  cancel them (one scancel/qdel call per batch system)
+    futures-hpc config               the merged configuration and profiles, as YAML
+
+``python -m futures_hpc`` runs the same command. This is the only module that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+
+from . import __version__
+from .backends import available_backends, choose_backend
+from .config import config_files_read
+from .errors import (
+    BackendUnavailableError,
+    FuturesHPCError,
+    JobSubmissionError,
+    OptionError,
+    UnknownBackendError,
+)
+from .options import profile_options
+
+logger = logging.getLogger("futures_hpc")
+
+#: Every batch job futures_hpc submits has a name starting with this (the run name).
+JOB_NAME_PREFIX = "fhpc-"
+
+#: Resources the demo and the check ask for on a batch backend when the profile sets none.
+SMALL_JOB_RESOURCES = {"cores": 1, "memory": "1GB", "walltime": "00:10:00"}
+
+#: Backends whose workers run as batch jobs (they need cores, memory and a walltime).
+BATCH_BACKENDS = ("slurm", "pbs", "sge")
+
+#: Lines of each log file shown when a check fails.
+LOG_TAIL_LINES = 20
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+
+def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [
+        max(len(str(value)) for value in column) for column in zip(header, *rows, strict=False)
+    ]
+    for row in (header, *rows):
+        cells = (str(value).ljust(width) for value, width in zip(row, widths, strict=False))
+        print("  " + "  ".join(cells).rstrip())
+
+
+def _executor_options(
+    backend: str, profile: str | None, max_workers: int | None, small_jobs: bool
+) -> dict[str, Any]:
+    """Options for the demo and the check: the profile's, plus small jobs where it is silent."""
+    options: dict[str, Any] = {"profile": profile}
+    if max_workers is not None:
+        options["max_workers"] = max_workers
+    if small_jobs and backend in BATCH_BACKENDS:
+        from_profile = profile_options(profile)
+        for name, value in SMALL_JOB_RESOURCES.items():
+            if name not in from_profile:
+                options[name] = value
+        if max_workers is None and "max_workers" not in from_profile:
+            options["max_workers"] = 2
+    return options
+
+
+def _hint_for(error: BaseException) -> str:
+    """What to try next after ``error``."""
+    if isinstance(error, BackendUnavailableError):
+        return (
+            "this backend cannot run here: `futures-hpc info` says why; install its extra "
+            "(pip install 'futures_hpc[jobqueue]' for slurm/pbs/sge) or pick another backend"
+        )
+    if isinstance(error, UnknownBackendError):
+        return "`futures-hpc info` lists the backends known here"
+    if isinstance(error, OptionError):
+        return "fix the option named above; `futures-hpc config` shows your profiles"
+    if isinstance(error, JobSubmissionError):
+        return (
+            "the batch system refused the job: check queue (partition), account, walltime and "
+            "memory in your profile against the limits (sinfo / qstat -Q / qconf -sql)"
+        )
+    if isinstance(error, TimeoutError):
+        return (
+            "no worker connected in time. If `futures-hpc jobs` shows the job PENDING, the "
+            "queue is busy or the request exceeds a limit (try a shorter walltime or another "
+            "queue). If it ran, the worker log above usually says why it could not reach the "
+            "scheduler: see docs/troubleshooting.md (workers cannot reach the scheduler)"
+        )
+    if isinstance(error, (ImportError, ModuleNotFoundError)):
+        return (
+            "the workers' Python lacks a package: set the `python` option to an interpreter "
+            "with futures_hpc installed, or activate its environment in `prologue`"
+        )
+    return "run with --verbose for the executor's log, and see docs/troubleshooting.md"
+
+
+def _log_tail(directory: Path | None, lines: int = LOG_TAIL_LINES) -> list[tuple[Path, list[str]]]:
+    """The last ``lines`` lines of the newest log files of a run directory (TLS files skipped)."""
+    if directory is None or not directory.is_dir():
+        return []
+    candidates = [
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and "tls" not in path.parts and path.suffix not in (".pem", ".json")
+    ]
+    candidates.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    tails = []
+    for path in candidates[:3]:
+        try:
+            text = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        tails.append((path, text[-lines:]))
+    return tails
+
+
+def _newest_run_directory() -> Path | None:
+    base = Path(dask.config.get("futures_hpc.log-dir", None) or "futures_hpc-logs")
+    if not base.is_dir():
+        return None
+    runs = [path for path in base.glob(f"{JOB_NAME_PREFIX}*") if path.is_dir()]
+    return max(runs, key=lambda path: path.stat().st_mtime, default=None)
+
+
+# -- info -----------------------------------------------------------------------------------------
+
+
+def command_info(arguments: argparse.Namespace) -> int:
+    """Print the backends, the default choice and why, config files, and running executors."""
+    from .integrations.dask import read_discovery_record, running_cluster_names
+
+    print(f"futures_hpc {__version__} on Python {platform.python_version()} "
+          f"({sys.executable}), host {socket.gethostname()}")
+    print()
+    print("Backends:")
+    backends = available_backends()
+    rows = [
+        (info.name, "yes" if info.available else "no", info.reason) for info in backends
+    ]
+    _print_table(rows, ("name", "available", "why / what was found"))
+    print()
+    try:
+        name, why = choose_backend(None, arguments.profile)
+    except FuturesHPCError as error:
+        print(f"HPCExecutor() cannot choose a backend: {error}")
+        return 1
+    availability = {info.name: info for info in backends}
+    chosen = availability.get(name)
+    state = ""
+    if chosen is not None and not chosen.available:
+        state = f" (but it is not available: {chosen.reason})"
+    print(f"HPCExecutor() would use: {name} ({why}){state}")
+    profile = arguments.profile or dask.config.get("futures_hpc.profile", None)
+    print(f"Default profile: {profile or 'none'}")
+    print()
+    files = config_files_read()
+    print("Config files read (dask config, in order):")
+    for path in files or ["none"]:
+        print(f"  {path}")
+    print()
+    address = dask.config.get("futures_hpc.dashboard-address", "localhost:8787")
+    print(f"Dashboard: each executor serves one at {address} (ex.dashboard_link); from another "
+          "machine use `ssh -L 8787:localhost:8787 <this host>`")
+    names = running_cluster_names()
+    if names:
+        print("Running executors on this machine:")
+        for run_name in names:
+            try:
+                record = read_discovery_record(run_name)
+            except LookupError:
+                continue
+            print(f"  {run_name}  backend={record.get('backend')}  pid={record.get('pid')}  "
+                  f"dashboard={record.get('dashboard_link')}")
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+def estimate_pi_part(seed: int, points: int) -> tuple[int, float, str]:
+    """Throw ``points`` random points at the unit square; count those inside the quarter circle.
+
+    Returns
+    -------
+    tuple
+        The count inside, the seconds the call took, and ``host:pid`` of the worker.
+
+    """
+    generator = random.Random(seed)
+    draw = generator.random
+    started = time.perf_counter()
+    inside = 0
+    for _ in range(points):
+        x, y = draw(), draw()
+        if x * x + y * y <= 1.0:
+            inside += 1
+    return inside, time.perf_counter() - started, f"{socket.gethostname()}:{os.getpid()}"
+
+
+def command_demo(arguments: argparse.Namespace) -> int:
+    """Estimate pi by Monte Carlo on the chosen backend and print a timing summary."""
+    from . import HPCExecutor
+
+    name, why = choose_backend(arguments.backend, arguments.profile)
+    calls, points = arguments.calls, arguments.points
+    print(f"futures-hpc demo: Monte Carlo estimate of pi, {calls} calls x {points:,} points, "
+          f"on the {name!r} backend ({why})")
+    options = _executor_options(name, arguments.profile, arguments.max_workers, small_jobs=True)
+    started = time.perf_counter()
+    try:
+        executor = HPCExecutor(name, **options)
+    except FuturesHPCError as error:
+        print(f"error: {error}", file=sys.stderr)
+        print(f"hint: {_hint_for(error)}; or try `futures-hpc demo --backend local`",
+              file=sys.stderr)
+        return 1
+    with executor:
+        startup = time.perf_counter() - started
+        print(f"started {executor!r} in {startup:.1f} s")
+        if executor.dashboard_link:
+            print(f"dashboard: {executor.dashboard_link}")
+        try:  # batch jobs may wait in the queue: time that apart from the work itself
+            executor.client.wait_for_workers(1, timeout=arguments.timeout)
+        except Exception as error:  # distributed raises its own TimeoutError
+            print(f"error: no worker connected within {arguments.timeout:g} s ({error!r})",
+                  file=sys.stderr)
+            print(f"hint: {_hint_for(TimeoutError())}", file=sys.stderr)
+            return 1
+        first_worker = time.perf_counter() - started
+        map_started = time.perf_counter()
+        first_result_after = None
+        inside_total, busy_seconds, workers = 0, 0.0, set()
+        results = executor.map(
+            estimate_pi_part, range(calls), [points] * calls, chunksize=1, progress=True
+        )
+        for inside, seconds, worker in results:
+            if first_result_after is None:
+                first_result_after = time.perf_counter() - map_started
+            inside_total += inside
+            busy_seconds += seconds
+            workers.add(worker)
+        wall = time.perf_counter() - map_started
+        closing = time.perf_counter()
+    shutdown = time.perf_counter() - closing
+    total_points = calls * points
+    estimate = 4.0 * inside_total / total_points
+    hosts = sorted({worker.split(":")[0] for worker in workers})
+    print()
+    print(f"pi is about {estimate:.6f} (error {abs(estimate - math.pi):.2e}, "
+          f"{total_points:,} points)")
+    print(f"map:        {calls} calls in {wall:.2f} s: {calls / wall:,.1f} calls/s, "
+          f"{total_points / wall / 1e6:,.2f} million points/s")
+    print(f"parallel:   {busy_seconds:.2f} s of work in {wall:.2f} s = speed-up "
+          f"{busy_seconds / wall:.2f} on {len(workers)} worker processes "
+          f"(hosts: {', '.join(hosts)})")
+    print(f"timings:    start-up {startup:.1f} s, first worker after {first_worker:.1f} s, "
+          f"first result {first_result_after:.2f} s into the map, shut-down {shutdown:.1f} s")
+    return 0
+
+
+# -- check ----------------------------------------------------------------------------------------
+
+
+def describe_worker() -> dict[str, str]:
+    """What a check's tiny job reports about the worker it ran on."""
+    import futures_hpc
+
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "futures_hpc": futures_hpc.__version__,
+        "cwd": os.getcwd(),
+    }
+
+
+def _job_script(executor: Any) -> str | None:
+    for owner in (executor, getattr(executor, "cluster", None)):
+        job_script = getattr(owner, "job_script", None)
+        if callable(job_script):
+            try:
+                return job_script()
+            except Exception as error:  # noqa: BLE001 - informative only
+                return f"(job_script() failed: {error!r})"
+    return None
+
+
+def _print_failure(error: BaseException, run_directory: Path | None) -> None:
+    print(f"FAILED: {type(error).__name__}: {error}")
+    for path, lines in _log_tail(run_directory):
+        print(f"--- last {len(lines)} lines of {path}")
+        for line in lines:
+            print(f"    {line}")
+    print(f"hint: {_hint_for(error)}")
+
+
+def command_check(arguments: argparse.Namespace) -> int:
+    """Start the backend with the user's profile, run one tiny job and report what happened."""
+    from . import HPCExecutor
+
+    name = arguments.backend
+    options = _executor_options(name, arguments.profile, arguments.max_workers, small_jobs=True)
+    if name not in BATCH_BACKENDS and "max_workers" not in options:
+        options["max_workers"] = 1
+    shown = {key: value for key, value in options.items() if value is not None}
+    print(f"futures-hpc check {name}: {shown}")
+    started = time.perf_counter()
+    try:
+        executor = HPCExecutor(name, **options)
+    except Exception as error:  # noqa: BLE001 - report anything
+        _print_failure(error, _newest_run_directory())
+        return 1
+    created = time.perf_counter() - started
+    try:
+        print(f"executor:   {executor!r} created in {created:.2f} s")
+        if executor.networked:  # local workers write no logs of their own
+            print(f"log dir:    {executor.log_dir}")
+        if executor.dashboard_link:
+            print(f"dashboard:  {executor.dashboard_link}")
+        script = _job_script(executor)
+        if script:
+            print("job script:")
+            for line in script.splitlines():
+                print(f"    {line}")
+        submitted = time.perf_counter()
+        future = executor.submit(describe_worker)
+        try:
+            executor.client.wait_for_workers(1, timeout=arguments.timeout)
+        except Exception as error:  # distributed raises its own TimeoutError
+            raise TimeoutError(
+                f"no worker connected within {arguments.timeout:g} s"
+            ) from error
+        worker_started = time.perf_counter() - submitted
+        print(f"start:      first worker connected {worker_started:.2f} s after submitting")
+        report = future.result(timeout=arguments.timeout)
+        first_result = time.perf_counter() - submitted
+        print(f"result:     first result {first_result:.2f} s after submitting")
+        for key, value in report.items():
+            print(f"    {key}: {value}")
+        print("OK")
+        return 0
+    except BaseException as error:  # noqa: BLE001 - report anything, including Ctrl-C
+        if isinstance(error, KeyboardInterrupt):
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        _print_failure(error, executor.log_dir)
+        return 1
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# -- jobs and cancel ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """One batch job of this user whose name marks it as futures_hpc's."""
+
+    scheduler: str
+    job_id: str
+    name: str
+    state: str
+
+
+def _run(command: list[str], timeout: float = 30) -> str:
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({completed.returncode}): "
+            f"{(completed.stderr or completed.stdout).strip()}"
+        )
+    return completed.stdout
+
+
+def _is_grid_engine_qstat() -> bool:
+    try:
+        completed = subprocess.run(
+            ["qstat", "-help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    first_line = (completed.stdout or completed.stderr).strip().splitlines()[:1]
+    return bool(first_line) and ("SGE" in first_line[0] or first_line[0].startswith("GE "))
+
+
+def batch_systems_here() -> list[str]:
+    """The batch systems whose queue commands are on PATH: ``slurm``, ``sge``, ``pbs``."""
+    found = []
+    if shutil.which("squeue"):
+        found.append("slurm")
+    if shutil.which("qstat"):
+        found.append("sge" if _is_grid_engine_qstat() else "pbs")
+    return found
+
+
+def _slurm_jobs(user: str) -> list[QueuedJob]:
+    output = _run(["squeue", "-h", "-u", user, "-o", "%i|%j|%T"])
+    jobs = []
+    for line in output.splitlines():
+        job_id, _, rest = line.partition("|")
+        name, _, state = rest.rpartition("|")
+        if name.startswith(JOB_NAME_PREFIX):
+            jobs.append(QueuedJob("slurm", job_id.strip(), name, state.strip()))
+    return jobs
+
+
+def _grid_engine_jobs(user: str) -> list[QueuedJob]:
+    output = _run(["qstat", "-u", user, "-xml"])
+    jobs = []
+    for element in ElementTree.fromstring(output).iter("job_list"):
+        name = element.findtext("JB_name", "")
+        if name.startswith(JOB_NAME_PREFIX):
+            jobs.append(
+                QueuedJob(
+                    "sge",
+                    element.findtext("JB_job_number", "").strip(),
+                    name,
+                    element.findtext("state", element.get("state", "")).strip(),
+                )
+            )
+    return jobs
+
+
+def _pbs_jobs(user: str) -> list[QueuedJob]:
+    output = _run(["qstat", "-f"])
+    jobs, fields, job_id = [], {}, None
+
+    def flush() -> None:
+        owner = fields.get("Job_Owner", "").split("@")[0]
+        name = fields.get("Job_Name", "")
+        if job_id and owner == user and name.startswith(JOB_NAME_PREFIX):
+            jobs.append(QueuedJob("pbs", job_id, name, fields.get("job_state", "")))
+
+    for line in output.splitlines():
+        if line.startswith("Job Id:"):
+            flush()
+            job_id, fields = line.split(":", 1)[1].strip(), {}
+        elif " = " in line:
+            key, _, value = line.strip().partition(" = ")
+            fields[key] = value
+    flush()
+    return jobs
+
+
+_LISTERS = {"slurm": _slurm_jobs, "sge": _grid_engine_jobs, "pbs": _pbs_jobs}
+_CANCELLERS = {"slurm": "scancel", "sge": "qdel", "pbs": "qdel"}
+
+
+def queued_jobs(
+    schedulers: Sequence[str], user: str | None = None
+) -> tuple[list[QueuedJob], list[str]]:
+    """Jobs of ``user`` (default: you) named ``fhpc-...`` in the given batch systems.
+
+    Returns
+    -------
+    tuple
+        The jobs, and one message per batch system whose queue could not be read.
+
+    """
+    user = user or getpass.getuser()
+    jobs: list[QueuedJob] = []
+    errors: list[str] = []
+    for scheduler in schedulers:
+        try:
+            jobs.extend(_LISTERS[scheduler](user))
+        except (RuntimeError, OSError, subprocess.TimeoutExpired, ElementTree.ParseError) as error:
+            errors.append(f"{scheduler}: {error}")
+    return jobs, errors
+
+
+def _live_run_names() -> set[str]:
+    from .integrations.dask import running_cluster_names
+
+    return set(running_cluster_names())
+
+
+def _run_of(job: QueuedJob, live_runs: set[str]) -> str | None:
+    return next((run for run in live_runs if job.name.startswith(run)), None)
+
+
+def _schedulers_from(arguments: argparse.Namespace) -> list[str]:
+    if arguments.scheduler:
+        return [arguments.scheduler]
+    return batch_systems_here()
+
+
+def command_jobs(arguments: argparse.Namespace) -> int:
+    """List this user's futures_hpc jobs left in the batch queues."""
+    schedulers = _schedulers_from(arguments)
+    if not schedulers:
+        print("no batch system found here (no squeue or qstat on PATH)")
+        return 0
+    jobs, errors = queued_jobs(schedulers)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if not jobs:
+        print(f"no futures_hpc jobs of {getpass.getuser()} in {', '.join(schedulers)}")
+        return 1 if errors else 0
+    live_runs = _live_run_names()
+    rows = [
+        (job.scheduler, job.job_id, job.name, job.state,
+         "running here" if _run_of(job, live_runs) else "none found here")
+        for job in jobs
+    ]
+    _print_table(rows, ("scheduler", "job id", "name", "state", "client"))
+    return 1 if errors else 0
+
+
+def command_cancel(arguments: argparse.Namespace) -> int:
+    """Cancel this user's futures_hpc jobs: all of them, or those named by the targets."""
+    schedulers = _schedulers_from(arguments)
+    if not schedulers:
+        print("no batch system found here (no squeue or qstat on PATH)")
+        return 0
+    jobs, errors = queued_jobs(schedulers)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if arguments.targets:
+        jobs = [
+            job
+            for job in jobs
+            if any(job.job_id == target or job.name.startswith(target)
+                   for target in arguments.targets)
+        ]
+    live_runs = _live_run_names()
+    if not arguments.include_live:
+        skipped = [job for job in jobs if _run_of(job, live_runs)]
+        for job in skipped:
+            print(f"skipped {job.scheduler} job {job.job_id} ({job.name}): its run is alive "
+                  "on this machine (--include-live cancels it too)")
+        jobs = [job for job in jobs if not _run_of(job, live_runs)]
+    if not jobs:
+        print("nothing to cancel")
+        return 1 if errors else 0
+    status = 1 if errors else 0
+    for scheduler in schedulers:
+        ids = [job.job_id for job in jobs if job.scheduler == scheduler]
+        if not ids:
+            continue
+        command = [_CANCELLERS[scheduler], *ids]
+        if arguments.dry_run:
+            print(f"would run: {' '.join(command)}")
+            continue
+        try:
+            _run(command)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            print(f"error: {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"cancelled {len(ids)} {scheduler} job(s): {' '.join(ids)}")
+    return status
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def command_config(arguments: argparse.Namespace) -> int:
+    """Print the merged futures_hpc configuration (or one profile) as YAML."""
+    if arguments.profile:
+        try:
+            options = profile_options(arguments.profile)
+        except OptionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"# profile {arguments.profile!r} (futures_hpc.profiles.{arguments.profile})")
+        print(yaml.safe_dump(options, sort_keys=False, default_flow_style=False), end="")
+        return 0
+    print("# futures_hpc configuration, merged by dask's config system from:")
+    print("#   the defaults shipped in futures_hpc/futures_hpc.yaml")
+    for path in config_files_read():
+        print(f"#   {path}")
+    variables = sorted(name for name in os.environ
+                       if name.startswith("DASK_FUTURES_HPC") or name == "FUTURES_HPC_BACKEND")
+    for name in variables:
+        print(f"#   environment {name}={os.environ[name]}")
+    merged = dask.config.get("futures_hpc", default={})
+    print(yaml.safe_dump({"futures_hpc": merged}, sort_keys=False, default_flow_style=False),
+          end="")
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``futures-hpc``."""
+    parser = argparse.ArgumentParser(
+        prog="futures-hpc",
+        description="futures_hpc: one concurrent.futures Executor for laptops, SLURM/PBS/SGE, "
+        "MPI and AWS ECS.",
+    )
+    parser.add_argument("--version", action="version", version=f"futures_hpc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the futures_hpc log on standard error")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = commands.add_parser("info", help="backends, the default choice and why, config files")
+    info.add_argument("--profile", help="profile to consider (default: futures_hpc.profile)")
+    info.set_defaults(handler=command_info)
+
+    demo = commands.add_parser("demo", help="run a Monte Carlo pi job with a progress bar")
+    demo.add_argument("--backend", help="backend to run on (default: as HPCExecutor() chooses)")
+    demo.add_argument("--profile", help="named options from futures_hpc.profiles")
+    demo.add_argument("--max-workers", type=int, help="workers to use")
+    demo.add_argument("--calls", type=int, default=100, help="number of calls (default 100)")
+    demo.add_argument("--points", type=int, default=500_000,
+                      help="random points per call (default 500,000)")
+    demo.add_argument("--timeout", type=float, default=300.0,
+                      help="seconds to wait for the first worker (default 300)")
+    demo.set_defaults(handler=command_demo)
+
+    check = commands.add_parser("check", help="run one tiny job on BACKEND and report")
+    check.add_argument("backend", metavar="BACKEND", help="local, slurm, pbs, sge, mpi, ecs, ...")
+    check.add_argument("--profile", help="named options from futures_hpc.profiles")
+    check.add_argument("--max-workers", type=int, help="workers to ask for")
+    check.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to wait for a worker and for the result (default 120)")
+    check.set_defaults(handler=command_check)
+
+    for command_name, help_text, handler in (
+        ("jobs", "list your futures_hpc jobs left in the batch queue", command_jobs),
+        ("cancel", "cancel your futures_hpc jobs left in the batch queue", command_cancel),
+    ):
+        command = commands.add_parser(command_name, help=help_text)
+        command.add_argument("--scheduler", choices=sorted(_LISTERS),
+                             help="batch system to query (default: every one found on PATH)")
+        if command_name == "cancel":
+            command.add_argument("targets", nargs="*", metavar="TARGET",
+                                 help="job ids or run names (fhpc-...) to cancel; default: all")
+            command.add_argument("--dry-run", action="store_true",
+                                 help="print the cancel command instead of running it")
+            command.add_argument("--include-live", action="store_true",
+                                 help="also cancel jobs of runs still alive on this machine")
+        command.set_defaults(handler=handler)
+
+    config = commands.add_parser("config", help="show the merged configuration as YAML")
+    config.add_argument("--profile", help="show only this profile's options")
+    config.set_defaults(handler=command_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``futures-hpc`` with ``argv`` (default: the command line); return the exit status."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if arguments.verbose:
+        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logger.setLevel(logging.INFO)
+    if not getattr(arguments, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return arguments.handler(arguments)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The joblib parallel backend ``"futures_hpc"``: joblib and scikit-learn work on an executor.
+
+Usage::
+
+    import joblib
+    from futures_hpc import HPCExecutor
+
+    with HPCExecutor("slurm", max_workers=20) as ex:
+        with joblib.parallel_config(backend="futures_hpc", executor=ex):
+            search.fit(X, y)            # scikit-learn's n_jobs=-1 runs on ex's workers
+
+    with joblib.parallel_config(backend="futures_hpc"):   # a default HPCExecutor() for the block
+        joblib.Parallel()(joblib.delayed(f)(x) for x in items)
+
+Each joblib batch (a list of calls that joblib groups itself) is one :meth:`HPCExecutor.submit`
+call, so it travels to the worker as one opaque pickled payload. joblib's auto-batching grows the
+batches until each takes about :attr:`FuturesHPCBackend.MIN_IDEAL_BATCH_DURATION` seconds, which
+hides dask's cost of a few milliseconds per task; many small calls are then as cheap as in a
+local process pool.
+
+Without ``executor=`` a default ``HPCExecutor(**executor_options)`` is started when the first
+``Parallel`` call needs it and shut down when the ``parallel_config`` / ``parallel_backend`` block
+ends (or, for ``Parallel(backend="futures_hpc")`` outside such a block, when that call ends).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from joblib import parallel as joblib_parallel
+from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
+
+from ..executor import HPCExecutor
+
+logger = logging.getLogger("futures_hpc")
+
+#: The name the backend is registered under in joblib.
+JOBLIB_BACKEND_NAME = "futures_hpc"
+
+
+def _shut_down_owned_executor(executor: HPCExecutor) -> None:
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib parallel backend that runs joblib's batches of calls on an :class:`HPCExecutor`.
+
+    Parameters
+    ----------
+    executor : HPCExecutor, optional
+        The executor to run on; it stays open after the block. Without it, a default
+        ``HPCExecutor(**executor_options)`` is started on first use and shut down at the end of
+        the ``parallel_config`` block.
+    executor_options : mapping, optional
+        Arguments for the default executor, e.g. ``{"backend": "slurm", "max_workers": 10}``
+        or ``{"profile": "short"}``. Not allowed together with ``executor``.
+    nesting_level, inner_max_num_threads :
+        joblib's own backend arguments.
+
+    Notes
+    -----
+    ``n_jobs=-1`` (the default inside ``parallel_backend``) means every worker slot of the
+    executor (:meth:`HPCExecutor.worker_slots`), ``-2`` all but one, and so on; a positive
+    ``n_jobs`` is taken as given. As with every joblib backend, ``n_jobs=1`` runs the calls one
+    after the other in the calling process.
+
+    """
+
+    supports_retrieve_callback = True
+    supports_inner_max_num_threads = False
+    supports_sharedmem = False
+    uses_threads = False
+    default_n_jobs = -1
+
+    #: joblib grows a batch until it takes at least this long from dispatch to result, which
+    #: makes dask's cost per task (about 2 ms, plus a network round trip on a cluster) small.
+    MIN_IDEAL_BATCH_DURATION = 0.2
+    #: ... and shrinks batches that take longer than this, so no worker is left with stragglers.
+    MAX_IDEAL_BATCH_DURATION = 2.0
+    #: The most a batch grows in one step. joblib's own backends double at most; a round trip
+    #: through dask takes milliseconds, so doubling from 1 call would need a dozen round trips
+    #: before batches of trivial calls are large enough.
+    MAX_BATCH_GROWTH = 64
+
+    def __init__(
+        self,
+        executor: HPCExecutor | None = None,
+        executor_options: Mapping[str, Any] | None = None,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+    ) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
+        if executor is not None and executor_options:
+            raise TypeError(
+                "give either executor= (an HPCExecutor to use) or executor_options= (arguments "
+                "for a default HPCExecutor started for the block), not both"
+            )
+        if executor is not None and not isinstance(executor, HPCExecutor):
+            raise TypeError(
+                f"executor={executor!r} is not an HPCExecutor; create one with "
+                "futures_hpc.HPCExecutor(...)"
+            )
+        self._executor: HPCExecutor | None = executor
+        self.owns_executor: bool = executor is None
+        self.executor_options: dict[str, Any] = dict(executor_options or {})
+        self._executor_lock = threading.Lock()
+        self._in_flight: set[Future] = set()
+        self._in_flight_lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    # -- the executor --------------------------------------------------------------------------
+
+    @property
+    def executor(self) -> HPCExecutor | None:
+        """The executor batches run on (None until a default one is needed)."""
+        return self._executor
+
+    def _require_executor(self) -> HPCExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                options = dict(self.executor_options)
+                backend = options.pop("backend", None)
+                self._executor = HPCExecutor(backend, **options)
+                logger.info("joblib backend started a default executor: %r", self._executor)
+                self._finalizer = weakref.finalize(
+                    self, _shut_down_owned_executor, self._executor
+                )
+            return self._executor
+
+    def close_owned_executor(self) -> None:
+        """Shut down the default executor this backend started, if any (no-op otherwise)."""
+        with self._executor_lock:
+            if not self.owns_executor or self._executor is None:
+                return
+            executor, self._executor = self._executor, None
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+        logger.info("joblib backend shuts down its default executor %r", executor)
+        _shut_down_owned_executor(executor)
+
+    def _is_the_configured_backend(self) -> bool:
+        config = getattr(joblib_parallel._backend, "config", None) or {}
+        return config.get("backend") is self
+
+    # -- joblib's backend interface ------------------------------------------------------------
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """The number of batches joblib keeps running at once.
+
+        ``-1``: every worker slot of the executor; ``-k``: all but ``k - 1``; a positive
+        number as given.
+        """
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs > 0:
+            return n_jobs
+        slots = self._require_executor().worker_slots()
+        return max(slots + 1 + n_jobs, 1)
+
+    def configure(
+        self, n_jobs: int | None = 1, parallel: Any = None, **backend_arguments: Any
+    ) -> int:
+        """Prepare a ``Parallel`` call; return the number of concurrent batches."""
+        effective = self.effective_n_jobs(n_jobs)
+        if effective > 1:
+            self._require_executor()
+        self.parallel = parallel
+        return effective
+
+    def compute_batch_size(self) -> int:
+        """The number of calls in joblib's next batch (with ``batch_size="auto"``).
+
+        As joblib's :class:`AutoBatchingMixin`, from the smoothed duration of the last batches
+        of the current size, but growing up to :attr:`MAX_BATCH_GROWTH` times per step.
+        """
+        current = self._effective_batch_size
+        duration = self._smoothed_batch_duration
+        if 0 < duration < self.MIN_IDEAL_BATCH_DURATION:
+            # Twice the ideal size, as joblib does, to limit oscillation between min and max.
+            ideal = 2 * int(current * self.MIN_IDEAL_BATCH_DURATION / duration)
+            new_size = max(1, min(current * self.MAX_BATCH_GROWTH, ideal))
+        elif duration > self.MAX_IDEAL_BATCH_DURATION and current >= 2:
+            new_size = max(1, 2 * int(current * self.MIN_IDEAL_BATCH_DURATION / duration))
+        else:
+            new_size = current
+        if new_size != current:
+            self._effective_batch_size = new_size
+            # Measure the new size afresh.
+            self._smoothed_batch_duration = self._DEFAULT_SMOOTHED_BATCH_DURATION
+            logger.debug("joblib batches: %d calls (last took %.3f s)", new_size, duration)
+        return new_size
+
+    def submit(self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None):
+        """Run one joblib batch as one executor call; ``callback(future)`` when it is done."""
+        future = self._require_executor().submit(func)
+        with self._in_flight_lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._forget)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def _forget(self, future: Future) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(future)
+
+    def retrieve_result_callback(self, future: Future) -> Any:
+        """Return the batch's results (a list), or raise the call's exception."""
+        return future.result()
+
+    def retrieve_result(self, out: Future, timeout: float | None = None) -> Any:
+        """Wait for a batch's results (used only when callbacks are off)."""
+        return out.result(timeout)
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Cancel the batches not yet running (a call failed; joblib will not use them)."""
+        with self._in_flight_lock:
+            pending = list(self._in_flight)
+        cancelled = sum(future.cancel() for future in pending)
+        logger.debug("joblib backend cancelled %d pending batches", cancelled)
+
+    def terminate(self) -> None:
+        """End of a ``Parallel`` call: reset batching statistics.
+
+        A default executor stays up while its ``parallel_config`` block is active and is shut
+        down here only for a ``Parallel(backend="futures_hpc")`` call outside such a block.
+        """
+        self.reset_batch_stats()
+        if self.owns_executor and not self._is_the_configured_backend():
+            self.close_owned_executor()
+
+
+def _close_at_block_end(unregister: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap ``parallel_config.unregister`` so a block's default executor ends with the block."""
+
+    def unregister_and_close(config_block: Any) -> None:
+        unregister(config_block)
+        backend = getattr(config_block, "parallel_config", {}).get("backend")
+        previous = (getattr(config_block, "old_parallel_config", None) or {}).get("backend")
+        if isinstance(backend, FuturesHPCBackend) and backend is not previous:
+            backend.close_owned_executor()
+
+    unregister_and_close.futures_hpc_wrapped = unregister  # type: ignore[attr-defined]
+    return unregister_and_close
+
+
+def register_joblib_backend() -> None:
+    """Register the ``"futures_hpc"`` joblib backend (safe to call more than once).
+
+    Besides :func:`joblib.register_parallel_backend`, this wraps
+    ``joblib.parallel_config.unregister`` (which runs when a ``parallel_config`` or
+    ``parallel_backend`` block ends) so that a default executor started for the block is shut
+    down at its end: joblib has no other hook for the end of a block.
+    """
+    joblib_parallel.register_parallel_backend(JOBLIB_BACKEND_NAME, FuturesHPCBackend)
+    config_class = joblib_parallel.parallel_config
+    if not hasattr(config_class.unregister, "futures_hpc_wrapped"):
+        config_class.unregister = _close_at_block_end(config_class.unregister)
+
+
+__all__ = ["FuturesHPCBackend", "JOBLIB_BACKEND_NAME", "register_joblib_backend"]
