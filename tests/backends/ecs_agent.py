@@ -8,8 +8,11 @@ agent. This module supplies both missing halves so that the whole chain runs for
   ``SubmitContainerStateChange`` and ``SubmitTaskStateChange``, so container exit codes and
   stop codes are recorded the way ECS records them. It also makes ``StopTask`` on a stopped
   task a no-op (as on AWS), gives tasks stopped by ``StopTask`` the stop code ``UserInitiated``,
-  and runs ``RunTask`` with a ``FARGATE``/``FARGATE_SPOT`` capacity provider strategy as a Fargate
-  task (moto otherwise ignores the strategy).
+  runs ``RunTask`` with a ``FARGATE``/``FARGATE_SPOT`` capacity provider strategy as a Fargate
+  task (moto otherwise ignores the strategy), accepts an EC2 task definition whose containers
+  have ``memoryReservation`` but no ``memory`` (as ECS does), and, when IAM is enforced,
+  answers a refused ECS call in ECS's JSON error format (moto answers in XML, which botocore
+  cannot read for ECS).
 * :class:`MotoServer` starts that server on a free loopback port with the request recorder on,
   freezes the task state progression, and reads the recorded requests.
 * :class:`ECSAgent` is a thread that does what the ECS agent does on a container instance:
@@ -26,6 +29,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,6 +91,16 @@ def _install_agent_api() -> None:
         return ActionResult({"acknowledgment": "ACK"})
 
     original_stop_task = EC2ContainerServiceBackend.stop_task
+    original_validate = EC2ContainerServiceBackend._validate_container_defs
+
+    def validate_container_defs(memory: Any, container_definitions: Any,
+                                requires_compatibilities: Any) -> None:
+        # ECS accepts memoryReservation alone for EC2 tasks; moto wants memory.
+        if memory is None and all("memoryReservation" in item
+                                  for item in container_definitions):
+            requires_compatibilities = [item for item in requires_compatibilities or []
+                                        if item != "EC2"]
+        original_validate(memory, container_definitions, requires_compatibilities)
 
     def stop_task(self: Any, cluster_str: str, task_str: str, reason: str) -> Any:
         task = _find_task(self, cluster_str, task_str)
@@ -116,10 +130,29 @@ def _install_agent_api() -> None:
             task.capacity_provider_name = providers[0]
         return ActionResult({"tasks": tasks, "failures": []})
 
+    original_call_action = EC2ContainerServiceResponse.call_action
+
+    def call_action(self: Any) -> Any:
+        status, headers, body = original_call_action(self)
+        if int(status) == 403 and isinstance(body, str) and body.lstrip().startswith("<?xml"):
+            code = re.search(r"<Code>(.*?)</Code>", body)
+            message = re.search(r"<Message>(.*?)</Message>", body, flags=re.DOTALL)
+            code_text = code.group(1) if code else "AccessDenied"
+            if code_text == "AccessDenied":
+                code_text = "AccessDeniedException"
+            headers = {**headers, "status": "400",
+                       "content-type": "application/x-amz-json-1.1"}
+            body = json.dumps({"__type": code_text,
+                               "message": message.group(1) if message else body})
+            return 400, headers, body
+        return status, headers, body
+
+    EC2ContainerServiceResponse.call_action = call_action
     EC2ContainerServiceResponse.submit_container_state_change = submit_container_state_change
     EC2ContainerServiceResponse.submit_task_state_change = submit_task_state_change
     EC2ContainerServiceResponse.run_task = run_task
     EC2ContainerServiceBackend.stop_task = stop_task
+    EC2ContainerServiceBackend._validate_container_defs = staticmethod(validate_container_defs)
 
 
 def serve(host: str, port: int) -> None:
@@ -208,7 +241,7 @@ class MotoServer:
         self._post("/moto-api/recorder/reset-recording")
 
     def recorded_requests(self) -> list[dict[str, Any]]:
-        """Requests received since the last reset, each with ``user_agent`` and ``target``."""
+        """Requests received since the last reset, with ``user_agent``, ``target``, ``body``."""
         url = self.endpoint_url + "/moto-api/recorder/download-recording"
         with urllib.request.urlopen(url, timeout=10) as response:
             lines = response.read().decode().splitlines()
@@ -218,6 +251,10 @@ class MotoServer:
             headers = {key.lower(): value for key, value in entry["headers"].items()}
             entry["user_agent"] = headers.get("user-agent", "")
             entry["target"] = headers.get("x-amz-target", "")
+            body = entry.get("body") or ""
+            if entry.get("body_encoded"):
+                body = base64.b64decode(body).decode(errors="replace")
+            entry["body"] = body
             requests.append(entry)
         return requests
 
