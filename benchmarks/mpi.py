@@ -1,0 +1,274 @@
+"""MPIExecutor under ``mpirun -n 4`` against mpi4py.futures and dask_mpi, in one run.
+
+The driver (``python benchmarks/mpi.py``) starts three ``mpirun --oversubscribe -n 4`` jobs, one
+per contestant, collects the timings each writes as JSON, and prints them with their ratios:
+
+- ``futures_hpc``: ``MPIExecutor()`` under mpirun (rank 0 client, rank 1 scheduler, ranks 2-3:
+  2 workers), TLS on (its default), ``ex.map``;
+- ``mpi4py.futures``: ``MPIPoolExecutor`` under ``python -m mpi4py.futures`` (rank 0 master,
+  ranks 1-3: 3 workers), ``map`` with the same chunk sizes;
+- ``dask_mpi``: ``dask_mpi.initialize()`` (rank 0 scheduler, rank 1 client, ranks 2-3: 2
+  workers), plain TCP, ``client.map`` (one task per call) and ``client.gather``.
+
+Workloads: 10,000 trivial calls (best of ``--repeats``, pools warmed up first) with the chunk
+sizes of ``--chunksizes`` (default: ``ex.map``'s own choice, 4 chunks per worker = 1250; 100;
+5000 = one chunk per worker), the same for both executors; and 2,000 calls of 10 ms, once as a
+sleep (the executor's own overhead) and once as a busy loop (CPU-bound; the ranks share the
+machine's cores). Parallel efficiency = calls x 10 ms / (workers x elapsed); the same figure
+per rank (all of mpirun's ranks, client and scheduler included) is printed beside it.
+
+Targets (issue 6): trivial calls at most 2x mpi4py.futures (same chunk size), at least 10x
+faster than dask_mpi's client.map, and at least 90 % parallel efficiency on the 10 ms calls.
+
+Run: ``python benchmarks/mpi.py`` (``--ranks``, ``--repeats``, ``--chunksizes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRIVIAL_CALLS = 10_000
+TIMED_CALLS = 2_000
+CALL_SECONDS = 0.010
+CONTESTANTS = ("futures_hpc", "mpi4py.futures", "dask_mpi")
+
+
+def trivial(value):
+    return value
+
+
+def sleep_call(value):
+    time.sleep(CALL_SECONDS)
+    return value
+
+
+def spin_call(value):
+    end = time.perf_counter() + CALL_SECONDS
+    while time.perf_counter() < end:
+        pass
+    return value
+
+
+def timings_of(repeats, function):
+    """Wall times of ``repeats`` runs of ``function`` (which checks its own result)."""
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
+def check(results, count):
+    assert list(results) == list(range(count)), "wrong results"
+
+
+# -- one contestant, run under mpirun ---------------------------------------------------------
+
+
+def measure_map(map_function, workers, arguments):
+    """Time the workloads through ``map_function(fn, items, chunksize)``; return a report."""
+    map_function(trivial, range(100), None)  # warm up (imports, connections)
+    report = {"workers": workers, "trivial": {}, "sleep": {}, "spin": {}}
+    for chunksize in arguments.chunksizes:
+        size = None if chunksize == 0 else chunksize
+        report["trivial"][str(chunksize)] = timings_of(
+            arguments.repeats,
+            lambda size=size: check(map_function(trivial, range(TRIVIAL_CALLS), size),
+                                    TRIVIAL_CALLS),
+        )
+    for chunksize in arguments.timed_chunksizes:
+        size = None if chunksize == 0 else chunksize
+        report["sleep"][str(chunksize)] = timings_of(
+            1, lambda size=size: check(map_function(sleep_call, range(TIMED_CALLS), size),
+                                       TIMED_CALLS)
+        )
+    size = None if arguments.timed_chunksizes[0] == 0 else arguments.timed_chunksizes[0]
+    report["spin"][str(arguments.timed_chunksizes[0])] = timings_of(
+        1, lambda: check(map_function(spin_call, range(TIMED_CALLS), size), TIMED_CALLS)
+    )
+    return report
+
+
+def automatic_chunksize(calls, workers):
+    """The chunk size ``ex.map`` picks: 4 chunks per worker thread."""
+    return max(1, math.ceil(calls / (workers * 4)))
+
+
+def run_futures_hpc(arguments):
+    from futures_hpc.backends.mpi import MPIExecutor
+
+    with MPIExecutor() as executor:  # ranks 1.. serve here and exit with rank 0
+        workers = len(executor.client.scheduler_info()["workers"])
+        # chunk size 0 in the arguments stands for "ex.map's own choice"
+        return measure_map(
+            lambda fn, items, size: list(executor.map(fn, items, chunksize=size)),
+            workers, arguments,
+        )
+
+
+def run_mpi4py_futures(arguments):
+    from mpi4py.futures import MPIPoolExecutor
+
+    with MPIPoolExecutor() as pool:
+        workers = pool.num_workers
+
+        def pool_map(fn, items, size):
+            items = list(items)
+            # "same chunk size": ex.map's own choice for 2 workers, the figure MPIExecutor uses
+            chunk = size or automatic_chunksize(len(items), arguments.our_workers)
+            return list(pool.map(fn, items, chunksize=chunk))
+
+        return measure_map(pool_map, workers, arguments)
+
+
+def run_dask_mpi(arguments):
+    import dask_mpi
+    from distributed import Client
+
+    dask_mpi.initialize(dashboard=False, nthreads=1)  # ranks 0, 2, 3 serve and exit here
+    with Client() as client:
+        client.wait_for_workers(arguments.ranks - 2, timeout=60)
+        workers = len(client.scheduler_info()["workers"])
+
+        def client_map(fn, items, size):
+            return client.gather(client.map(fn, list(items), pure=False))
+
+        client_map(trivial, range(100), None)
+        report = {"workers": workers, "trivial": {}, "sleep": {}, "spin": {}}
+        report["trivial"]["per call"] = timings_of(
+            1, lambda: check(client_map(trivial, range(TRIVIAL_CALLS), None), TRIVIAL_CALLS)
+        )
+        report["sleep"]["per call"] = timings_of(
+            1, lambda: check(client_map(sleep_call, range(TIMED_CALLS), None), TIMED_CALLS)
+        )
+        report["spin"]["per call"] = timings_of(
+            1, lambda: check(client_map(spin_call, range(TIMED_CALLS), None), TIMED_CALLS)
+        )
+        return report
+
+
+def run_contestant(arguments):
+    runners = {"futures_hpc": run_futures_hpc, "mpi4py.futures": run_mpi4py_futures,
+               "dask_mpi": run_dask_mpi}
+    report = runners[arguments.contestant](arguments)
+    Path(arguments.output).write_text(json.dumps(report))
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+def launch(contestant, arguments, directory):
+    output = directory / f"{contestant}.json"
+    command = [shutil.which("mpirun"), "--oversubscribe", "-n", str(arguments.ranks),
+               sys.executable]
+    if contestant == "mpi4py.futures":
+        command += ["-m", "mpi4py.futures"]
+    command += [
+        str(Path(__file__).resolve()), "--contestant", contestant, "--output", str(output),
+        "--ranks", str(arguments.ranks), "--repeats", str(arguments.repeats),
+        "--chunksizes", *map(str, arguments.chunksizes),
+        "--timed-chunksizes", *map(str, arguments.timed_chunksizes),
+        "--our-workers", str(arguments.ranks - 2),
+    ]
+    environment = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                       DASK_FUTURES_HPC__LOG_DIR=str(directory / "logs"),
+                       DASK_FUTURES_HPC__DASHBOARD_ADDRESS="localhost:0")
+    started = time.perf_counter()
+    finished = subprocess.run(command, env=environment, cwd=directory, capture_output=True,
+                              text=True, timeout=arguments.timeout)
+    if finished.returncode != 0 or not output.exists():
+        raise SystemExit(f"{contestant} failed ({finished.returncode}):\n"
+                         f"{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
+    report = json.loads(output.read_text())
+    report["total seconds"] = time.perf_counter() - started
+    return report
+
+
+def describe(timings):
+    return f"{min(timings):8.4f} s" + (
+        f" (median {statistics.median(timings):.4f})" if len(timings) > 1 else ""
+    )
+
+
+def print_report(reports, arguments):
+    ours, theirs, dask_mpi = (reports[name] for name in CONTESTANTS)
+    print(f"\nmpirun -n {arguments.ranks} on {os.cpu_count()} cores; workers: futures_hpc "
+          f"{ours['workers']}, mpi4py.futures {theirs['workers']}, dask_mpi "
+          f"{dask_mpi['workers']}")
+    our_auto = automatic_chunksize(TRIVIAL_CALLS, ours["workers"])
+
+    print(f"\n{TRIVIAL_CALLS:,} trivial calls, best of {arguments.repeats}")
+    dask_seconds = min(dask_mpi["trivial"]["per call"])
+    print(f"  dask_mpi client.map, one task per call  {describe(dask_mpi['trivial']['per call'])}")
+    for chunksize in arguments.chunksizes:
+        label = f"auto = {our_auto}" if chunksize == 0 else str(chunksize)
+        mine = min(ours["trivial"][str(chunksize)])
+        other = min(theirs["trivial"][str(chunksize)])
+        print(f"  chunksize {label}")
+        print(f"    futures_hpc MPIExecutor.map   {describe(ours['trivial'][str(chunksize)])}")
+        print(f"    mpi4py.futures map            {describe(theirs['trivial'][str(chunksize)])}")
+        print(f"    ratio futures_hpc / mpi4py.futures: {mine / other:5.2f}x  (target <= 2x)")
+        print(f"    ratio dask_mpi / futures_hpc:       {dask_seconds / mine:5.0f}x  "
+              "(target >= 10x)")
+
+    ideal_serial = TIMED_CALLS * CALL_SECONDS
+    for kind, what in (("sleep", "sleeping"), ("spin", "busy (CPU-bound)")):
+        print(f"\n{TIMED_CALLS:,} calls of 10 ms, {what}; efficiency = "
+              f"{ideal_serial:.0f} s / (workers x elapsed)")
+        for name, report in (("futures_hpc MPIExecutor.map", ours),
+                             ("mpi4py.futures map", theirs),
+                             ("dask_mpi client.map", dask_mpi)):
+            for chunksize, timings in report[kind].items():
+                label = chunksize
+                if chunksize == "0":
+                    label = f"auto = {automatic_chunksize(TIMED_CALLS, ours['workers'])}"
+                elapsed = min(timings)
+                efficiency = ideal_serial / (report["workers"] * elapsed)
+                per_rank = ideal_serial / (arguments.ranks * elapsed)
+                print(f"  {name:30s} chunksize {label:>10s}  {elapsed:7.2f} s  "
+                      f"{report['workers']} workers  efficiency {efficiency:6.1%}  "
+                      f"per rank {per_rank:6.1%}")
+    print("\n(targets for the 10 ms calls: efficiency >= 90 %; with 4 ranks, futures_hpc has 2 "
+          "workers and mpi4py.futures 3)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contestant", choices=CONTESTANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--our-workers", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--chunksizes", type=int, nargs="+", default=[0, 100, 5000],
+                        help="chunk sizes for the trivial calls; 0 = ex.map's own choice")
+    parser.add_argument("--timed-chunksizes", type=int, nargs="+", default=[0, 1],
+                        help="chunk sizes for the 10 ms calls; 0 = ex.map's own choice")
+    parser.add_argument("--timeout", type=float, default=900)
+    arguments = parser.parse_args()
+    if arguments.contestant:
+        run_contestant(arguments)
+        return
+    reports = {}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="futures_hpc-bench-mpi-") as directory:
+        for contestant in CONTESTANTS:
+            print(f"running {contestant} under mpirun -n {arguments.ranks} ...", flush=True)
+            reports[contestant] = launch(contestant, arguments, Path(directory))
+    print_report(reports, arguments)
+    print(f"(load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
+          "after: other processes on the same cores slow every contestant down)")
+
+
+if __name__ == "__main__":
+    main()
