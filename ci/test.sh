@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# Scheduler tests fail instead of skipping when a service is missing (see conftest.require).
+export CI="${CI:-true}"
+
 started=$(date +%s)
 echo "== ci/test.sh: schedulers and services"
 bash ci/setup.sh
