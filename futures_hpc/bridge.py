@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import distributed
-from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from distributed.scheduler import KilledWorker
 
 from .calls import unpack_outcome
 from .errors import WorkerLostError
+from .streams import PromptStreams, make_client_prompt, make_worker_prompt
 
 logger = logging.getLogger("futures_hpc")
 
@@ -55,11 +56,21 @@ class RunningTasksPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:  # noqa: D102
         self.worker = worker
+        make_worker_prompt(worker)
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         """Publish ``key`` when one of the executor's tasks starts executing."""
         if finish == "executing" and isinstance(key, str) and self.key_marker in key:
             self.worker.log_event(self.topic, key)
+
+
+@dataclass
+class _Delivery:
+    """Futures that finished together, and the packed outcomes gathered for the finished ones."""
+
+    batch: list[distributed.Future]
+    finished: list[distributed.Future]
+    packed: list[bytes] | None
 
 
 @dataclass
@@ -94,13 +105,26 @@ class FutureBridge:
         self._key_marker = key_marker
         self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()
-        self._finished: queue.SimpleQueue[distributed.Future | None] = queue.SimpleQueue()
+        # Finished dask futures wait here, on the client's event loop, to be gathered together.
+        self._ready: list[distributed.Future] = []
+        self._gathering = False
+        # Gathered batches go to the collector thread, which completes the standard futures
+        # (so that their callbacks never run on, or block, the event loop).
+        self._deliveries: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
         self._topic = f"futures_hpc-running-{client.id}"
+        make_client_prompt(client)
+        self._register_scheduler_plugin(PromptStreams())
         self.tracks_running = self._subscribe_running()
         self._collector = threading.Thread(
             target=self._collect, name="futures_hpc-results", daemon=True
         )
         self._collector.start()
+
+    def _register_scheduler_plugin(self, plugin: SchedulerPlugin) -> None:
+        try:
+            self._client.register_plugin(plugin)
+        except Exception as error:  # a scheduler without futures_hpc installed
+            logger.info("scheduler plugin %s not installed: %r", plugin.name, error)
 
     def _subscribe_running(self) -> bool:
         try:
@@ -130,7 +154,7 @@ class FutureBridge:
             )
         future.add_done_callback(self._on_future_done)
         future._futures_hpc_key = dask_future.key  # type: ignore[attr-defined]
-        dask_future.add_done_callback(self._finished.put)
+        self._client.loop.add_callback(self._await_done, dask_future)
         return future
 
     def outstanding(self) -> list[Future]:
@@ -144,7 +168,7 @@ class FutureBridge:
 
     def close(self) -> None:
         """Stop the collector thread and release every tracked task."""
-        self._finished.put(None)
+        self._deliveries.put(None)
         self._collector.join(timeout=10)
         with self._lock:
             records = list(self._records.values())
@@ -188,43 +212,64 @@ class FutureBridge:
 
     # -- results ---------------------------------------------------------------------------------
 
+    async def _await_done(self, dask_future: distributed.Future) -> None:
+        """Wait on the event loop until ``dask_future`` is done, then queue it for gathering."""
+        state = getattr(dask_future, "_state", None)
+        if state is None or not hasattr(state, "wait"):  # another distributed: public callback
+            dask_future.add_done_callback(
+                lambda done: self._client.loop.add_callback(self._queue_for_gathering, done)
+            )
+            return
+        while dask_future.status == "pending":
+            await state.wait()
+        self._queue_for_gathering(dask_future)
+
+    def _queue_for_gathering(self, dask_future: distributed.Future) -> None:
+        self._ready.append(dask_future)
+        if not self._gathering:
+            self._gathering = True
+            self._client.loop.add_callback(self._gather_ready)
+
+    async def _gather_ready(self) -> None:
+        """Gather every finished future in one request per batch; hand them to the collector."""
+        try:
+            while self._ready:
+                batch = self._ready[:GATHER_BATCH_SIZE]
+                del self._ready[:GATHER_BATCH_SIZE]
+                finished = [future for future in batch if future.status == "finished"]
+                packed = None
+                if finished:
+                    try:
+                        packed = await self._client.gather(finished, asynchronous=True)
+                    except Exception:  # one result was lost: the collector fetches one by one
+                        packed = None
+                self._deliveries.put(_Delivery(batch, finished, packed))
+        finally:
+            self._gathering = False
+
     def _collect(self) -> None:
         while True:
-            first = self._finished.get()
-            if first is None:
+            delivery = self._deliveries.get()
+            if delivery is None:
                 return
-            batch = [first]
-            while len(batch) < GATHER_BATCH_SIZE:
-                try:
-                    item = self._finished.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._finished.put(None)
-                    break
-                batch.append(item)
             try:
-                self._resolve(batch)
+                self._resolve(delivery)
             except Exception:  # never let the collector die: that would hang callers
                 logger.exception("futures_hpc: failed to deliver results")
 
-    def _resolve(self, batch: list[distributed.Future]) -> None:
+    def _resolve(self, delivery: _Delivery) -> None:
         with self._lock:
-            records = [self._records.get(dask_future.key) for dask_future in batch]
-        records = [record for record in records if record is not None]
-        finished = [record for record in records if record.dask_future.status == "finished"]
-        failed = [record for record in records if record.dask_future.status != "finished"]
-        if finished:
-            try:
-                packed = self._client.gather([record.dask_future for record in finished])
-            except Exception:  # one result was lost: fetch one by one
-                packed = None
-                failed.extend(finished)
-            if packed is not None:
-                for record, outcome in zip(finished, packed, strict=True):
+            records = {future.key: self._records.get(future.key) for future in delivery.batch}
+        delivered = set()
+        if delivery.packed is not None:
+            for dask_future, outcome in zip(delivery.finished, delivery.packed, strict=True):
+                record = records.get(dask_future.key)
+                if record is not None:
+                    delivered.add(dask_future.key)
                     self._complete(record, outcome=outcome)
-        for record in failed:
-            self._complete_one_by_one(record)
+        for key, record in records.items():
+            if record is not None and key not in delivered:
+                self._complete_one_by_one(record)
 
     def _complete_one_by_one(self, record: _Record) -> None:
         dask_future = record.dask_future

@@ -62,17 +62,6 @@ LARGE_PAYLOAD_BYTES = 1024 * 1024
 _live_executors: weakref.WeakSet[HPCExecutor] = weakref.WeakSet()
 
 
-#: How long the client holds messages to the scheduler to batch them (distributed: 10 ms). Every
-#: call waits for it once on the way out, so it is as short as the scheduler's own reply batches.
-CLIENT_SEND_INTERVAL_SECONDS = 0.002
-
-
-def _shorten_send_interval(client: distributed.Client) -> None:
-    stream = getattr(client, "scheduler_comm", None)
-    if hasattr(stream, "interval"):
-        stream.interval = CLIENT_SEND_INTERVAL_SECONDS
-
-
 def _set_allowed_failures(allowed_failures: int, dask_scheduler: Any = None) -> None:
     dask_scheduler.allowed_failures = allowed_failures
 
@@ -210,7 +199,6 @@ class HPCExecutor(Executor):
                 set_as_default=False,
                 direct_to_workers=True,
             )
-            _shorten_send_interval(self._client)
             self._bridge = FutureBridge(self._client, self.run_name)
             self._client.run_on_scheduler(
                 _set_allowed_failures, self.max_call_retries - 1

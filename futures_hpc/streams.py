@@ -1,0 +1,58 @@
+"""Prompt message streams: the client, the scheduler and the workers send without waiting.
+
+distributed holds outgoing messages for 2 to 10 ms to batch them. Every call waits for that
+several times on its way out and back (client -> scheduler -> worker -> scheduler -> client), which
+is most of the latency of a small map. futures_hpc batches calls into chunks itself, so it asks
+for streams that send at once; messages that pile up while one is being sent still go together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import distributed
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+#: The batching delay, in seconds, of every stream of an executor's cluster.
+STREAM_INTERVAL = 0.0
+
+
+def make_worker_prompt(worker: distributed.Worker) -> None:
+    """Make a worker's stream to the scheduler send without waiting."""
+    stream = getattr(worker, "batched_stream", None)
+    if stream is not None:
+        stream.interval = STREAM_INTERVAL
+
+
+def make_client_prompt(client: distributed.Client) -> None:
+    """Make a client's stream to the scheduler send without waiting."""
+    stream = getattr(client, "scheduler_comm", None)
+    if hasattr(stream, "interval"):
+        stream.interval = STREAM_INTERVAL
+
+
+class PromptStreams(SchedulerPlugin):
+    """Scheduler plugin: the scheduler's streams to workers and clients send without waiting."""
+
+    name = "futures_hpc-prompt-streams"
+
+    async def start(self, scheduler: Any) -> None:
+        """Make the streams that exist already prompt."""
+        for stream in list(scheduler.stream_comms.values()) + list(scheduler.client_comms.values()):
+            stream.interval = STREAM_INTERVAL
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        """Make the stream to a new worker prompt (it exists when this is called)."""
+        stream = scheduler.stream_comms.get(worker)
+        if stream is not None:
+            stream.interval = STREAM_INTERVAL
+
+    def add_client(self, scheduler: Any, client: str) -> None:
+        """Make the stream to a new client prompt, once the scheduler has opened it."""
+        scheduler.loop.add_callback(_tune_client_stream, scheduler, client)
+
+
+def _tune_client_stream(scheduler: Any, client: str) -> None:
+    stream = scheduler.client_comms.get(client)
+    if stream is not None:
+        stream.interval = STREAM_INTERVAL
