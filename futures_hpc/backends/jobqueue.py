@@ -1,0 +1,1043 @@
+"""The batch backends: SLURM, PBS and Grid Engine executors over dask-jobqueue.
+
+Each executor maps the common options onto a dask-jobqueue cluster whose workers run as batch
+jobs, and adds what dask-jobqueue leaves to its users:
+
+- every job script and worker log of a run goes to the run's own log directory, and the jobs are
+  named after the run (``fhpc-xxxxxxxx``), so that cleanup touches only this executor's jobs;
+- a rejected submission raises :class:`~futures_hpc.errors.JobSubmissionError` with the batch
+  system's own message from the executor's constructor (dask-jobqueue only logs it);
+- a watcher thread follows the jobs whose workers are not connected and, when the batch system
+  says one has ended, logs the tail of its log; when no job is left to run calls, outstanding
+  futures fail with :class:`~futures_hpc.errors.JobFailedError` instead of hanging;
+- closing cancels all jobs with one ``scancel``/``qdel`` command, also on KeyboardInterrupt, at
+  interpreter exit and on SIGTERM (see :mod:`futures_hpc.cleanup`);
+- TLS by default: the scheduler and the workers use the run's certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dask.config
+from dask_jobqueue import PBSCluster, SGECluster, SLURMCluster
+from dask_jobqueue.core import Job, JobQueueCluster
+from dask_jobqueue.pbs import PBSJob
+from dask_jobqueue.sge import SGEJob
+from dask_jobqueue.slurm import SLURMJob
+from distributed.core import Status
+from distributed.deploy.spec import ProcessInterface
+
+from .. import cleanup
+from ..errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
+from ..executor import HPCExecutor
+from ..scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
+
+logger = logging.getLogger("futures_hpc")
+
+#: Workers of a batch executor created without ``max_workers``.
+DEFAULT_MAX_WORKERS = 1
+
+#: Seconds to wait for the batch system to accept (or refuse) a job.
+SUBMISSION_TIMEOUT_SECONDS = 120.0
+#: Seconds a cancel or queue-state command may take.
+COMMAND_TIMEOUT_SECONDS = 60.0
+#: Seconds between the watcher's looks at the connected workers.
+WATCH_INTERVAL_SECONDS = 1.0
+#: First and longest interval between queue-state queries for jobs whose workers are missing
+#: (the first query waits this long after a job is submitted or loses its worker, so that the
+#: query does not compete with starting workers for the CPU).
+FIRST_QUERY_INTERVAL_SECONDS = 2.0
+MAX_QUERY_INTERVAL_SECONDS = 30.0
+#: Lines of each job log quoted in an error.
+LOG_TAIL_LINES = 20
+
+# Options the executor sets from the common vocabulary (or that would break it); the rest of
+# dask-jobqueue's parameters pass through.
+_OWNED_PARAMETERS = frozenset({
+    "self", "n_workers", "job_cls", "loop", "asynchronous", "security", "protocol", "name",
+    "job_name", "scheduler", "cores", "memory", "processes", "queue", "account", "walltime",
+    "python", "log_directory", "job_extra", "job_extra_directives", "job_script_prologue",
+    "env_extra", "extra", "header_skip", "dashboard_address", "host",
+})
+
+
+def _jobqueue_parameters(job_class: type) -> frozenset[str]:
+    """The keyword arguments of a dask-jobqueue cluster whose jobs are ``job_class``."""
+    names: set[str] = set()
+    for function in (JobQueueCluster.__init__, job_class.__init__, Job.__init__):
+        names.update(
+            parameter.name
+            for parameter in inspect.signature(function).parameters.values()
+            if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+        )
+    return frozenset(names - _OWNED_PARAMETERS)
+
+
+def _run_command(command: list[str]) -> subprocess.CompletedProcess[str] | None:
+    """Run a batch-system command; None if it cannot be run or does not answer in time."""
+    try:
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        logger.warning("%s failed: %r", shlex.join(command), error)
+        return None
+
+
+def cancel_job_ids(cancel_command: str, job_ids: list[str]) -> bool:
+    """Cancel ``job_ids`` with one ``cancel_command`` call; False if it could not be run.
+
+    Synchronous on purpose: it must work from a signal handler and at interpreter exit, when
+    neither the event loop nor a thread pool can be relied on. A non-zero exit status counts as
+    done: it is common when some of the jobs have just ended.
+    """
+    if not job_ids:
+        return True
+    command = [*shlex.split(cancel_command), *job_ids]
+    result = _run_command(command)
+    if result is None:
+        return False
+    if result.returncode != 0:
+        logger.debug("%s exited with %s: %s", shlex.join(command), result.returncode,
+                     (result.stderr or result.stdout).strip())
+    logger.info("cancelled jobs %s", " ".join(job_ids))
+    return True
+
+
+# -- what the executor knows of its jobs --------------------------------------------------------
+
+
+@dataclass
+class BatchJob:
+    """One batch job the executor submitted.
+
+    Attributes
+    ----------
+    name : str
+        dask-jobqueue's name for the job (``fhpc-xxxxxxxx-N``); its workers' names start with it.
+    job_id : str
+        The batch system's job id.
+    submitted_at : float
+        ``time.monotonic()`` of the submission.
+    state : str
+        The last state the batch system reported (``"submitted"`` before the first query,
+        ``"gone"`` once the queue no longer lists it).
+    connected, ever_connected : bool
+        Whether a worker of the job is connected now, and whether one ever was.
+    ended : bool
+        Whether the batch system says the job is over.
+    cancel_sent : bool
+        Whether a cancel command was sent for it.
+    retired : bool
+        Whether the executor meant the job to end (scaling down); its end is then no failure.
+
+    """
+
+    name: str
+    job_id: str
+    submitted_at: float
+    state: str = "submitted"
+    connected: bool = False
+    ever_connected: bool = False
+    ended: bool = False
+    cancel_sent: bool = False
+    retired: bool = False
+
+
+class JobBook:
+    """Thread-safe record of an executor's submissions, shared by its jobs, cluster and watcher.
+
+    The event loop thread records submissions; the watcher thread records worker connections
+    and queue states; any thread (the SIGTERM handler included) may claim jobs to cancel.
+    """
+
+    def __init__(self) -> None:
+        # Re-entrant: the SIGTERM handler may run while the main thread holds it.
+        self._condition = threading.Condition(threading.RLock())
+        self._jobs: dict[str, BatchJob] = {}
+        self._rejections: list[str] = []
+        self._in_flight = 0
+        self.closing = False
+
+    # submissions (event loop thread)
+    def submission_started(self) -> None:
+        """Count a submission command that has not answered yet."""
+        with self._condition:
+            self._in_flight += 1
+
+    def submission_finished(self, name: str, job_id: str | None, rejection: str | None,
+                            cancel_command: str) -> None:
+        """Record a submission's outcome; cancel the job at once if the executor is closing.
+
+        The submission counts as in flight until then, so that whoever waits for the
+        submissions before the process ends (the SIGTERM handler) also waits for that cancel.
+        """
+        with self._condition:
+            if job_id is not None:
+                self._jobs[job_id] = BatchJob(name, job_id, time.monotonic())
+            else:
+                self._rejections.append(rejection or "no job id")
+            cancel_now = job_id is not None and self.closing
+        try:
+            if cancel_now:
+                self.cancel(cancel_command, [job_id])
+        finally:
+            with self._condition:
+                self._in_flight -= 1
+                self._condition.notify_all()
+
+    def wait_for_outcomes(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` submissions have an outcome; False on timeout."""
+        with self._condition:
+            return self._condition.wait_for(
+                lambda: len(self._jobs) + len(self._rejections) >= count, timeout
+            )
+
+    def wait_for_in_flight(self, timeout: float) -> bool:
+        """Wait until no submission command is running; False on timeout."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def rejections(self) -> list[str]:
+        """The batch system's messages for the refused submissions."""
+        with self._condition:
+            return list(self._rejections)
+
+    # cancelling (any thread)
+    def begin_closing(self) -> None:
+        """From now on every job is cancelled, including those still being submitted."""
+        with self._condition:
+            self.closing = True
+
+    def cancel(self, cancel_command: str, job_ids: list[str] | None = None) -> None:
+        """Cancel the given jobs (default: all) not cancelled yet, with one command."""
+        with self._condition:
+            jobs = list(self._jobs.values()) if job_ids is None else [
+                self._jobs[job_id] for job_id in job_ids if job_id in self._jobs
+            ]
+            claimed = [job for job in jobs if not job.cancel_sent and not job.ended]
+            for job in claimed:
+                job.cancel_sent = True
+        if not cancel_job_ids(cancel_command, [job.job_id for job in claimed]):
+            with self._condition:  # not sent after all: let the next attempt try again
+                for job in claimed:
+                    job.cancel_sent = False
+
+    def mark_retired(self, job_ids: list[str]) -> None:
+        """Record that the executor itself ends these jobs (their end is not a failure)."""
+        with self._condition:
+            for job_id in job_ids:
+                if job_id in self._jobs:
+                    self._jobs[job_id].retired = True
+
+    # watching (watcher thread)
+    def jobs(self) -> list[BatchJob]:
+        """Copies of every job record, in submission order."""
+        with self._condition:
+            return [replace(job) for job in self._jobs.values()]
+
+    def active_count(self) -> int:
+        """Jobs not ended, plus submissions still in flight."""
+        with self._condition:
+            return self._in_flight + sum(not job.ended for job in self._jobs.values())
+
+    def update_connections(self, worker_names: set[str]) -> list[BatchJob]:
+        """Record which jobs have a connected worker; return copies of the jobs without one."""
+        job_names = worker_names | {name.rsplit("-", 1)[0] for name in worker_names}
+        with self._condition:
+            unconnected = []
+            for job in self._jobs.values():
+                if job.ended:
+                    continue
+                job.connected = job.name in job_names
+                job.ever_connected = job.ever_connected or job.connected
+                if not job.connected:
+                    unconnected.append(replace(job))
+            return unconnected
+
+    def record_states(self, states: dict[str, str], is_active: Callable[[str], bool]
+                      ) -> list[BatchJob]:
+        """Record queue states; return copies of the jobs that ended unexpectedly just now."""
+        with self._condition:
+            ended = []
+            for job_id, state in states.items():
+                job = self._jobs.get(job_id)
+                if job is None or job.ended:
+                    continue
+                job.state = state
+                if not is_active(state):
+                    job.ended = True
+                    if not job.retired and not self.closing:
+                        ended.append(replace(job))
+            return ended
+
+
+# -- dask-jobqueue classes that keep the book ----------------------------------------------------
+
+
+class _BookkeepingJob:
+    """Mixin for a dask-jobqueue ``Job``: persistent script, clear errors, bookkeeping.
+
+    Takes the ``Job``'s own arguments and these:
+
+    Parameters
+    ----------
+    job_book : JobBook
+        Where submissions and cancellations are recorded.
+    memory_request : bool
+        False when no memory was asked for: the worker then takes its limit from the job's
+        (``--memory-limit auto``) instead of dask-jobqueue's placeholder.
+
+    """
+
+    job_id: str | None
+    name: str
+    log_directory: str
+    submit_command: str
+    cancel_command: str
+
+    def __init__(self, *args: Any, job_book: JobBook, memory_request: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._job_book = job_book
+        if not memory_request:
+            self._command_template = re.sub(
+                r"--memory-limit \S+", "--memory-limit auto", self._command_template
+            )
+
+    @contextmanager
+    def job_file(self) -> Iterator[str]:
+        """Write the job script into the run's log directory, where it stays for debugging."""
+        path = Path(self.log_directory) / f"{self.name}.sh"
+        path.write_text(self.job_script())
+        yield str(path)
+
+    async def _submit_job(self, script_filename: str) -> str:
+        """Submit from the log directory (so wrappers' default log paths land there)."""
+        command = [*shlex.split(self.submit_command), script_filename]
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL, cwd=self.log_directory,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), SUBMISSION_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            process.kill()
+            raise JobSubmissionError(
+                f"{shlex.join(command)} did not answer within {SUBMISSION_TIMEOUT_SECONDS:.0f} s"
+            ) from None
+        if process.returncode != 0:
+            message = "\n".join(
+                text.strip() for text in (err.decode(), out.decode()) if text.strip()
+            )
+            # Without the script's path, so that identical refusals read as one.
+            raise JobSubmissionError(
+                f"{command[0]} failed (exit status {process.returncode}):\n"
+                f"{message or '(no output)'}"
+            )
+        return out.decode()
+
+    async def start(self) -> None:
+        """Submit the job; record the job id, or the batch system's refusal."""
+        self._job_book.submission_started()
+        try:
+            await super().start()  # type: ignore[misc]
+        except BaseException as error:
+            self.status = Status.failed
+            self._job_book.submission_finished(self.name, None, str(error), self.cancel_command)
+            raise
+        self._job_book.submission_finished(self.name, self.job_id, None, self.cancel_command)
+
+    async def close(self) -> None:
+        """Cancel the job unless the cluster already did, for all its jobs at once."""
+        if self.job_id:
+            self._job_book.cancel(self.cancel_command, [self.job_id])
+        await ProcessInterface.close(self)  # type: ignore[arg-type]
+
+
+class _BookkeepingCluster:
+    """Mixin for a dask-jobqueue cluster: one cancel command for all jobs; quiet failures."""
+
+    job_cls: type
+    workers: dict[str, Any]
+    worker_spec: dict[str, Any]
+    _job_kwargs: dict[str, Any]
+
+    @property
+    def job_book(self) -> JobBook:
+        """The book shared with the cluster's jobs."""
+        return self._job_kwargs["job_book"]
+
+    async def _correct_state_internal(self) -> None:
+        try:
+            await super()._correct_state_internal()  # type: ignore[misc]
+        except Exception as error:
+            # A refused submission: the executor raises it, with the batch system's message.
+            logger.debug("submitting jobs failed: %s", error)
+        for name, job in list(self.workers.items()):
+            if job.status == Status.failed:
+                # Forget it, so that closing does not trip over it and nothing resubmits it.
+                del self.workers[name]
+                self.worker_spec.pop(name, None)
+
+    async def _close(self) -> None:
+        self.job_book.begin_closing()
+        # Synchronous (a few tens of ms): at interpreter exit no thread pool takes work.
+        self.job_book.cancel(self.job_cls.cancel_command)
+        await super()._close()  # type: ignore[misc]
+
+
+class _SLURMJob(_BookkeepingJob, SLURMJob):
+    pass
+
+
+class _PBSJob(_BookkeepingJob, PBSJob):
+    pass
+
+
+class _SGEJob(_BookkeepingJob, SGEJob):
+    pass
+
+
+class _SLURMCluster(_BookkeepingCluster, SLURMCluster):
+    job_cls = _SLURMJob
+
+
+class _PBSCluster(_BookkeepingCluster, PBSCluster):
+    job_cls = _PBSJob
+
+
+class _SGECluster(_BookkeepingCluster, SGECluster):
+    job_cls = _SGEJob
+
+
+# -- the executors -------------------------------------------------------------------------------
+
+
+class JobQueueExecutor(HPCExecutor):
+    """Base of the batch executors: workers are batch jobs started through dask-jobqueue.
+
+    A subclass names its cluster class, the commands it needs and how to read job states.
+    """
+
+    #: The futures_hpc subclass of the dask-jobqueue cluster.
+    cluster_class: ClassVar[type]
+    #: The batch system's name, for messages.
+    scheduler_title: ClassVar[str] = ""
+    #: Commands that must be on PATH: submit, query, cancel.
+    required_commands: ClassVar[tuple[str, ...]] = ()
+    #: Backend options futures_hpc uses itself instead of passing them to dask-jobqueue.
+    own_option_names: ClassVar[frozenset[str]] = frozenset()
+
+    # -- what HPCExecutor asks of a backend ---------------------------------------------------
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say which batch commands are missing from PATH, or None if all are there."""
+        missing = [command for command in cls.required_commands if shutil.which(command) is None]
+        if not missing:
+            return None
+        return (
+            f"the {cls.backend_name!r} backend needs the {cls.scheduler_title} commands "
+            f"{', '.join(cls.required_commands)}, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH "
+            f"({os.environ.get('PATH', '')})"
+        )
+
+    def _validate_options(self) -> None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(reason)
+        self.scaling = validate_scaling_options(
+            self.executor_options, self.max_workers or DEFAULT_MAX_WORKERS
+        )
+        if self.resources.processes and self.resources.cores is None and (
+            self.resources.processes > 1
+        ):
+            raise OptionError(
+                f"processes={self.resources.processes} needs cores= as well (cores per job, "
+                "shared among the processes)"
+            )
+
+    def _create_cluster(self) -> JobQueueCluster:
+        self._job_book = JobBook()
+        self._job_watcher: _JobWatcher | None = None
+        self._fatal_error: str | None = None
+        self._job_failures: list[str] = []
+        self._adaptive: FairShareAdaptive | None = None
+        self._rejections_seen = 0
+        cleanup.register(self)
+        cluster = self.cluster_class(**self._cluster_options())
+        self._processes_per_job: int = cluster._dummy_job.worker_processes
+        # Submit now, so the jobs queue and start while the client connects; _start_workers
+        # checks that the batch system accepted them.
+        self._initial_job_count = self._fixed_job_count()
+        cluster.scale(jobs=self._initial_job_count)
+        return cluster
+
+    def _start_workers(self) -> None:
+        job_count = self._initial_job_count
+        if not self._job_book.wait_for_outcomes(job_count, SUBMISSION_TIMEOUT_SECONDS):
+            raise JobSubmissionError(
+                f"{self.required_commands[0]} did not accept or refuse the jobs of "
+                f"{self.run_name} within {SUBMISSION_TIMEOUT_SECONDS:.0f} s. "
+                f"Job scripts of this run: {self.log_dir}"
+            )
+        rejections = self._job_book.rejections()
+        if rejections:
+            distinct = list(dict.fromkeys(rejections))
+            raise JobSubmissionError(
+                f"{self.scheduler_title} refused {len(rejections)} of the {job_count} jobs of "
+                f"{self.run_name}:\n" + "\n".join(distinct) +
+                f"\nJob scripts of this run: {self.log_dir}"
+            )
+        self._job_watcher = _JobWatcher(self)
+        logger.info("%s submitted %d job(s): %s", self.run_name, job_count,
+                    " ".join(job.job_id for job in self._job_book.jobs()))
+        self._start_policy()
+
+    def _start_policy(self) -> None:
+        """Size the cluster with the fair-share policy (fixed size: minimum = maximum).
+
+        In both modes the policy replaces failed jobs and drains jobs before their walltime.
+        """
+        per_job = self.processes_per_job
+        maximum = self.max_jobs() * per_job
+        minimum = (math.ceil(self.scaling.min_workers / per_job) * per_job
+                   if self.scaling.adaptive else maximum)
+        self._adaptive = self._cluster.adapt(
+            Adaptive=FairShareAdaptive, minimum=minimum, maximum=maximum,
+            idle_timeout=self.scaling.idle_timeout,
+            max_pending_jobs=self.scaling.max_pending_jobs,
+            walltime=self.resources.walltime_seconds,
+        )
+        logger.info("%s: %s scaling, %d to %d worker(s), at most %d pending job(s), "
+                    "idle timeout %.0f s", self.run_name,
+                    "adaptive" if self.scaling.adaptive else "fixed", minimum, maximum,
+                    self.scaling.max_pending_jobs, self.scaling.idle_timeout)
+
+    def _planned_worker_slots(self) -> int:
+        return self.max_jobs() * (self.resources.cores or 1)
+
+    # -- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def processes_per_job(self) -> int:
+        """Worker processes in each job."""
+        return getattr(self, "_processes_per_job", None) or self.resources.processes or 1
+
+    def max_jobs(self) -> int:
+        """The most jobs this executor holds: ``max_workers // processes_per_job``, at least 1."""
+        max_workers = self.max_workers or DEFAULT_MAX_WORKERS
+        return max(1, max_workers // self.processes_per_job)
+
+    def _fixed_job_count(self) -> int:
+        """How many jobs to submit at start (so that a refused submission raises at once).
+
+        Fixed size: every job. Adaptive: ``min_workers`` worth of jobs, but at least up to
+        ``max_pending_jobs`` (released after ``idle_timeout`` if no work comes).
+        """
+        if not self.scaling.adaptive:
+            return self.max_jobs()
+        minimum = math.ceil(self.scaling.min_workers / self.processes_per_job)
+        return max(minimum, min(self.max_jobs(), self.scaling.max_pending_jobs))
+
+    # -- the cluster's options ----------------------------------------------------------------
+
+    def _cluster_options(self) -> dict[str, Any]:
+        resources = self.resources
+        cores = resources.cores or 1
+        config_name = self.cluster_class.job_cls.config_name
+        # SLURM's job_mem alone also sizes the job: the workers' limit then follows it.
+        memory = resources.memory or self.backend_options.get("job_mem")
+        memory_request = memory is not None or (
+            dask.config.get(f"jobqueue.{config_name}.memory", None) is not None
+        )
+        working_directory = shlex.quote(os.getcwd())
+        prologue = [
+            # Workers start where the executor was created, as local workers do.
+            f"cd {working_directory} || printf 'futures_hpc: cannot enter %s on %s; workers run "
+            f"in %s\\n' {working_directory} \"$(hostname)\" \"$PWD\" >&2",
+            *(f"export {name}={shlex.quote(value)}" for name, value in resources.env.items()),
+            *resources.prologue,
+        ]
+        passed = {
+            name: value for name, value in self.backend_options.items()
+            if name not in self.own_option_names
+        }
+        scheduler_options = {
+            "dashboard_address": self.dashboard_address,
+            **(passed.pop("scheduler_options", None) or {}),
+        }
+        options: dict[str, Any] = dict(
+            name=self.run_name,
+            job_name=self.run_name,
+            cores=cores,
+            memory=memory or f"{cores}GiB",  # a placeholder when memory_request is off
+            processes=resources.processes,
+            walltime=resources.walltime,
+            queue=resources.queue,
+            python=resources.python,
+            job_extra_directives=list(resources.job_extra),
+            job_script_prologue=prologue,
+            log_directory=str(self.log_dir),
+            security=self.security,
+            scheduler_options=scheduler_options,
+            job_book=self._job_book,
+            memory_request=memory_request,
+        )
+        options.update(self._scheduler_options(cores, memory_request))
+        skip = list(options.pop("job_directives_skip", [])) + list(
+            passed.pop("job_directives_skip", None) or []
+        )
+        if skip:
+            options["job_directives_skip"] = skip
+        options.update(passed)
+        return {name: value for name, value in options.items() if value is not None}
+
+    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
+        """The batch system's own mapping of account, cores and memory."""
+        return {"account": self.resources.account}
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def job_script(self) -> str:
+        """The script each job runs (jobs differ only in the worker name)."""
+        return self._cluster.job_script()
+
+    def job_ids(self) -> list[str]:
+        """The ids of every job this executor has submitted, in submission order."""
+        return [job.job_id for job in self._job_book.jobs()]
+
+    # -- queue states ---------------------------------------------------------------------------
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
+        """Ask the batch system for these jobs' states; ``"gone"`` for unlisted ones.
+
+        Returns None when the batch system could not be asked (try again later).
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def _state_is_active(state: str) -> bool:
+        """Whether a job in this state may still run a worker."""
+        raise NotImplementedError
+
+    # -- watching -------------------------------------------------------------------------------
+
+    def _connected_worker_names(self) -> set[str] | None:
+        try:
+            workers = self._client.scheduler_info(n_workers=-1)["workers"].values()
+        except Exception as error:
+            logger.debug("cannot list the workers of %s: %r", self.run_name, error)
+            return None
+        return {str(worker.get("name")) for worker in workers}
+
+    def _watch_jobs(self, query_due: bool) -> bool:
+        """One look at the jobs; return whether the queue was queried."""
+        if self._job_book.closing:
+            return False
+        worker_names = self._connected_worker_names()
+        if worker_names is None:
+            return False
+        unconnected = self._job_book.update_connections(worker_names)
+        self._check_rejections()
+        if not unconnected or not query_due:
+            return False
+        states = self._query_job_states([job.job_id for job in unconnected])
+        if states is None:
+            return True
+        ended = self._job_book.record_states(states, self._state_is_active)
+        if ended and not self._job_book.closing:
+            self._handle_ended_jobs(ended)
+        return True
+
+    def _handle_ended_jobs(self, ended: list[BatchJob]) -> None:
+        """Report jobs that ended unexpectedly and replace them, up to ``max_resubmissions``.
+
+        Beyond that, the outstanding calls fail with :class:`JobFailedError` (ids, states, log
+        tails), and so does the next ``submit``/``map``.
+        """
+        for job in ended:
+            description = self._describe_ended_job(job)
+            logger.warning("%s", description)
+            self._job_failures.append(description)
+        limit = self.scaling.max_resubmissions
+        if self._adaptive is not None and len(self._job_failures) > limit:
+            self._stop_policy()
+            self._fail_outstanding(
+                f"{len(self._job_failures)} batch jobs of {self.run_name} ended unexpectedly, "
+                f"more than max_resubmissions={limit} allows:\n"
+                + "\n".join(self._job_failures)
+                + f"\nJob scripts and logs of this run: {self.log_dir}"
+            )
+            return
+        if self._adaptive is not None:
+            self._forget_jobs(ended)
+            logger.warning("replacing %d job(s) (%d of max_resubmissions=%d used)",
+                           len(ended), len(self._job_failures), limit)
+            return
+        if self._job_book.active_count() == 0:
+            self._fail_outstanding(
+                f"every batch job of {self.run_name} has ended, so no worker is left to run "
+                "calls.\n" + "\n".join(self._job_failures) +
+                f"\nJob scripts and logs of this run: {self.log_dir}"
+            )
+
+    def _forget_jobs(self, ended: list[BatchJob]) -> None:
+        """Drop ended jobs from the cluster, so that the policy submits replacements."""
+        cluster, adaptive = self._cluster, self._adaptive
+
+        def forget() -> None:
+            for job in ended:
+                current = cluster.workers.get(job.name)
+                if current is not None and getattr(current, "job_id", None) != job.job_id:
+                    continue  # dask already re-created it under the same name
+                cluster.workers.pop(job.name, None)
+                cluster.worker_spec.pop(job.name, None)
+                if adaptive is not None:
+                    adaptive.forget_job(job.name)
+
+        cluster.loop.add_callback(forget)
+
+    def _stop_policy(self) -> None:
+        adaptive = self._adaptive
+        if adaptive is not None:
+            self._cluster.loop.add_callback(adaptive.stop, "run failed")
+
+    def _check_rejections(self) -> None:
+        """Fail the run when the batch system refuses a submission made after the start."""
+        rejections = self._job_book.rejections()
+        if len(rejections) > self._rejections_seen and self._fatal_error is None:
+            self._rejections_seen = len(rejections)
+            self._stop_policy()
+            self._fail_outstanding(
+                f"{self.scheduler_title} refused a job of {self.run_name}:\n"
+                + "\n".join(dict.fromkeys(rejections))
+                + f"\nJob scripts of this run: {self.log_dir}"
+            )
+
+    def _scaling_status(self) -> ScalingStatus:
+        status = super()._scaling_status()
+        status.adaptive = self.scaling.adaptive
+        status.resubmissions = min(len(self._job_failures), self.scaling.max_resubmissions)
+        status.job_ids = self.job_ids()
+        adaptive = self._adaptive
+        if adaptive is not None:
+            for name, value in adaptive.counts().items():
+                setattr(status, name, value)
+            status.lost_calls = adaptive.lost_calls
+            status.retired_jobs = adaptive.retired_jobs
+        return status
+
+    def _describe_ended_job(self, job: BatchJob) -> str:
+        when = ("after its workers had connected" if job.ever_connected
+                else "before its worker connected to the scheduler")
+        state = "left the queue" if job.state == "gone" else f"ended ({job.state})"
+        return (
+            f"{self.scheduler_title} job {job.job_id} ({job.name}) {state} {when}.\n"
+            + self._log_tail(job.job_id)
+        )
+
+    def _log_tail(self, job_id: str) -> str:
+        """The last lines of every log file of the job in the run's log directory."""
+        pattern = re.compile(rf"(?<![0-9]){re.escape(job_id)}(?![0-9])")
+        paths = sorted(
+            path for path in self.log_dir.iterdir()
+            if path.is_file() and path.suffix != ".sh"
+            and pattern.search(path.name.replace(self.run_name, ""))
+        )
+        if not paths:
+            return f"No log of job {job_id} in {self.log_dir}."
+        parts = []
+        for path in paths:
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            body = "\n".join(f"    {line}" for line in lines) if lines else "    (empty)"
+            parts.append(f"Last lines of {path}:\n{body}")
+        return "\n".join(parts)
+
+    def _fail_outstanding(self, message: str) -> None:
+        self._fatal_error = message
+        failed = 0
+        for future in self._bridge.outstanding() if self._bridge is not None else []:
+            failed += _set_exception(future, JobFailedError(message))
+        logger.error("%s (%d outstanding calls failed)", message, failed)
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        if getattr(self, "_fatal_error", None) is not None:
+            raise JobFailedError(self._fatal_error)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def cancel_jobs_now(self) -> None:
+        """Cancel every job of this executor with one command, without the event loop.
+
+        Used by the SIGTERM handler, and after closing as a safety net. Jobs still being
+        submitted are cancelled as soon as their submission returns.
+        """
+        self._job_book.begin_closing()
+        self._job_book.cancel(self.cluster_class.job_cls.cancel_command)
+        if not self._job_book.wait_for_in_flight(timeout=10):
+            logger.warning("submissions of %s still running while cancelling", self.run_name)
+
+    def _close_cluster(self) -> None:
+        book = getattr(self, "_job_book", None)
+        if book is not None:
+            book.begin_closing()
+        watcher = getattr(self, "_job_watcher", None)
+        if watcher is not None:
+            watcher.stop()
+        try:
+            super()._close_cluster()
+        finally:
+            if book is not None:
+                # Whatever closing the cluster did or failed to do, no job stays behind.
+                self.cancel_jobs_now()
+            cleanup.unregister(self)
+
+
+def _set_exception(future: Future, error: BaseException) -> bool:
+    if future.done():
+        return False
+    try:
+        future.set_exception(error)
+    except Exception:  # completed by another thread in between
+        return False
+    return True
+
+
+class _JobWatcher:
+    """A daemon thread that follows the executor's jobs (holding only a weak reference)."""
+
+    def __init__(self, executor: JobQueueExecutor) -> None:
+        self._executor = weakref.ref(executor)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"futures_hpc-jobs-{executor.run_name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        query_interval = FIRST_QUERY_INTERVAL_SECONDS
+        next_query = time.monotonic() + query_interval
+        watched: set[str] = set()
+        while not self._stopped.wait(WATCH_INTERVAL_SECONDS):
+            executor = self._executor()
+            if executor is None:
+                return
+            try:
+                unconnected = {job.job_id for job in executor._job_book.jobs()
+                               if not job.connected and not job.ended}
+                if unconnected - watched:  # a new job, or a worker just left: look soon
+                    query_interval = FIRST_QUERY_INTERVAL_SECONDS
+                    next_query = min(next_query, time.monotonic() + query_interval)
+                watched = unconnected
+                if executor._watch_jobs(query_due=time.monotonic() >= next_query):
+                    next_query = time.monotonic() + query_interval
+                    query_interval = min(query_interval * 1.5, MAX_QUERY_INTERVAL_SECONDS)
+            except Exception:  # the watcher must survive anything, or failures would hang
+                logger.exception("watching the jobs of %s failed", executor.run_name)
+            del executor
+
+    def stop(self) -> None:
+        """Stop the thread (waits briefly unless called from it)."""
+        self._stopped.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+# -- SLURM ---------------------------------------------------------------------------------------
+
+#: SLURM states in which a job may still run a worker.
+SLURM_ACTIVE_STATES = frozenset({
+    "PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+    "SUSPENDED", "STOPPED", "SIGNALING", "RESV_DEL_HOLD",
+})
+
+
+class SLURMExecutor(JobQueueExecutor):
+    """Executor whose workers are SLURM jobs (``dask_jobqueue.SLURMCluster``).
+
+    ``cores`` -> ``--cpus-per-task``, ``memory`` -> ``--mem``, ``walltime`` -> ``-t``,
+    ``queue`` -> ``-p``, ``account`` -> ``-A``, ``job_extra`` -> more ``#SBATCH`` lines. Any other
+    ``SLURMCluster`` argument (``job_mem``, ``interface``, ``scheduler_options``, ...) passes
+    through.
+    """
+
+    backend_name = "slurm"
+    backend_option_names = _jobqueue_parameters(SLURMJob) - {"project"}
+    cluster_class = _SLURMCluster
+    scheduler_title = "SLURM"
+    required_commands = ("sbatch", "squeue", "scancel")
+
+    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
+        options = super()._scheduler_options(cores, memory_request)
+        if not memory_request:
+            options["job_directives_skip"] = ["--mem"]
+        return options
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
+        result = _run_command(
+            ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
+             "--format=%i %T"]
+        )
+        if result is None:
+            return None
+        if result.returncode != 0:
+            if "Invalid job id" in result.stderr:  # none of them is known any more
+                return dict.fromkeys(job_ids, "gone")
+            logger.debug("squeue failed: %s", result.stderr.strip())
+            return None
+        listed = dict(line.split()[:2] for line in result.stdout.splitlines() if line.strip())
+        return {job_id: listed.get(job_id, "gone") for job_id in job_ids}
+
+    @staticmethod
+    def _state_is_active(state: str) -> bool:
+        return state.split()[0].rstrip("+") in SLURM_ACTIVE_STATES
+
+
+# -- PBS -----------------------------------------------------------------------------------------
+
+#: PBS/Torque state letters of jobs that may still run a worker (C, E, F, X: over).
+PBS_ACTIVE_STATES = frozenset("QRHWTSBUM")
+
+
+class PBSExecutor(JobQueueExecutor):
+    """Executor whose workers are PBS (PBS Pro, OpenPBS, Torque) jobs (``PBSCluster``).
+
+    ``cores`` and ``memory`` -> ``-l select=1:ncpus=N:mem=M``, ``walltime`` ->
+    ``-l walltime=``, ``queue`` -> ``-q``, ``account`` -> ``-A``, ``job_extra`` -> more ``#PBS``
+    lines. ``resource_spec`` replaces the ``select`` line; other ``PBSCluster`` arguments pass
+    through.
+    """
+
+    backend_name = "pbs"
+    backend_option_names = _jobqueue_parameters(PBSJob) - {"project"}
+    cluster_class = _PBSCluster
+    scheduler_title = "PBS"
+    required_commands = ("qsub", "qstat", "qdel")
+
+    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
+        options = super()._scheduler_options(cores, memory_request)
+        if not memory_request:
+            options["resource_spec"] = f"select=1:ncpus={cores}"
+        return options
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
+        result = _run_command(["qstat", *job_ids])
+        if result is None:
+            return None
+        listed = {}
+        for line in result.stdout.splitlines():
+            fields = line.split()
+            match = re.match(r"\d+", fields[0]) if len(fields) >= 5 else None
+            if match:
+                listed[match.group()] = fields[-2]
+        unknown = result.returncode == 153 or "Unknown Job" in result.stderr
+        if result.returncode != 0 and not unknown:
+            logger.debug("qstat failed: %s", result.stderr.strip())
+            return None
+        return {job_id: listed.get(job_id, "gone") for job_id in job_ids}
+
+    @staticmethod
+    def _state_is_active(state: str) -> bool:
+        return state in PBS_ACTIVE_STATES
+
+
+# -- Grid Engine ---------------------------------------------------------------------------------
+
+
+class SGEExecutor(JobQueueExecutor):
+    """Executor whose workers are Grid Engine jobs (``dask_jobqueue.SGECluster``).
+
+    ``cores`` -> ``-pe <parallel_environment> N`` (when above 1), ``memory`` ->
+    ``-l <memory_resource>=<memory per slot>`` (Grid Engine books consumables per slot),
+    ``walltime`` -> ``-l h_rt=``, ``queue`` -> ``-q``, ``account`` -> ``-A``, ``job_extra`` ->
+    more ``#$`` lines. ``resource_spec`` replaces the memory request; ``project`` gives ``-P``;
+    other ``SGECluster`` arguments pass through.
+
+    Other Parameters
+    ----------------
+    parallel_environment : str
+        The parallel environment for multi-core jobs (default ``"smp"``; ``qconf -spl`` lists
+        them).
+    memory_resource : str
+        The consumable that books memory (default ``"mem_free"``). Avoid ``h_vmem``: Grid
+        Engine enforces it on virtual memory, which a dask worker uses far more of than RAM.
+
+    """
+
+    backend_name = "sge"
+    own_option_names = frozenset({"parallel_environment", "memory_resource"})
+    backend_option_names = _jobqueue_parameters(SGEJob) | own_option_names
+    cluster_class = _SGECluster
+    scheduler_title = "Grid Engine"
+    required_commands = ("qsub", "qstat", "qdel")
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Missing commands, or SGE_ROOT unset (Grid Engine's commands need it)."""
+        reason = super().unavailable_reason()
+        if reason is None and not os.environ.get("SGE_ROOT"):
+            reason = (
+                "the 'sge' backend needs SGE_ROOT (and SGE_CELL) set as Grid Engine's "
+                "settings.sh sets them; SGE_ROOT is not set"
+            )
+        return reason
+
+    def _validate_options(self) -> None:
+        super()._validate_options()
+        for name in self.own_option_names:
+            value = self.backend_options.get(name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise OptionError(f"{name}={value!r} is not allowed; it must be a non-empty name")
+
+    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
+        directives = []
+        if cores > 1:
+            environment = self.backend_options.get("parallel_environment") or "smp"
+            directives.append(f"-pe {environment} {cores}")
+        memory_resource = self.backend_options.get("memory_resource") or "mem_free"
+        if self.resources.memory_bytes and "resource_spec" not in self.backend_options:
+            per_slot_mebibytes = math.ceil(self.resources.memory_bytes / cores / 2**20)
+            directives.append(f"-l {memory_resource}={per_slot_mebibytes}M")
+        if self.resources.account:
+            directives.append(f"-A {self.resources.account}")
+        return {"job_extra_directives": directives + list(self.resources.job_extra)}
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
+        # qstat without arguments lists the user's pending and running jobs; ended ones vanish.
+        result = _run_command(["qstat"])
+        if result is None or result.returncode != 0:
+            return None
+        listed = {}
+        for line in result.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[0].isdigit():
+                listed[fields[0]] = fields[4]
+        return {job_id: listed.get(job_id, "gone") for job_id in job_ids}
+
+    @staticmethod
+    def _state_is_active(state: str) -> bool:
+        # E: error (the job can never start), d: being deleted; anything else may still run.
+        return state != "gone" and "E" not in state and "d" not in state

@@ -1,0 +1,116 @@
+"""Cancel every batch job of the live executors when the Python process gets SIGTERM.
+
+Batch schedulers send SIGTERM before they kill a job (walltime, ``scancel`` of the job that runs
+the client), and so do ``kill`` and most process supervisors. By default Python then dies at
+once: no ``finally`` block, ``__exit__`` or ``atexit`` hook runs, and every job the executors had
+submitted would stay in the queue until its worker gave up on the lost scheduler. The handler
+installed here first cancels the jobs (one command per executor), then does what the previous
+handler would have done: calls it, or, if it was the default, dies of SIGTERM as before.
+
+The handler is installed when the first batch executor starts (only from the main thread, where
+Python allows it, and not when SIGTERM is ignored), and the previous handler is put back when the
+last one closes, unless somebody else replaced ours in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import weakref
+from types import FrameType
+from typing import Any, Protocol
+
+logger = logging.getLogger("futures_hpc")
+
+
+class JobCanceller(Protocol):
+    """What the handler needs of an executor."""
+
+    def cancel_jobs_now(self) -> None:
+        """Cancel all the executor's batch jobs with one command, from any thread."""
+
+
+_lock = threading.RLock()  # re-entrant: the handler runs in the main thread, which may hold it
+_registered: dict[int, weakref.ref[Any]] = {}
+_previous_handler: Any = None
+_installed = False
+
+
+def register(executor: JobCanceller) -> None:
+    """Cancel ``executor``'s jobs on SIGTERM from now on (installs the handler if needed)."""
+    with _lock:
+        _registered[id(executor)] = weakref.ref(executor)
+        _install()
+
+
+def unregister(executor: JobCanceller) -> None:
+    """Stop watching ``executor``; restore the previous handler when none is left."""
+    with _lock:
+        _registered.pop(id(executor), None)
+        if not _live():
+            _restore()
+
+
+def handler_installed() -> bool:
+    """Whether the SIGTERM handler of futures_hpc is in place now."""
+    return signal.getsignal(signal.SIGTERM) is _on_sigterm
+
+
+def _live() -> list[JobCanceller]:
+    live = []
+    for key, reference in list(_registered.items()):
+        executor = reference()
+        if executor is None:
+            _registered.pop(key, None)
+        else:
+            live.append(executor)
+    return live
+
+
+def _install() -> None:
+    global _previous_handler, _installed
+    if _installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        logger.debug("no SIGTERM handler: executors created outside the main thread cannot set one")
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:
+        # Ignored SIGTERM keeps the process alive, so its jobs stay useful; a handler set from C
+        # (None) could not be chained or restored.
+        logger.debug("no SIGTERM handler: SIGTERM is %s", "ignored" if previous else "set from C")
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _previous_handler = previous
+    _installed = True
+    logger.debug("SIGTERM handler installed (previous: %r)", previous)
+
+
+def _restore() -> None:
+    global _previous_handler, _installed
+    if not _installed or threading.current_thread() is not threading.main_thread():
+        return  # outside the main thread ours stays; with no executor left it only chains
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, _previous_handler)
+    _previous_handler = None
+    _installed = False
+    logger.debug("SIGTERM handler removed")
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    with _lock:
+        executors = _live()
+        previous = _previous_handler
+    for executor in executors:
+        try:
+            executor.cancel_jobs_now()
+        except Exception:  # one failing executor must not keep the others' jobs alive
+            logger.exception("cancelling the jobs of %r on SIGTERM failed", executor)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    # The previous handler was the default: die of SIGTERM, as the process would have.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

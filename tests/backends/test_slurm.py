@@ -1,0 +1,110 @@
+"""The executor suite and the batch suite on the real SLURM started by ci/slurm.sh.
+
+Workers are real SLURM jobs; the tests read SLURM's own view of them (squeue, scontrol).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import require
+from futures_hpc.backends.jobqueue import SLURMExecutor
+from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
+from tests.backends.batch_helpers import (
+    BatchSystem,
+    scontrol_job,
+    slurm_queued_job_ids,
+    wait_for_workers,
+)
+from tests.executor_suite import *  # noqa: F403 - the shared executor suite
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+
+def slurm_is_up() -> tuple[bool, str]:
+    if shutil.which("sbatch") is None:
+        return False, "sbatch is not on PATH: run ci/slurm.sh"
+    result = subprocess.run(["sinfo", "--noheader", "--format=%a %T"], capture_output=True,
+                            text=True, timeout=30)
+    usable = any(line.split()[:1] == ["up"] and not any(
+        bad in line for bad in ("down", "drain", "fail")) for line in result.stdout.splitlines())
+    return usable, f"no usable SLURM partition (sinfo: {result.stdout.strip()} {result.stderr})"
+
+
+@pytest.fixture(scope="module")
+def batch():
+    up, reason = slurm_is_up()
+    require(up, reason)
+    return BatchSystem(
+        backend="slurm",
+        queue="debug",
+        rejection_text="invalid partition",
+        job_id_variable="SLURM_JOB_ID",
+        cancel_command="scancel",
+        queued_job_ids=slurm_queued_job_ids,
+    )
+
+
+@pytest.fixture(scope="module")
+def ex(batch):
+    with batch.executor(max_workers=2, env={"FUTURES_HPC_TEST_VALUE": "42 and spaces"}) as executor:
+        wait_for_workers(executor, 2)
+        yield executor
+
+
+@pytest.fixture
+def make_executor(batch):
+    def make():
+        # The suite counts worker slots: wait until both jobs' workers are there.
+        executor = batch.executor(max_workers=2)
+        wait_for_workers(executor, 2)
+        return executor
+
+    return make
+
+
+def test_slurm_holds_the_requested_resources(batch):
+    with SLURMExecutor(
+        max_workers=2, processes=2, cores=2, memory="1GB", walltime="00:07:00",
+        queue="debug", account="futures-hpc-account",
+        job_extra=["--comment=futures-hpc-test"],
+    ) as executor:
+        script = executor.job_script()
+        for line in ("#SBATCH --cpus-per-task=2", "#SBATCH --mem=954M", "#SBATCH -t 00:07:00",
+                     "#SBATCH -p debug", "#SBATCH -A futures-hpc-account",
+                     "#SBATCH --comment=futures-hpc-test", "--nworkers 2"):
+            assert line in script
+        # max_workers counts worker processes: 2 processes per job make 1 job.
+        [job_id] = executor.job_ids()
+        job = scontrol_job(job_id)
+    assert job["JobName"] == executor.run_name
+    assert job["MinCPUsNode"] == "2"
+    assert job["MinMemoryNode"] == "954M"
+    assert job["TimeLimit"] == "00:07:00"
+    assert job["Partition"] == "debug"
+    assert job["Account"] == "futures-hpc-account"
+    assert job["Comment"] == "futures-hpc-test"
+    assert job["StdErr"].startswith(str(executor.log_dir))
+
+
+def test_without_memory_no_memory_is_requested(batch):
+    with SLURMExecutor(max_workers=1, cores=1) as executor:
+        assert "#SBATCH --mem" not in executor.job_script()
+        assert "--memory-limit auto" in executor.job_script()
+        [job_id] = executor.job_ids()
+        job = scontrol_job(job_id)
+    # The cluster's default applies (DefMemPerCPU, set by ci/slurm.sh), not a guess of ours:
+    # a --mem request would show as MinMemoryNode.
+    assert job["JobName"] == executor.run_name
+    assert "MinMemoryCPU" in job and "MinMemoryNode" not in job
+
+
+def test_security_false_gives_a_plain_tcp_cluster(batch):
+    with SLURMExecutor(max_workers=1, cores=1, memory="512MB", security=False) as executor:
+        assert executor.cluster.scheduler_address.startswith("tcp://")
+        assert executor.credentials is None
+        assert "--tls-" not in executor.job_script()
+        assert executor.submit(sum, [2, 3]).result(timeout=120) == 5
