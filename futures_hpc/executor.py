@@ -14,6 +14,7 @@ import math
 import reprlib
 import threading
 import time
+import urllib.parse
 import uuid
 import weakref
 from collections import deque
@@ -41,6 +42,7 @@ from .calls import (
 from .errors import ExecutorShutdownError, OptionError
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
 from .progress import track
+from .scaling import ScalingStatus
 from .security import RunCredentials, create_run_credentials
 
 logger = logging.getLogger("futures_hpc")
@@ -251,11 +253,21 @@ class HPCExecutor(Executor):
 
     @property
     def dashboard_link(self) -> str | None:
-        """The URL of the dask dashboard, if it runs."""
+        """The URL of the dask dashboard, if it runs.
+
+        When the dashboard listens on localhost only (the default), the link says localhost too,
+        whatever address the scheduler gives for itself.
+        """
         try:
-            return self._cluster.dashboard_link
+            link = self._cluster.dashboard_link
         except Exception:
             return None
+        host = self.dashboard_address.rpartition(":")[0]
+        if link and host in ("localhost", "127.0.0.1"):
+            parts = urllib.parse.urlsplit(link)
+            netloc = f"{host}:{parts.port}" if parts.port else host
+            link = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return link
 
     @property
     def log_dir(self) -> Path:
@@ -276,6 +288,24 @@ class HPCExecutor(Executor):
         except Exception:
             connected = 0
         return connected or self._planned_worker_slots()
+
+    def status(self) -> ScalingStatus:
+        """What the executor holds now: workers, jobs pending/running, resubmissions, lost calls.
+
+        Returns
+        -------
+        futures_hpc.scaling.ScalingStatus
+
+        """
+        return self._scaling_status()
+
+    def _scaling_status(self) -> ScalingStatus:
+        """The backend's status; the base knows only the connected workers."""
+        try:
+            workers = len(self._client.scheduler_info(n_workers=-1)["workers"])
+        except Exception:
+            workers = 0
+        return ScalingStatus(workers=workers)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"
