@@ -34,11 +34,24 @@ FENCE_CLOSE = re.compile(r"^\s*```\s*$")
 REQUIRES = re.compile(r"^#\s*requires:\s*(?P<what>[\w-]+)\s*$")
 NOT_RUN = re.compile(r"^#\s*not run:\s*(?P<reason>.*)$")
 
+#: ci/pbs.sh writes here the directory of SLURM's PBS wrappers (qsub, qstat, qdel).
+PBS_WRAPPERS = Path("/opt/futures_hpc-pbs/PATHDIR")
+
+
+def _pbs_environment(env: dict[str, str]) -> None:
+    """PBS's qsub first on PATH, and no SGE_ROOT (Grid Engine's qsub is in /usr/bin)."""
+    env["PATH"] = PBS_WRAPPERS.read_text().strip() + os.pathsep + env["PATH"]
+    env.pop("SGE_ROOT", None)
+
+
+#: How the environment changes for blocks that need one batch system.
+ENVIRONMENTS = {"pbs": _pbs_environment}
+
 #: What each ``# requires:`` name needs on this machine.
 REQUIREMENTS = {
     "slurm": lambda: shutil.which("sbatch") is not None,
     "sge": lambda: bool(os.environ.get("SGE_ROOT")) and shutil.which("qsub") is not None,
-    "pbs": lambda: shutil.which("qsub") is not None and not os.environ.get("SGE_ROOT"),
+    "pbs": lambda: PBS_WRAPPERS.is_file(),
     "mpi": lambda: shutil.which("mpirun") is not None,
 }
 
@@ -106,7 +119,8 @@ def _page_id(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
-def _run(examples: list[Example], tmp_path: Path, local: bool, timeout: float) -> None:
+def _run(examples: list[Example], tmp_path: Path, local: bool, timeout: float,
+         requires: str | None = None) -> None:
     blocks = [{"where": example.where, "code": example.code} for example in examples]
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     (tmp_path / "runner.py").write_text(RUNNER)
@@ -122,6 +136,8 @@ def _run(examples: list[Example], tmp_path: Path, local: bool, timeout: float) -
     )
     if local:
         env["FUTURES_HPC_BACKEND"] = "local"
+    if requires in ENVIRONMENTS:
+        ENVIRONMENTS[requires](env)
     completed = subprocess.run(
         [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False,
@@ -155,7 +171,7 @@ def test_cluster_examples_run_on_the_real_scheduler(example, tmp_path):
     )
     require(REQUIREMENTS[example.requires](),
             f"{example.where} needs {example.requires}, which is not running here")
-    _run([example], tmp_path, local=False, timeout=600)
+    _run([example], tmp_path, local=False, timeout=600, requires=example.requires)
 
 
 def test_examples_not_run_are_few_and_say_why():
