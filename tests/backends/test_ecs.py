@@ -481,7 +481,7 @@ BAD_OPTIONS = {
     "fargate cpu/memory pair": (lambda fargate, *_: fargate(cpu=256, memory="4GB"),
                                 "memory=4096 (MiB) is not valid with cpu=256"),
     "fargate cpu": (lambda fargate, *_: fargate(cpu=300), "cpu=300"),
-    "environment too large": (lambda fargate, *_: fargate(env={"BIG": "x" * 6000}),
+    "environment too large": (lambda fargate, *_: fargate(env={"BIG": "x" * 8000}),
                               f"ECS allows {OVERRIDES_LIMIT}"),
 }
 
