@@ -152,3 +152,16 @@ def test_public_names():
         if name not in ("SLURMExecutor", "PBSExecutor", "SGEExecutor", "MPIExecutor",
                         "ECSExecutor"):
             assert getattr(futures_hpc, name)
+
+
+def test_detection_skips_a_batch_system_whose_packages_are_missing(monkeypatch):
+    """dask-jobqueue is hidden with ``sys.modules[...] = None`` (Python's own way of making an
+    import fail): it is installed here, and a fresh ``pip install futures_hpc`` without the
+    extra cannot be had inside this process."""
+    if not shutil.which("sbatch"):
+        pytest.skip("sbatch is not installed (ci/slurm.sh installs it)")
+    _path_with(monkeypatch, "sbatch")
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    name, why = detect_backend()
+    assert name == "local"
+    assert "dask-jobqueue is not installed" in why and "futures_hpc[jobqueue]" in why

@@ -8,9 +8,11 @@ imported only when used; third-party ones register in the entry-point group
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -137,19 +139,46 @@ def mpi_world_size() -> int:
     return 1
 
 
+def _installed(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def detect_backend() -> tuple[str, str]:
-    """Guess the backend from the environment; return its name and the reason."""
+    """Guess the backend from the environment; return its name and the reason.
+
+    A batch system or MPI launcher is picked only when the backend's Python packages are
+    installed: otherwise the reason says what is missing and the search goes on (so that a plain
+    ``pip install futures_hpc`` on a login node still runs locally).
+    """
+    skipped = []
     ranks = mpi_world_size()
     if ranks > 1:
-        return "mpi", f"running as one of {ranks} MPI ranks"
-    if shutil.which("sbatch"):
-        return "slurm", f"found sbatch at {shutil.which('sbatch')}"
+        if _installed("mpi4py"):
+            return "mpi", f"running as one of {ranks} MPI ranks"
+        skipped.append(f"running as one of {ranks} MPI ranks, but mpi4py is not installed")
+    found = None
     qsub = shutil.which("qsub")
-    if qsub and os.environ.get("SGE_ROOT"):
-        return "sge", f"found qsub at {qsub} with SGE_ROOT={os.environ['SGE_ROOT']}"
-    if qsub:
-        return "pbs", f"found qsub at {qsub} without SGE_ROOT"
-    return "local", "no batch system or MPI launcher found"
+    if shutil.which("sbatch"):
+        found = ("slurm", f"found sbatch at {shutil.which('sbatch')}")
+    elif qsub and os.environ.get("SGE_ROOT"):
+        found = ("sge", f"found qsub at {qsub} with SGE_ROOT={os.environ['SGE_ROOT']}")
+    elif qsub:
+        found = ("pbs", f"found qsub at {qsub} without SGE_ROOT")
+    if found is not None:
+        if _installed("dask_jobqueue"):
+            return found
+        skipped.append(
+            f"{found[1]}, but dask-jobqueue is not installed (pip install 'futures_hpc[jobqueue]')"
+        )
+    reason = "no batch system or MPI launcher found"
+    if skipped:
+        reason = "; ".join(skipped) + ": using the local backend"
+    return "local", reason
 
 
 def choose_backend(backend: str | None = None, profile: str | None = None) -> tuple[str, str]:
