@@ -499,6 +499,70 @@ class HPCExecutor(Executor):
             for future in pending:
                 future.cancel()
 
+    # -- tiles ---------------------------------------------------------------------------------
+
+    def map_blocks(
+        self,
+        func: Callable[..., Any],
+        /,
+        *inputs: Any,
+        block: tuple[int, int] = (512, 512),
+        overlap: int = 0,
+        boundary: str | None = "edge",
+        out: Any = None,
+        dtype: Any = None,
+        otherargs: Any = None,
+        progress: bool = False,
+        fill_value: float = 0,
+        on_error: str = "raise",
+        max_in_flight: int | None = None,
+        blocks_per_task: Any = None,
+        shared_memory: bool | None = None,
+    ) -> Any:
+        """Apply ``func`` block by block, with margins, over images far larger than memory.
+
+        See :func:`futures_hpc.tiles.map_blocks`, which this calls with ``self``.
+        """
+        from .tiles import map_blocks
+
+        return map_blocks(
+            self, func, *inputs, block=block, overlap=overlap, boundary=boundary, out=out,
+            dtype=dtype, otherargs=otherargs, progress=progress, fill_value=fill_value,
+            on_error=on_error, max_in_flight=max_in_flight, blocks_per_task=blocks_per_task,
+            shared_memory=shared_memory,
+        )
+
+    def reduce_blocks(
+        self,
+        func: Callable[..., Any],
+        /,
+        *inputs: Any,
+        combine: Callable[[Any, Any], Any],
+        initial: Any = None,
+        block: tuple[int, int] = (512, 512),
+        overlap: int = 0,
+        boundary: str | None = "edge",
+        otherargs: Any = None,
+        progress: bool = False,
+        fill_value: float = 0,
+        on_error: str = "raise",
+        max_in_flight: int | None = None,
+        blocks_per_task: Any = None,
+        shared_memory: bool | None = None,
+    ) -> Any:
+        """Compute a statistic per block in the workers and combine them into one value.
+
+        See :func:`futures_hpc.tiles.reduce_blocks`, which this calls with ``self``.
+        """
+        from .tiles import reduce_blocks
+
+        return reduce_blocks(
+            self, func, *inputs, combine=combine, initial=initial, block=block, overlap=overlap,
+            boundary=boundary, otherargs=otherargs, progress=progress, fill_value=fill_value,
+            on_error=on_error, max_in_flight=max_in_flight, blocks_per_task=blocks_per_task,
+            shared_memory=shared_memory,
+        )
+
     # -- shutting down ------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
