@@ -40,6 +40,7 @@ from distributed.utils import silence_logging_cmgr
 
 from ..errors import BackendUnavailableError, OptionError
 from ..executor import HPCExecutor
+from ..streams import PromptStreams
 from . import mpi_world_size
 from .mpi_worker import (
     ACK_TAG,
@@ -49,9 +50,7 @@ from .mpi_worker import (
     MIN_WORLD_SIZE,
     REPORT_TAG,
     SCHEDULER_RANK,
-    STREAM_INTERVAL,
     ClusterConfig,
-    PromptStreams,
     barrier,
     inline_security,
     rank_host,
@@ -600,8 +599,6 @@ class MPIExecutor(HPCExecutor):
         return self._create_launched_cluster()
 
     def _start_workers(self) -> None:
-        # The client's stream to the scheduler too: see mpi_worker.STREAM_INTERVAL.
-        self._client.scheduler_comm.interval = STREAM_INTERVAL
         if self.world is None:
             self._launch_worker_ranks()
         self._wait_for_workers()

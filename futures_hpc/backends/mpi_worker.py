@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import distributed
-from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 from distributed.utils import get_ip
+
+from ..streams import PromptStreams, make_worker_prompt
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -68,11 +69,6 @@ POLL_INTERVAL = 0.01
 EXIT_GRACE_SECONDS = 20
 #: Seconds a worker keeps trying to reach a scheduler that went away before it closes itself.
 DEATH_TIMEOUT = 60
-#: Seconds dask's batched message streams wait to gather more messages before a send (dask
-#: waits 2 to 10 ms). An executor sends few, large tasks (chunks of calls), for which that wait
-#: is pure latency, so the servers this backend starts send at once; messages that pile up
-#: while a send is under way still go together.
-STREAM_INTERVAL = 0.0
 
 
 # -- messages -------------------------------------------------------------------------------------
@@ -226,34 +222,9 @@ def environment_set(variables: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-class PromptStreams(SchedulerPlugin):
-    """Scheduler plugin: the scheduler's streams to workers and clients send without waiting.
-
-    See :data:`STREAM_INTERVAL`.
-    """
-
-    name = "futures_hpc-prompt-streams"
-
-    def add_worker(self, scheduler: distributed.Scheduler, worker: str) -> None:
-        """Make the stream to a new worker prompt (it exists when this is called)."""
-        stream = scheduler.stream_comms.get(worker)
-        if stream is not None:
-            stream.interval = STREAM_INTERVAL
-
-    def add_client(self, scheduler: distributed.Scheduler, client: str) -> None:
-        """Make the stream to a new client prompt, once the scheduler has opened it."""
-        scheduler.loop.add_callback(self._tune_client_stream, scheduler, client)
-
-    @staticmethod
-    def _tune_client_stream(scheduler: distributed.Scheduler, client: str) -> None:
-        stream = scheduler.client_comms.get(client)
-        if stream is not None:
-            stream.interval = STREAM_INTERVAL
-
-
 def make_prompt(worker: distributed.Worker) -> distributed.Worker:
     """Make a new worker's stream to the scheduler send without waiting; return the worker."""
-    worker.batched_stream.interval = STREAM_INTERVAL
+    make_worker_prompt(worker)
     return worker
 
 
