@@ -388,6 +388,12 @@ class _BookkeepingCluster:
         return self._job_kwargs["job_book"]
 
     async def _correct_state_internal(self) -> None:
+        # Jobs whose spec was removed are closed on purpose (scaled down, by any policy): their
+        # end is no failure.
+        self.job_book.mark_retired([
+            job.job_id for name, job in list(self.workers.items())
+            if name not in self.worker_spec and getattr(job, "job_id", None)
+        ])
         try:
             await super()._correct_state_internal()  # type: ignore[misc]
         except Exception as error:

@@ -343,7 +343,9 @@ def test_one_cancel_command_for_all_jobs(batch, tmp_path, monkeypatch):
     with batch.executor(max_workers=2) as executor:
         wait_for_workers(executor, 2)
         job_ids = executor.job_ids()
-    calls = calls_log.read_text().splitlines()
+    # Other executors (the module's, releasing idle jobs) may cancel theirs meanwhile.
+    calls = [call for call in calls_log.read_text().splitlines()
+             if set(call.split()) & set(job_ids)]
     assert [sorted(call.split()) for call in calls] == [sorted(job_ids)], (calls, job_ids)
     assert wait_until_no_jobs(batch, executor.run_name) == []
 

@@ -1,0 +1,610 @@
+"""Fair-share adaptive scaling for clusters whose workers are jobs in a shared queue.
+
+The policy is a pure function, :func:`decide`, over a small snapshot of the cluster
+(:class:`ClusterSnapshot`): it says how many jobs to submit, which whole jobs to retire and which
+to drain before their walltime. :class:`FairShareAdaptive`, a :class:`distributed.deploy.Adaptive`
+usable by any :class:`~distributed.deploy.SpecCluster` whose scheduler runs in the same process,
+takes the snapshot from the scheduler every interval and carries the decision out:
+
+- scale up from the queued work (the scheduler's ``adaptive_target`` capped by the runnable
+  tasks), never beyond ``max_workers`` and never with more than ``max_pending_jobs`` jobs
+  waiting in the batch queue (submitted, no worker connected yet);
+- release a job only when every worker process of it has run nothing for ``idle_timeout``
+  seconds (whole jobs only; the idle time is the hysteresis that keeps workers over a short gap);
+- drain a job before its walltime: its workers are paused (they take no new task and finish the
+  running ones), a replacement is submitted at once, and the job is retired once idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed.core import Status
+from distributed.deploy.adaptive import Adaptive
+
+from .errors import OptionError
+
+logger = logging.getLogger("futures_hpc")
+
+#: Default seconds a job may stay idle before it is released.
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: Default most jobs waiting in the batch queue at once.
+DEFAULT_MAX_PENDING_JOBS = 4
+#: Default replacements of failed jobs before the run fails.
+DEFAULT_MAX_RESUBMISSIONS = 3
+#: Seconds between two looks of the policy at the cluster.
+DEFAULT_INTERVAL = 0.5
+#: Seconds of queued work per worker that the scale-up aims for (smaller: more workers sooner).
+DEFAULT_TARGET_DURATION = 2.0
+#: Smallest margin, in seconds, between draining a job and the end of its walltime.
+MINIMUM_WALLTIME_MARGIN = 10.0
+#: Estimated seconds between a job starting and its worker connecting, until one is observed.
+DEFAULT_STARTUP_SECONDS = 5.0
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    """The validated sizing options of a batch executor.
+
+    Attributes
+    ----------
+    adaptive : bool
+        Size from the queued work (True) or hold ``max_jobs`` jobs (False).
+    min_workers : int
+        Workers kept even without work (rounded up to whole jobs).
+    max_workers : int
+        The most workers.
+    idle_timeout : float
+        Seconds every worker of a job must be idle before the job is released.
+    max_pending_jobs : int
+        The most jobs waiting in the batch queue at once.
+    max_resubmissions : int
+        Failed jobs replaced before the run fails with ``JobFailedError``.
+
+    """
+
+    adaptive: bool = True
+    min_workers: int = 0
+    max_workers: int = 1
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS
+    max_resubmissions: int = DEFAULT_MAX_RESUBMISSIONS
+
+
+def _option_error(name: str, value: Any, allowed: str) -> OptionError:
+    return OptionError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
+
+
+def _whole_number(options: Mapping[str, Any], name: str, default: int, smallest: int) -> int:
+    value = options.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+        raise _option_error(name, value, f"an integer >= {smallest}")
+    return value
+
+
+def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> ScalingOptions:
+    """Check the sizing options; raise :class:`OptionError` naming the first bad one.
+
+    Parameters
+    ----------
+    options : mapping
+        The executor options (``adaptive, min_workers, idle_timeout, max_pending_jobs,
+        max_resubmissions``; others are ignored).
+    max_workers : int
+        The executor's ``max_workers``.
+
+    Returns
+    -------
+    ScalingOptions
+
+    """
+    adaptive = options.get("adaptive", True)
+    if adaptive is None:
+        adaptive = True
+    if not isinstance(adaptive, bool):
+        raise _option_error("adaptive", adaptive, "True or False")
+    min_workers = _whole_number(options, "min_workers", 0, 0)
+    if min_workers > max_workers:
+        raise _option_error("min_workers", min_workers,
+                            f"at most max_workers ({max_workers})")
+    idle_timeout = options.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    if idle_timeout is None:
+        idle_timeout = DEFAULT_IDLE_TIMEOUT
+    if (isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float))
+            or not math.isfinite(idle_timeout) or idle_timeout <= 0):
+        raise _option_error("idle_timeout", idle_timeout, "a number of seconds > 0")
+    return ScalingOptions(
+        adaptive=adaptive,
+        min_workers=min_workers,
+        max_workers=max_workers,
+        idle_timeout=float(idle_timeout),
+        max_pending_jobs=_whole_number(options, "max_pending_jobs",
+                                       DEFAULT_MAX_PENDING_JOBS, 1),
+        max_resubmissions=_whole_number(options, "max_resubmissions",
+                                        DEFAULT_MAX_RESUBMISSIONS, 0),
+    )
+
+
+# -- the policy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalingLimits:
+    """What the policy may do, in jobs.
+
+    Attributes
+    ----------
+    min_jobs, max_jobs : int
+        The fewest and most jobs (draining jobs do not count).
+    max_pending_jobs : int
+        The most jobs without a connected worker at once.
+    idle_timeout : float
+        Seconds a job's workers must all be idle before it is released.
+    processes_per_job : int
+        Worker processes per job.
+    walltime : float or None
+        Seconds a job may run; None for no limit.
+
+    """
+
+    min_jobs: int
+    max_jobs: int
+    max_pending_jobs: int
+    idle_timeout: float
+    processes_per_job: int = 1
+    walltime: float | None = None
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """One job as the policy sees it.
+
+    Attributes
+    ----------
+    name : str
+        The job's name in the cluster's ``worker_spec``.
+    submitted_at : float
+        When it was asked for (seconds, same clock as the snapshot).
+    connected_workers : int
+        Its worker processes connected now (0: pending in the batch queue).
+    busy_workers : int
+        Its connected workers that have a task to run.
+    idle_since : float or None
+        When its last busy worker became idle (or connected); None while one is busy.
+    started_at : float or None
+        When its first worker connected.
+    draining : bool
+        Its workers were paused before the walltime.
+
+    """
+
+    name: str
+    submitted_at: float
+    connected_workers: int = 0
+    busy_workers: int = 0
+    idle_since: float | None = None
+    started_at: float | None = None
+    draining: bool = False
+
+    @property
+    def pending(self) -> bool:
+        """No worker of the job has connected."""
+        return self.started_at is None
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """The cluster at one moment.
+
+    Attributes
+    ----------
+    now : float
+        The time of the snapshot.
+    wanted_workers : int
+        Workers the queued work asks for.
+    jobs : tuple of JobSnapshot
+        Every job the cluster holds.
+    longest_call : float
+        The longest task duration seen so far (seconds).
+    startup : float
+        The longest time seen between submitting a job and its worker connecting.
+
+    """
+
+    now: float
+    wanted_workers: int
+    jobs: tuple[JobSnapshot, ...] = ()
+    longest_call: float = 0.0
+    startup: float = DEFAULT_STARTUP_SECONDS
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    """What the policy asks for.
+
+    Attributes
+    ----------
+    submit : int
+        New jobs to submit.
+    retire : tuple of str
+        Jobs to release (all their workers are idle, or they never started).
+    drain : tuple of str
+        Jobs whose workers are to be paused because their walltime is near.
+
+    """
+
+    submit: int = 0
+    retire: tuple[str, ...] = ()
+    drain: tuple[str, ...] = ()
+
+    @property
+    def changes_anything(self) -> bool:
+        """Whether the decision asks for anything."""
+        return bool(self.submit or self.retire or self.drain)
+
+
+def wanted_workers(adaptive_target: int, runnable_tasks: int, threads_per_worker: int) -> int:
+    """Workers the queued work asks for: dask's target, capped by the runnable tasks.
+
+    Parameters
+    ----------
+    adaptive_target : int
+        ``Scheduler.adaptive_target()``.
+    runnable_tasks : int
+        Tasks queued, unrunnable (no worker) or processing.
+    threads_per_worker : int
+        Threads of one worker process.
+
+    """
+    if runnable_tasks <= 0:
+        return 0
+    by_tasks = math.ceil(runnable_tasks / max(1, threads_per_worker))
+    return max(1, min(adaptive_target, by_tasks))
+
+
+def walltime_margin(longest_call: float, startup: float) -> float:
+    """Seconds before the walltime at which a job is drained.
+
+    Time for the calls a paused worker still holds to end (the running one and the one dask
+    queued behind it: three times the longest call seen, for slack) and for a replacement to
+    start.
+    """
+    return max(MINIMUM_WALLTIME_MARGIN, 3 * longest_call + startup)
+
+
+def decide(limits: ScalingLimits, snapshot: ClusterSnapshot) -> ScalingDecision:
+    """The fair-share policy: which jobs to submit, drain and retire now.
+
+    Parameters
+    ----------
+    limits : ScalingLimits
+        What the policy may do.
+    snapshot : ClusterSnapshot
+        The cluster now.
+
+    Returns
+    -------
+    ScalingDecision
+
+    """
+    now = snapshot.now
+    jobs = snapshot.jobs
+    drain: list[str] = []
+    if limits.walltime is not None:
+        margin = min(walltime_margin(snapshot.longest_call, snapshot.startup),
+                     limits.walltime / 2)
+        for job in jobs:
+            if (not job.draining and job.started_at is not None
+                    and now - job.started_at >= limits.walltime - margin):
+                drain.append(job.name)
+    draining = {job.name for job in jobs if job.draining} | set(drain)
+    # Drained jobs retire as soon as none of their workers runs a task.
+    retire = [job.name for job in jobs if job.name in draining and job.busy_workers == 0]
+
+    active = [job for job in jobs if job.name not in draining]
+    pending = sum(job.pending for job in active)
+    wanted_jobs = math.ceil(snapshot.wanted_workers / max(1, limits.processes_per_job))
+    wanted_jobs = min(limits.max_jobs, max(limits.min_jobs, wanted_jobs))
+
+    submit = 0
+    if wanted_jobs > len(active):
+        room_in_queue = max(0, limits.max_pending_jobs - pending)
+        submit = min(wanted_jobs - len(active), room_in_queue)
+    elif len(active) > wanted_jobs:
+        excess = len(active) - wanted_jobs
+
+        def idle_for(job: JobSnapshot) -> float:
+            if job.pending:
+                return now - job.submitted_at
+            return -1.0 if job.idle_since is None else now - job.idle_since
+
+        candidates = [job for job in active if job.busy_workers == 0
+                      and idle_for(job) >= limits.idle_timeout]
+        # Jobs still in the queue first (nothing runs there), then the longest idle.
+        candidates.sort(key=lambda job: (not job.pending, -idle_for(job)))
+        retire += [job.name for job in candidates[:excess]]
+    return ScalingDecision(submit=submit, retire=tuple(retire), drain=tuple(drain))
+
+
+# -- what the executor reports ---------------------------------------------------------------------
+
+
+@dataclass
+class ScalingStatus:
+    """What ``ex.status()`` returns.
+
+    Attributes
+    ----------
+    adaptive : bool
+        Whether the executor sizes itself from the queued work.
+    workers : int
+        Workers connected to the scheduler.
+    jobs_pending, jobs_running, jobs_draining : int
+        Jobs waiting in the batch queue, running a worker, and paused before their walltime.
+    resubmissions : int
+        Failed jobs replaced so far.
+    lost_calls : int
+        Tasks that were on a worker when it was lost (dask re-runs them elsewhere).
+    retired_jobs : int
+        Jobs released by the policy (idle or at their walltime).
+    job_ids : list of str
+        Every job id submitted, in submission order.
+
+    """
+
+    adaptive: bool = False
+    workers: int = 0
+    jobs_pending: int = 0
+    jobs_running: int = 0
+    jobs_draining: int = 0
+    resubmissions: int = 0
+    lost_calls: int = 0
+    retired_jobs: int = 0
+    job_ids: list[str] = field(default_factory=list)
+
+
+# -- carrying it out -----------------------------------------------------------------------------
+
+
+class FairShareAdaptive(Adaptive):
+    """The fair-share policy as a :class:`distributed.deploy.Adaptive` for a SpecCluster.
+
+    Parameters
+    ----------
+    cluster : distributed.deploy.SpecCluster
+        A cluster whose scheduler runs in this process (``cluster.scheduler`` is a
+        :class:`distributed.Scheduler`); each ``worker_spec`` entry is one job.
+    minimum, maximum : int
+        The fewest and most workers (``min_workers``, ``max_workers``).
+    idle_timeout : float
+        Seconds every worker of a job must be idle before the job is released.
+    max_pending_jobs : int
+        The most jobs waiting in the batch queue at once.
+    walltime : float, optional
+        Seconds each job may run; its workers are drained and replaced before it ends.
+    interval : float
+        Seconds between two decisions.
+    target_duration : float
+        Seconds of queued work per worker that scale-up aims for.
+    **kwargs
+        Passed to :class:`distributed.deploy.Adaptive`.
+
+    """
+
+    def __init__(self, cluster: Any, minimum: int = 0, maximum: int = 1,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
+                 walltime: float | None = None, interval: float = DEFAULT_INTERVAL,
+                 target_duration: float = DEFAULT_TARGET_DURATION, **kwargs: Any) -> None:
+        kwargs.pop("worker_key", None)  # whole jobs are this class's own business
+        self.idle_timeout = float(idle_timeout)
+        self.max_pending_jobs = int(max_pending_jobs)
+        self.walltime = walltime
+        self.lost_calls = 0
+        self.retired_jobs = 0
+        self.last_decision = ScalingDecision()
+        self._submitted_at: dict[str, float] = {}
+        self._started_at: dict[str, float] = {}
+        self._idle_since: dict[str, float] = {}  # worker address -> when it became idle
+        self._draining: set[str] = set()
+        self._retiring: set[str] = set()  # worker names we released ourselves
+        self._processing: dict[str, tuple[str, int]] = {}  # address -> (name, tasks)
+        self._longest_call = 0.0
+        self._startup = 0.0
+        super().__init__(cluster, interval=interval, minimum=minimum, maximum=maximum,
+                         target_duration=target_duration, **kwargs)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def processes_per_job(self) -> int:
+        """Worker processes per job, from the cluster's worker template."""
+        template = getattr(self.cluster, "new_spec", None) or {}
+        return max(1, len(template.get("group", ())) or 1)
+
+    def limits(self) -> ScalingLimits:
+        """The policy's limits in jobs."""
+        per_job = self.processes_per_job
+        return ScalingLimits(
+            min_jobs=math.ceil(self.minimum / per_job),
+            max_jobs=max(1, int(self.maximum) // per_job),
+            max_pending_jobs=self.max_pending_jobs,
+            idle_timeout=self.idle_timeout,
+            processes_per_job=per_job,
+            walltime=self.walltime,
+        )
+
+    def _worker_names_of(self, job_name: str) -> list[str]:
+        spec = self.cluster.worker_spec.get(job_name, {})
+        return [f"{job_name}{suffix}" for suffix in spec.get("group", ())] or [job_name]
+
+    def _observe(self) -> ClusterSnapshot:
+        """Read the scheduler (same process, same event loop) into a snapshot."""
+        scheduler = self.cluster.scheduler
+        now = time.monotonic()
+        by_name = {str(ws.name): ws for ws in scheduler.workers.values()}
+        # Calls lost with their worker: what a vanished worker (not ours to retire) was running.
+        for address, (name, tasks) in list(self._processing.items()):
+            if address not in scheduler.workers:
+                del self._processing[address]
+                self._idle_since.pop(address, None)
+                if name not in self._retiring and tasks:
+                    self.lost_calls += tasks
+                    logger.warning("worker %s was lost with %d task(s); dask re-runs them",
+                                   name, tasks)
+        for ws in scheduler.workers.values():
+            self._processing[ws.address] = (str(ws.name), len(ws.processing))
+            if ws.processing:
+                self._idle_since.pop(ws.address, None)
+            else:
+                self._idle_since.setdefault(ws.address, now)
+        for prefix in scheduler.task_prefixes.values():
+            longest = max(getattr(prefix, "max_exec_time", -1), prefix.duration_average)
+            self._longest_call = max(self._longest_call, longest)
+        jobs = []
+        for job_name in list(self.cluster.worker_spec):
+            self._submitted_at.setdefault(job_name, now)
+            states = [by_name[name] for name in self._worker_names_of(job_name)
+                      if name in by_name]
+            if states and job_name not in self._started_at:
+                self._started_at[job_name] = now
+                self._startup = max(self._startup, now - self._submitted_at[job_name])
+            busy = sum(bool(ws.processing) for ws in states)
+            idle_times = [self._idle_since.get(ws.address, now) for ws in states]
+            jobs.append(JobSnapshot(
+                name=job_name,
+                submitted_at=self._submitted_at[job_name],
+                connected_workers=len(states),
+                busy_workers=busy,
+                idle_since=max(idle_times) if states and not busy else None,
+                started_at=self._started_at.get(job_name),
+                draining=job_name in self._draining,
+            ))
+        runnable = (len(scheduler.queued) + len(scheduler.unrunnable)
+                    + sum(len(ws.processing) for ws in scheduler.workers.values()))
+        threads = [ws.nthreads for ws in scheduler.workers.values()]
+        threads_per_worker = (round(sum(threads) / len(threads)) if threads
+                              else self._threads_per_worker())
+        target = scheduler.adaptive_target(target_duration=self.target_duration)
+        return ClusterSnapshot(
+            now=now,
+            wanted_workers=wanted_workers(target, runnable, threads_per_worker),
+            jobs=tuple(jobs),
+            longest_call=self._longest_call,
+            startup=self._startup or DEFAULT_STARTUP_SECONDS,
+        )
+
+    def _threads_per_worker(self) -> int:
+        method = getattr(self.cluster, "_threads_per_worker", None)
+        try:
+            return max(1, int(method())) if method else 1
+        except Exception:
+            return 1
+
+    # -- the periodic step -------------------------------------------------------------------
+
+    async def adapt(self) -> None:
+        """Observe, decide, act: the periodic step."""
+        scheduler = getattr(self.cluster, "scheduler", None)
+        if not hasattr(scheduler, "adaptive_target"):  # remote scheduler: dask's own policy
+            await super().adapt()
+            return
+        if self._adapting:
+            return
+        self._adapting = True
+        try:
+            snapshot = self._observe()
+            decision = decide(self.limits(), snapshot)
+            self.last_decision = decision
+            if decision.changes_anything:
+                self.log.append((time.time(), decision))
+                await self._act(decision, snapshot)
+        finally:
+            self._adapting = False
+
+    async def _act(self, decision: ScalingDecision, snapshot: ClusterSnapshot) -> None:
+        scheduler = self.cluster.scheduler
+        for job_name in decision.drain:
+            self._draining.add(job_name)
+            for name in self._worker_names_of(job_name):
+                for ws in list(scheduler.workers.values()):
+                    if str(ws.name) == name:
+                        scheduler.handle_worker_status_change(
+                            Status.paused, ws, stimulus_id=f"futures_hpc-walltime-{time.time()}"
+                        )
+            logger.info("job %s is near its walltime: its workers take no new calls, and it "
+                        "is retired once its running calls end", job_name)
+        if decision.retire:
+            await self._retire(list(decision.retire))
+        if decision.submit:
+            for _ in range(decision.submit):
+                self.cluster.worker_spec.update(self.cluster.new_worker_spec())
+            wanted = snapshot.wanted_workers
+            logger.info("submitting %d job(s) for %d wanted worker(s) (%d job(s) held)",
+                        decision.submit, wanted, len(snapshot.jobs))
+            await self.cluster._correct_state()
+
+    async def _retire(self, job_names: list[str]) -> None:
+        # A job whose submission has not returned yet has no id to cancel: leave it for later.
+        job_names = [job for job in job_names if job in self.cluster.workers]
+        if not job_names:
+            return
+        scheduler = self.cluster.scheduler
+        worker_names = [name for job in job_names for name in self._worker_names_of(job)]
+        self._retiring.update(worker_names)
+        book = getattr(self.cluster, "job_book", None)
+        job_ids = [getattr(self.cluster.workers.get(job), "job_id", None) for job in job_names]
+        if book is not None:
+            book.mark_retired([job_id for job_id in job_ids if job_id])
+        logger.info("releasing job(s) %s (%s)", " ".join(job_names),
+                    " ".join(str(job_id) for job_id in job_ids))
+        addresses = [ws.address for ws in scheduler.workers.values()
+                     if str(ws.name) in worker_names]
+        if addresses:
+            await scheduler.retire_workers(workers=addresses, remove=True,
+                                           close_workers=True)
+        for job in job_names:
+            self.cluster.worker_spec.pop(job, None)
+            self._draining.discard(job)
+            self._submitted_at.pop(job, None)
+            self._started_at.pop(job, None)
+        self.retired_jobs += len(job_names)
+        await self.cluster._correct_state()
+
+    def forget_job(self, job_name: str) -> None:
+        """Forget a job that the batch system ended (its spec is gone; a replacement may come)."""
+        self._draining.discard(job_name)
+        self._submitted_at.pop(job_name, None)
+        self._started_at.pop(job_name, None)
+
+    def counts(self) -> dict[str, int]:
+        """Jobs pending, running and draining, from the cluster's specs and the scheduler."""
+        for _ in range(5):  # called from another thread: the dicts may change meanwhile
+            try:
+                return self._counts()
+            except RuntimeError:
+                time.sleep(0.01)
+        return {}
+
+    def _counts(self) -> dict[str, int]:
+        scheduler = getattr(self.cluster, "scheduler", None)
+        names = {str(ws.name) for ws in list(getattr(scheduler, "workers", {}).values())}
+        pending = running = draining = 0
+        for job_name in list(self.cluster.worker_spec):
+            if job_name in self._draining:
+                draining += 1
+            elif any(name in names for name in self._worker_names_of(job_name)):
+                running += 1
+            else:
+                pending += 1
+        return {"jobs_pending": pending, "jobs_running": running, "jobs_draining": draining}
