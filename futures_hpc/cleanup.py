@@ -114,3 +114,14 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # The previous handler was the default: die of SIGTERM, as the process would have.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (used to tell crashed runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

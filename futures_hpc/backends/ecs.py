@@ -1829,16 +1829,6 @@ class ECSExecutor(HPCExecutor):
 # ---------------------------------------------------------------------------------------------
 # finding stale runs
 # ---------------------------------------------------------------------------------------------
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_stale(tags: Mapping[str, str], run_name: str | None,
               older_than: datetime.timedelta | None) -> bool:
     run = tags.get(TAG_RUN)
@@ -1848,7 +1838,7 @@ def _is_stale(tags: Mapping[str, str], run_name: str | None,
         return run == run_name
     pid_text = tags.get(TAG_PID, "")
     if tags.get(TAG_HOST) == socket.gethostname() and pid_text.isdigit():
-        if int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
+        if int(pid_text) != os.getpid() and not cleanup.process_alive(int(pid_text)):
             return True
     if older_than is None:
         return False

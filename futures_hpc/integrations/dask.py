@@ -37,6 +37,8 @@ from distributed.deploy import Cluster
 from distributed.deploy.cluster import SchedulerInfo
 from distributed.security import Security
 
+from ..cleanup import process_alive
+
 if TYPE_CHECKING:
     from ..executor import HPCExecutor
 
@@ -216,16 +218,6 @@ def read_discovery_record(name: str) -> dict[str, Any]:
         ) from None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_cluster_names() -> list[str]:
     """Names of the executors with a discovery record, oldest first; drops records of dead runs.
 
@@ -240,7 +232,7 @@ def running_cluster_names() -> list[str]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("host") == socket.gethostname() and not _process_alive(
+        if record.get("host") == socket.gethostname() and not process_alive(
             int(record.get("pid", 0))
         ):
             with contextlib.suppress(OSError):
