@@ -16,15 +16,19 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import pickle
+import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import cloudpickle
 import numpy as np
 
 from futures_hpc import raster_io
@@ -536,10 +540,48 @@ def _place(output: np.ndarray | None, core: np.ndarray, group: _Group,
     return output
 
 
-def _run_group(job: _BlockJob, group: _Group, sink: ImageSink | None,
+# Jobs already unpickled in this process, newest last. dask's active memory manager may drop a
+# worker's replica of the broadcast job between tasks and fetch it again later; this cache makes
+# sure the user's func and otherargs are still unpickled only once per worker process.
+_UNPICKLED_JOBS: OrderedDict[str, _BlockJob] = OrderedDict()
+_UNPICKLED_JOBS_LOCK = threading.Lock()
+UNPICKLED_JOBS_KEPT = 4
+
+
+@dataclass(frozen=True)
+class _SharedJob:
+    """A pickled :class:`_BlockJob` with a token; unpickled at most once per process."""
+
+    token: str
+    payload: bytes
+
+    @classmethod
+    def of(cls, job: _BlockJob) -> _SharedJob:
+        return cls(uuid.uuid4().hex, cloudpickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def resolve(self) -> _BlockJob:
+        with _UNPICKLED_JOBS_LOCK:
+            job = _UNPICKLED_JOBS.get(self.token)
+            if job is None:
+                job = pickle.loads(self.payload)
+                _UNPICKLED_JOBS[self.token] = job
+                while len(_UNPICKLED_JOBS) > UNPICKLED_JOBS_KEPT:
+                    _UNPICKLED_JOBS.popitem(last=False)
+            else:
+                _UNPICKLED_JOBS.move_to_end(self.token)
+            return job
+
+
+def _forget_job(token: str) -> None:
+    """Drop a finished run's job from this worker process (run through ``client.run``)."""
+    with _UNPICKLED_JOBS_LOCK:
+        _UNPICKLED_JOBS.pop(token, None)
+
+
+def _run_group(shared: _SharedJob, group: _Group, sink: ImageSink | None,
                data: Sequence[np.ndarray | None] | None) -> _Outcome | _NotVisible:
     """The task: run one group of blocks on a worker (see :meth:`_BlockJob.run`)."""
-    return job.run(group, sink, data)
+    return shared.resolve().run(group, sink, data)
 
 
 def _accepts_keyword(func: Callable[..., Any], name: str, *, through_var_keyword: bool) -> bool:
@@ -762,11 +804,14 @@ class _Runner:
     stages: list[raster_io.SharedMemoryStage] = field(default_factory=list)
     failures: list[tuple[Window, BaseException]] = field(default_factory=list)
     job_future: Any = None
+    shared_job: _SharedJob | None = None
     _limit: int = 2
     _limit_checked: float = float("-inf")
 
     def __enter__(self) -> _Runner:
-        self.job_future = self.executor.client.scatter(self.job, broadcast=True, hash=False)
+        self.shared_job = _SharedJob.of(self.job)
+        self.job_future = self.executor.client.scatter(self.shared_job, broadcast=True,
+                                                       hash=False)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -775,6 +820,11 @@ class _Runner:
             stage.close()
         if self.job_future is not None:
             self.job_future.release()
+            try:
+                self.executor.client.run(_forget_job, self.shared_job.token, wait=False)
+            except Exception:  # noqa: BLE001 - a closing cluster forgets everything anyway
+                logger.debug("could not drop job %s from the workers", self.shared_job.token,
+                             exc_info=True)
         for path in self.shared_paths:
             _remove(path)
 

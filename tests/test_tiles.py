@@ -456,6 +456,29 @@ def test_otherargs_reach_each_worker_once(executor, tmp_path):
     assert TileGrid(image.shape, 8).__len__() == 48  # far more blocks than workers
 
 
+def test_otherargs_unpickled_once_even_when_dask_drops_a_replica(executor, tmp_path):
+    """dask's active memory manager drops replicas of the broadcast job mid-run (as it did under
+    load in CI); a worker that fetches the job again must not unpickle otherargs again."""
+    log_path = str(tmp_path / "loads.log")
+    table = np.arange(256, dtype=np.int32) * 5
+    image = np.random.default_rng(1).integers(0, 256, (64, 64)).astype(np.uint8)
+    dropped = []
+
+    def drop_replicas(done, total):
+        if done >= 8 and not dropped:
+            executor.client.amm.run_once()  # the policy that dropped the replica in CI
+            dropped.append(done)
+
+    result = map_blocks(executor, apply_table, image, block=8, blocks_per_task=1,
+                        max_in_flight=2, progress=drop_replicas,
+                        otherargs=CountedTable(log_path, table))
+    np.testing.assert_array_equal(result, table[image])
+    assert dropped, "the progress callback never ran"
+    with open(log_path) as log:
+        loads = collections.Counter(line.strip() for line in log)
+    assert set(loads.values()) == {1}, f"unpickled more than once in a worker: {loads}"
+
+
 # ----------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------
