@@ -6,16 +6,19 @@ per contestant, collects the timings each writes as JSON, and prints them with t
 - ``futures_hpc``: ``MPIExecutor()`` under mpirun (rank 0 client, rank 1 scheduler, ranks 2-3:
   2 workers), TLS on (its default), ``ex.map``;
 - ``mpi4py.futures``: ``MPIPoolExecutor`` under ``python -m mpi4py.futures`` (rank 0 master,
-  ranks 1-3: 3 workers), ``map`` with the same chunk sizes;
+  ranks 1-3: 3 workers), ``map`` with the same chunk sizes (where ``ex.map`` chose its own, the
+  size it chose, reported by ``ex.automatic_chunksize(calls, fn)``);
 - ``dask_mpi``: ``dask_mpi.initialize()`` (rank 0 scheduler, rank 1 client, ranks 2-3: 2
   workers), plain TCP, ``client.map`` (one task per call) and ``client.gather``.
 
 Workloads: 10,000 trivial calls (best of ``--repeats``, pools warmed up first) with the chunk
-sizes of ``--chunksizes`` (default: ``ex.map``'s own choice, 4 chunks per worker = 1250; 100;
-5000 = one chunk per worker), the same for both executors; and 2,000 calls of 10 ms, once as a
-sleep (the executor's own overhead) and once as a busy loop (CPU-bound; the ranks share the
-machine's cores). Parallel efficiency = calls x 10 ms / (workers x elapsed); the same figure
-per rank (all of mpirun's ranks, client and scheduler included) is printed beside it.
+sizes of ``--chunksizes`` (default: ``ex.map``'s own choice, which after the warm-up map has
+measured the calls as trivial and puts one chunk on each worker; 1250, its choice for a function
+it has never run, 4 chunks per worker; 100; 5000 = one chunk per worker), the same for both
+executors; and 2,000 calls of 10 ms, once as a sleep (the executor's own overhead) and once as
+a busy loop (CPU-bound; the ranks share the machine's cores). Parallel efficiency = calls x
+10 ms / (workers x elapsed); the same figure per rank (all of mpirun's ranks, client and
+scheduler included) is printed beside it.
 
 Targets (issue 6): trivial calls at most 2x mpi4py.futures (same chunk size), at least 10x
 faster than dask_mpi's client.map, and at least 90 % parallel efficiency on the 10 ms calls.
@@ -100,21 +103,29 @@ def measure_map(map_function, workers, arguments):
     return report
 
 
-def automatic_chunksize(calls, workers):
-    """The chunk size ``ex.map`` picks: 4 chunks per worker thread."""
+def cold_chunksize(calls, workers):
+    """The chunk size ``ex.map`` picks for a function it has not measured yet: 4 per worker."""
     return max(1, math.ceil(calls / (workers * 4)))
 
 
 def run_futures_hpc(arguments):
     from futures_hpc.backends.mpi import MPIExecutor
 
+    chosen = {}  # function name -> the chunk sizes ex.map chose itself, in order
+
     with MPIExecutor() as executor:  # ranks 1.. serve here and exit with rank 0
         workers = len(executor.client.scheduler_info()["workers"])
-        # chunk size 0 in the arguments stands for "ex.map's own choice"
-        return measure_map(
-            lambda fn, items, size: list(executor.map(fn, items, chunksize=size)),
-            workers, arguments,
-        )
+
+        def executor_map(fn, items, size):
+            items = list(items)
+            if size is None:  # chunk size 0 in the arguments: ex.map's own choice
+                chosen.setdefault(fn.__name__, []).append(
+                    executor.automatic_chunksize(len(items), fn))
+            return list(executor.map(fn, items, chunksize=size))
+
+        report = measure_map(executor_map, workers, arguments)
+    report["chosen chunksizes"] = chosen
+    return report
 
 
 def run_mpi4py_futures(arguments):
@@ -125,8 +136,9 @@ def run_mpi4py_futures(arguments):
 
         def pool_map(fn, items, size):
             items = list(items)
-            # "same chunk size": ex.map's own choice for 2 workers, the figure MPIExecutor uses
-            chunk = size or automatic_chunksize(len(items), arguments.our_workers)
+            # "same chunk size": the size ex.map chose for the same map (it ran first)
+            chunk = size or arguments.our_chunksizes.get(
+                fn.__name__, cold_chunksize(len(items), arguments.our_workers))
             return list(pool.map(fn, items, chunksize=chunk))
 
         return measure_map(pool_map, workers, arguments)
@@ -180,6 +192,7 @@ def launch(contestant, arguments, directory):
         "--chunksizes", *map(str, arguments.chunksizes),
         "--timed-chunksizes", *map(str, arguments.timed_chunksizes),
         "--our-workers", str(arguments.ranks - 2),
+        "--our-chunksizes", json.dumps(arguments.our_chunksizes),
     ]
     environment = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                        DASK_FUTURES_HPC__LOG_DIR=str(directory / "logs"),
@@ -206,7 +219,11 @@ def print_report(reports, arguments):
     print(f"\nmpirun -n {arguments.ranks} on {os.cpu_count()} cores; workers: futures_hpc "
           f"{ours['workers']}, mpi4py.futures {theirs['workers']}, dask_mpi "
           f"{dask_mpi['workers']}")
-    our_auto = automatic_chunksize(TRIVIAL_CALLS, ours["workers"])
+    chosen = ours["chosen chunksizes"]
+    print(f"ex.map's own chunk sizes, warm-up map first: {chosen}; for a function never mapped "
+          f"before it picks {cold_chunksize(TRIVIAL_CALLS, ours['workers'])} (the row "
+          "'chunksize 1250'), after one map it has measured the calls")
+    our_auto = arguments.our_chunksizes["trivial"]
 
     print(f"\n{TRIVIAL_CALLS:,} trivial calls, best of {arguments.repeats}")
     dask_seconds = min(dask_mpi["trivial"]["per call"])
@@ -232,7 +249,7 @@ def print_report(reports, arguments):
             for chunksize, timings in report[kind].items():
                 label = chunksize
                 if chunksize == "0":
-                    label = f"auto = {automatic_chunksize(TIMED_CALLS, ours['workers'])}"
+                    label = f"auto = {arguments.our_chunksizes[f'{kind}_call']}"
                 elapsed = min(timings)
                 efficiency = ideal_serial / (report["workers"] * elapsed)
                 per_rank = ideal_serial / (arguments.ranks * elapsed)
@@ -250,7 +267,9 @@ def main():
     parser.add_argument("--our-workers", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--chunksizes", type=int, nargs="+", default=[0, 100, 5000],
+    parser.add_argument("--our-chunksizes", type=json.loads, default={},
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--chunksizes", type=int, nargs="+", default=[0, 1250, 100, 5000],
                         help="chunk sizes for the trivial calls; 0 = ex.map's own choice")
     parser.add_argument("--timed-chunksizes", type=int, nargs="+", default=[0, 1],
                         help="chunk sizes for the 10 ms calls; 0 = ex.map's own choice")
@@ -265,6 +284,10 @@ def main():
         for contestant in CONTESTANTS:
             print(f"running {contestant} under mpirun -n {arguments.ranks} ...", flush=True)
             reports[contestant] = launch(contestant, arguments, Path(directory))
+            if contestant == "futures_hpc":  # mpi4py.futures then maps with the same sizes
+                arguments.our_chunksizes = {
+                    name: sizes[-1] for name, sizes in reports[contestant]["chosen chunksizes"]
+                    .items()}
     print_report(reports, arguments)
     print(f"(load average of the machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
           "after: other processes on the same cores slow every contestant down)")

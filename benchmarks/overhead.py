@@ -86,7 +86,7 @@ def main() -> None:
     elapsed, result = best_of(arguments.repeats, lambda: list(executor.map(trivial, items)))
     assert result == expected
     timings["futures_hpc ex.map (default chunksize)"] = elapsed
-    chunk_choice = executor.automatic_chunksize(len(items))
+    chunk_choice = executor.automatic_chunksize(len(items), trivial)
 
     process_pool_by_chunk = {}
     for chunksize in (1_000, 5_000, 12_500, 50_000):

@@ -12,6 +12,7 @@ A remote exception comes back as itself, with the remote traceback attached as i
 from __future__ import annotations
 
 import pickle
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -97,7 +98,7 @@ def _pack_outcome(outcome: tuple[Any, ...]) -> bytes:
             f"the call's outcome could not be pickled ({error!r}); outcome: {outcome!r:.2000}"
         )
         wrapped = _ExceptionWithTraceback(replacement)
-        failed = ("chunk", [], wrapped) if outcome[0] == "chunk" else ("error", wrapped)
+        failed = ("chunk", [], wrapped, None) if outcome[0] == "chunk" else ("error", wrapped)
         return cloudpickle.dumps(failed)
 
 
@@ -124,14 +125,17 @@ def run_chunk(payload: bytes) -> bytes:
     Returns
     -------
     bytes
-        The packed ``("chunk", results, error)``: the results of the calls before the first
-        failure, and that failure (or None).
+        The packed ``("chunk", results, error, seconds)``: the results of the calls before the
+        first failure, that failure (or None), and the seconds the calls took (for
+        :mod:`futures_hpc.chunking`).
 
     """
     results: list[Any] = []
+    started = None
     try:
         packed_function, columns = pickle.loads(payload)
         function = pickle.loads(packed_function)
+        started = time.perf_counter()
         if len(columns) == 1:
             for argument in columns[0]:
                 results.append(function(argument))
@@ -139,8 +143,9 @@ def run_chunk(payload: bytes) -> bytes:
             for arguments in zip(*columns, strict=True):
                 results.append(function(*arguments))
     except BaseException as error:  # noqa: BLE001
-        return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error)))
-    return _pack_outcome(("chunk", results, None))
+        seconds = None if started is None else time.perf_counter() - started
+        return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error), seconds))
+    return _pack_outcome(("chunk", results, None, time.perf_counter() - started))
 
 
 def unpack_outcome(packed: bytes) -> tuple[Any, ...]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import math
 import reprlib
 import threading
 import time
@@ -39,6 +38,7 @@ from .calls import (
     run_call,
     run_chunk,
 )
+from .chunking import CallCosts, automatic_chunksize, function_key
 from .errors import ExecutorShutdownError, OptionError
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
 from .progress import track
@@ -46,10 +46,6 @@ from .scaling import ScalingStatus
 from .security import RunCredentials, create_run_credentials
 
 logger = logging.getLogger("futures_hpc")
-
-#: Chunks per worker slot that ``map`` aims for when it chooses the chunk size itself: enough to
-#: balance uneven calls, few enough that dask's cost per task (about 2 ms) stays negligible.
-CHUNKS_PER_WORKER_SLOT = 4
 
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
@@ -92,8 +88,10 @@ def _describe_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: 
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _decode_chunk(outcome: tuple[Any, ...]) -> tuple[list[Any], BaseException | None]:
-    return outcome[1], outcome[2]
+def _decode_chunk(
+    outcome: tuple[Any, ...],
+) -> tuple[list[Any], BaseException | None, float | None]:
+    return outcome[1], outcome[2], outcome[3]
 
 
 class HPCExecutor(Executor):
@@ -185,6 +183,7 @@ class HPCExecutor(Executor):
         self.security: Security | None = self._make_security(security)
 
         self._shutdown_lock = threading.Lock()
+        self._call_costs = CallCosts()
         self._shutdown = False
         self._closed = False
         self._cluster: Cluster | None = None
@@ -397,15 +396,21 @@ class HPCExecutor(Executor):
                 description=f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)",
             )
 
-    def automatic_chunksize(self, call_count: int) -> int:
-        """The chunk size ``map`` uses for ``call_count`` calls when none is given.
+    def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
+        """The chunk size ``map`` uses for ``call_count`` calls of ``fn`` when none is given.
 
-        About :data:`CHUNKS_PER_WORKER_SLOT` chunks per worker thread: each dask task costs about
+        :data:`~futures_hpc.chunking.CHUNKS_PER_WORKER_SLOT` chunks per worker thread; fewer
+        for a function this executor has already mapped and measured as so quick that a
+        worker's share is short (see :mod:`futures_hpc.chunking`): each dask task costs about
         2 ms, so large chunks make trivial calls cheap, while several chunks per worker keep
         uneven calls balanced.
         """
-        slots = self.worker_slots()
-        return max(1, math.ceil(call_count / (slots * CHUNKS_PER_WORKER_SLOT)))
+        return self._automatic_chunksize(call_count, None if fn is None else pack_function(fn))
+
+    def _automatic_chunksize(self, call_count: int, packed_function: bytes | None) -> int:
+        cost = None if packed_function is None else self._call_costs.seconds_per_call(
+            function_key(packed_function))
+        return automatic_chunksize(call_count, self.worker_slots(), cost)
 
     def map(
         self,
@@ -451,6 +456,7 @@ class HPCExecutor(Executor):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
         total: int | None = None
+        packed_function = pack_function(fn)
         if buffersize is not None:
             sizes = (
                 itertools.repeat(chunksize)
@@ -461,8 +467,8 @@ class HPCExecutor(Executor):
         else:
             columns = _as_columns(iterables)
             total = min((len(column) for column in columns), default=0)
-            chunks = _sliced_chunks(columns, total, chunksize or self.automatic_chunksize(total))
-        packed_function = pack_function(fn)
+            chunks = _sliced_chunks(columns, total, chunksize or self._automatic_chunksize(
+                total, packed_function))
         pending: deque[Future] = deque(
             self._submit_chunk(fn, packed_function, chunk)
             for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize))
@@ -485,8 +491,11 @@ class HPCExecutor(Executor):
             while pending:
                 future = pending.popleft()
                 remaining = None if end_time is None else end_time - time.monotonic()
-                results, error = future.result(remaining)
+                results, error, seconds = future.result(remaining)
                 del future
+                if seconds is not None:
+                    self._call_costs.record(function_key(packed_function),
+                                            len(results) + (error is not None), seconds)
                 if refill is not None:
                     chunk = next(refill, None)
                     if chunk is not None:

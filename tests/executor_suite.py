@@ -162,6 +162,29 @@ def test_map_keeps_input_order(ex, chunksize):
     assert list(ex.map(abs, items, chunksize=chunksize)) == [abs(item) for item in items]
 
 
+def test_map_learns_that_trivial_calls_want_one_chunk_per_worker(ex):
+    """Unknown cost: 4 chunks per worker slot; measured as trivial: one chunk per slot."""
+    from distributed import get_task_stream
+
+    calls = 400 * ex.worker_slots()
+    salt = uuid.uuid4().hex  # a function this executor has never measured
+
+    def trivial(value, salt=salt):
+        return value
+
+    first_size = ex.automatic_chunksize(calls, trivial)
+    assert first_size == -(-calls // (4 * ex.worker_slots()))
+    with get_task_stream(client=ex.client) as stream:
+        assert list(ex.map(trivial, range(calls))) == list(range(calls))
+    assert len(stream.data) == -(-calls // first_size)
+    learned_size = ex.automatic_chunksize(calls, trivial)
+    assert learned_size == -(-calls // ex.worker_slots())
+    with get_task_stream(client=ex.client) as stream:
+        assert list(ex.map(trivial, range(calls))) == list(range(calls))
+    assert len(stream.data) == -(-calls // learned_size)
+    assert ex.automatic_chunksize(calls) == first_size  # without the function: unknown cost
+
+
 def test_map_several_iterables_stops_at_the_shortest(ex):
     assert list(ex.map(add, range(10), range(100, 105))) == [100, 102, 104, 106, 108]
 

@@ -1,0 +1,81 @@
+"""How ``map`` sizes its chunks: the pure rule, the cost memory, and the worker's timing."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+
+from futures_hpc import chunking
+from futures_hpc.calls import pack_chunk, pack_function, run_chunk
+from futures_hpc.chunking import CallCosts, automatic_chunksize, function_key
+
+
+@pytest.mark.parametrize(("calls", "slots", "cost", "expected"), [
+    (10_000, 2, None, 1250),      # unknown cost: 4 chunks per slot
+    (10_000, 2, 1e-6, 5000),      # 5 ms per slot: one chunk each
+    (10_000, 2, 2e-5, 2500),      # 100 ms per slot: two chunks of 50 ms each
+    (2_000, 2, 0.010, 250),       # 10 s per slot: 4 chunks each
+    (3, 8, 1.0, 1),               # fewer calls than slots
+    (0, 2, None, 1),
+    (10, 0, None, 3),             # no worker yet counts as one slot
+])
+def test_automatic_chunksize(calls, slots, cost, expected):
+    assert automatic_chunksize(calls, slots, cost) == expected
+
+
+def test_a_chunk_is_never_shorter_than_the_minimum_unless_a_slot_has_less_work():
+    for cost in (1e-7, 1e-5, 1e-4, 1e-3, 1e-2):
+        size = automatic_chunksize(100_000, 4, cost)
+        chunks_per_slot = 100_000 / (4 * size)
+        assert chunks_per_slot <= chunking.CHUNKS_PER_WORKER_SLOT
+        assert size * cost >= chunking.MIN_CHUNK_SECONDS or chunks_per_slot <= 1
+
+
+def test_call_costs_average_the_newest_measurements():
+    costs = CallCosts()
+    key = function_key(b"f")
+    assert costs.seconds_per_call(key) is None
+    costs.record(key, 100, 1.0)
+    assert costs.seconds_per_call(key) == pytest.approx(0.01)
+    costs.record(key, 100, 3.0)
+    assert costs.seconds_per_call(key) == pytest.approx(0.02)
+    costs.record(key, 0, 5.0)          # nothing ran: ignored
+    costs.record(key, 10, float("nan"))
+    assert costs.seconds_per_call(key) == pytest.approx(0.02)
+    assert costs.seconds_per_call(function_key(b"g")) is None
+
+
+def test_call_costs_forget_the_least_recently_used(monkeypatch):
+    monkeypatch.setattr(chunking, "REMEMBERED_FUNCTIONS", 3)
+    costs = CallCosts()
+    for name in (b"a", b"b", b"c"):
+        costs.record(function_key(name), 1, 1.0)
+    costs.record(function_key(b"a"), 1, 1.0)  # a is now the newest
+    costs.record(function_key(b"d"), 1, 1.0)
+    assert costs.seconds_per_call(function_key(b"b")) is None
+    assert costs.seconds_per_call(function_key(b"a")) is not None
+
+
+def test_function_key_follows_the_pickle():
+    assert function_key(pack_function(len)) == function_key(pack_function(len))
+    assert function_key(pack_function(len)) != function_key(pack_function(abs))
+
+
+def sleepy(value):
+    time.sleep(0.01)
+    if value == 3:
+        raise ValueError("three")
+    return value
+
+
+def test_run_chunk_reports_the_seconds_its_calls_took():
+    kind, results, error, seconds = pickle.loads(
+        run_chunk(pack_chunk(pack_function(sleepy), [[0, 1, 2]])))
+    assert (kind, results, error) == ("chunk", [0, 1, 2], None)
+    assert 0.03 <= seconds < 1.0
+    kind, results, error, seconds = pickle.loads(
+        run_chunk(pack_chunk(pack_function(sleepy), [[0, 3, 4]])))
+    assert results == [0] and isinstance(error, ValueError)
+    assert 0.02 <= seconds < 1.0  # up to and including the failing call
