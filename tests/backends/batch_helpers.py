@@ -75,6 +75,26 @@ class BatchSystem:
         return HPCExecutor(self.backend, **{**SMALL_WORKERS, "max_workers": 2, **options})
 
 
+@pytest.fixture(scope="module")
+def ex(batch):
+    """The suite's running executor: 2 one-worker jobs, both connected."""
+    with batch.executor(max_workers=2, env={"FUTURES_HPC_TEST_VALUE": "42 and spaces"}) as executor:
+        wait_for_workers(executor, 2)
+        yield executor
+
+
+@pytest.fixture
+def make_executor(batch):
+    """New executors for the suite's shutdown tests (they shut them down themselves)."""
+    def make():
+        # The suite counts worker slots: wait until both jobs' workers are there.
+        executor = batch.executor(max_workers=2)
+        wait_for_workers(executor, 2)
+        return executor
+
+    return make
+
+
 def run(command: list[str]) -> subprocess.CompletedProcess[str]:
     """Run a command of the batch system and capture its output."""
     return subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -21,7 +21,6 @@ from tests.backends.batch_helpers import (
     BatchSystem,
     pbs_queued_job_ids,
     scontrol_job,
-    wait_for_workers,
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
@@ -49,24 +48,6 @@ def batch():
             cancel_command="qdel",
             queued_job_ids=pbs_queued_job_ids,
         )
-
-
-@pytest.fixture(scope="module")
-def ex(batch):
-    with batch.executor(max_workers=2, env={"FUTURES_HPC_TEST_VALUE": "42 and spaces"}) as executor:
-        wait_for_workers(executor, 2)
-        yield executor
-
-
-@pytest.fixture
-def make_executor(batch):
-    def make():
-        # The suite counts worker slots: wait until both jobs' workers are there.
-        executor = batch.executor(max_workers=2)
-        wait_for_workers(executor, 2)
-        return executor
-
-    return make
 
 
 def test_pbs_job_holds_the_requested_resources(batch):

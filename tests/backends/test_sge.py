@@ -13,7 +13,7 @@ import pytest
 from conftest import require
 from futures_hpc.backends.jobqueue import SGEExecutor
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
-from tests.backends.batch_helpers import BatchSystem, run, sge_queued_job_ids, wait_for_workers
+from tests.backends.batch_helpers import BatchSystem, run, sge_queued_job_ids
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
 pytestmark = [pytest.mark.sge, pytest.mark.timeout(300)]
@@ -49,24 +49,6 @@ def batch():
             cancel_command="qdel",
             queued_job_ids=sge_queued_job_ids,
         )
-
-
-@pytest.fixture(scope="module")
-def ex(batch):
-    with batch.executor(max_workers=2, env={"FUTURES_HPC_TEST_VALUE": "42 and spaces"}) as executor:
-        wait_for_workers(executor, 2)
-        yield executor
-
-
-@pytest.fixture
-def make_executor(batch):
-    def make():
-        # The suite counts worker slots: wait until both jobs' workers are there.
-        executor = batch.executor(max_workers=2)
-        wait_for_workers(executor, 2)
-        return executor
-
-    return make
 
 
 def qstat_job(job_id: str) -> dict[str, str]:
