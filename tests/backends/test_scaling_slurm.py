@@ -188,6 +188,41 @@ def test_burst_keeps_pending_jobs_capped_and_releases_every_job_after_idle_timeo
     assert wait_until_no_jobs(ex.run_name) == {}
 
 
+def test_jobs_of_two_worker_processes_are_released_whole():
+    """With 2 worker processes per job, both leave together once idle: never half a job."""
+    options = {**SMALL, "cores": 2, "memory": "1GB"}
+    ex = HPCExecutor("slurm", max_workers=4, processes=2, idle_timeout=3, **options)
+    last_seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            now = time.monotonic()
+            for worker in ex.client.scheduler_info(n_workers=-1)["workers"].values():
+                last_seen[str(worker["name"])] = now
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        sampler.start()
+        results = list(ex.map(slow_double, range(24), [0.5] * 24, chunksize=1))
+        assert results == [2 * value for value in range(24)]
+        assert wait_until_no_jobs(ex.run_name, timeout=30.0) == {}
+        assert ex.status().retired_jobs >= 1
+    finally:
+        stop.set()
+        sampler.join()
+        ex.shutdown()
+    jobs = [job.name for job in ex._job_book.jobs()]
+    assert jobs
+    for job in jobs:
+        seen = {name: when for name, when in last_seen.items() if name.startswith(f"{job}-")}
+        if not seen:
+            continue  # released before its workers connected
+        assert len(seen) == 2, (job, seen)  # both processes of the job served
+        assert max(seen.values()) - min(seen.values()) < 2.0, (job, seen)  # and left together
+
+
 def record_call(value: int, directory: str, seconds: float) -> int:
     marker = Path(directory) / f"{value}-{os.getpid()}-{time.time_ns()}"
     marker.with_suffix(".started").touch()
