@@ -587,6 +587,13 @@ class FairShareAdaptive(Adaptive):
         self._submitted_at.pop(job_name, None)
         self._started_at.pop(job_name, None)
 
+    def report_into(self, status: ScalingStatus) -> None:
+        """Fill ``status`` with the policy's job counts, lost calls and retired jobs."""
+        for name, value in self.counts().items():
+            setattr(status, name, value)
+        status.lost_calls = self.lost_calls
+        status.retired_jobs = self.retired_jobs
+
     def counts(self) -> dict[str, int]:
         """Jobs pending, running and draining, from the cluster's specs and the scheduler."""
         for _ in range(5):  # called from another thread: the dicts may change meanwhile

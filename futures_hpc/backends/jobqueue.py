@@ -747,12 +747,8 @@ class JobQueueExecutor(HPCExecutor):
         status.adaptive = self.scaling.adaptive
         status.resubmissions = min(len(self._job_failures), self.scaling.max_resubmissions)
         status.job_ids = self.job_ids()
-        adaptive = self._adaptive
-        if adaptive is not None:
-            for name, value in adaptive.counts().items():
-                setattr(status, name, value)
-            status.lost_calls = adaptive.lost_calls
-            status.retired_jobs = adaptive.retired_jobs
+        if self._adaptive is not None:
+            self._adaptive.report_into(status)
         return status
 
     def _describe_ended_job(self, job: BatchJob) -> str:

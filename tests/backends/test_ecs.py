@@ -51,6 +51,7 @@ from futures_hpc.backends.ecs import (
     fargate_options,
     private_options,
 )
+from futures_hpc.scaling import FairShareAdaptive
 from tests.backends.ecs_agent import ECSAgent, MotoServer
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
@@ -723,3 +724,40 @@ def test_adaptive_executor_starts_tasks_on_demand(fargate, emulator):
         assert run_tasks_of(emulator, cluster_arn) == []
         assert executor.submit(sum, [4, 5]).result(timeout=90) == 9
         assert 1 <= len(run_tasks_of(emulator, cluster_arn)) <= 2
+
+
+def test_adaptive_executor_uses_fair_share_and_releases_idle_tasks(fargate, emulator, agent):
+    with ECSExecutor(adaptive=True, max_workers=2, max_pending_jobs=1, idle_timeout=2,
+                     **fargate()) as executor:
+        assert isinstance(executor.cluster._adaptive, FairShareAdaptive)
+        cluster_arn = executor.cluster.created_resources.cluster_arn
+        futures = [executor.submit(time.sleep, 0.5) for _ in range(6)]
+        most_pending = 0
+        while not all(future.done() for future in futures):
+            most_pending = max(most_pending, executor.status().jobs_pending)
+            time.sleep(0.05)
+        assert [future.result() for future in futures] == [None] * 6
+        assert most_pending <= 1
+        status = executor.status()
+        assert status.adaptive and status.workers >= 1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                executor.status().workers or any(task["lastStatus"] != "STOPPED"
+                                                 for task in run_tasks_of(emulator, cluster_arn))):
+            time.sleep(0.5)
+        assert executor.status().workers == 0
+        assert all(task["lastStatus"] == "STOPPED" for task in run_tasks_of(emulator, cluster_arn))
+        assert executor.status().retired_jobs >= 1
+        assert executor.cluster.failures == []  # released, not failed
+        assert executor.submit(sum, [1, 2]).result(timeout=90) == 3  # scales up again
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("adaptive", "yes"), ("idle_timeout", -1), ("max_pending_jobs", 0), ("min_workers", 3)])
+def test_bad_scaling_options_fail_before_any_aws_call(option, value, fargate, emulator):
+    options = fargate()
+    options["boto3_session"], marker = marked_session(options["region"])
+    emulator.reset_recording()
+    with pytest.raises(OptionError, match=f"{option}"):
+        ECSExecutor(max_workers=2, **{**options, "adaptive": True, option: value})
+    assert our_requests(emulator, marker) == []

@@ -1,0 +1,173 @@
+"""The executor of the ECS backend: :class:`ECSExecutor`, ``HPCExecutor("ecs", ...)``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from futures_hpc import cleanup
+from futures_hpc.errors import JobFailedError, OptionError
+from futures_hpc.executor import HPCExecutor
+from futures_hpc.scaling import (
+    FairShareAdaptive,
+    ScalingOptions,
+    ScalingStatus,
+    validate_scaling_options,
+)
+
+from .aws import boto3
+from .cluster import ECSCluster
+from .options import FARGATE_MEMORY_BY_CPU, _option_error, _parse_memory_mib
+
+logger = logging.getLogger("futures_hpc")
+
+
+#: Common options that mean nothing to an ECS task; accepted (a profile may set them) and logged.
+_IGNORED_COMMON_OPTIONS = ("walltime", "queue", "account", "processes", "job_extra")
+
+
+def _memory_option(resources: Any) -> int:
+    """MiB for the common ``memory`` option (``"8GB"`` means 8192 MiB, as in ECS)."""
+    try:
+        return _parse_memory_mib("memory", resources.memory)
+    except OptionError:
+        return -(-resources.memory_bytes // 2**20)
+
+
+class ECSExecutor(HPCExecutor):
+    """Executor whose workers are AWS ECS tasks: on Fargate, a private EC2 cluster, or yours.
+
+    Every option of :class:`ECSCluster` is accepted. The common options map onto it:
+    ``cores`` sets the threads per worker and its CPU (1024 units per core), ``memory`` the
+    task memory (Fargate; ``"8GB"`` is 8192 MiB) or the container's memory limit (EC2),
+    ``env`` the workers' environment, ``python`` the interpreter in the image, ``prologue``
+    shell lines run before the worker. ``walltime``, ``queue``, ``account``, ``processes`` and
+    ``job_extra`` mean nothing on ECS and are ignored. ``max_workers`` (default 1) is the
+    number of worker tasks, or the adaptive maximum with ``adaptive=True``, which sizes the
+    cluster with the fair-share policy of :mod:`futures_hpc.scaling` as on the batch backends
+    (``min_workers``, ``idle_timeout``, ``max_pending_jobs``: tasks not yet RUNNING). A worker task
+    that stops on its own is replaced up to ``max_resubmissions`` times (default 3); beyond
+    that, once no worker is left, the outstanding futures fail with
+    :class:`~futures_hpc.errors.JobFailedError`.
+
+    Examples
+    --------
+    >>> from futures_hpc.backends.ecs import ECSExecutor, fargate_options
+    >>> with ECSExecutor(max_workers=4, cores=1, memory="4GB", **fargate_options(
+    ...         "123456789012.dkr.ecr.eu-west-1.amazonaws.com/work:1", "subnet-0abc",
+    ...         security_groups=["sg-0abc"],
+    ...         execution_role_arn="arn:aws:iam::123456789012:role/ecsTaskExecutionRole",
+    ...         region="eu-west-1")) as ex:   # doctest: +SKIP
+    ...     results = list(ex.map(process, items))
+
+    """
+
+    backend_name = "ecs"
+    backend_option_names = ECSCluster.option_names - {
+        "env", "python", "prologue", "memory", "nthreads", "max_resubmissions", "run_name",
+        "dashboard_address"}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why ECS cannot be used here (boto3 missing), or return None."""
+        if boto3 is None:
+            return "boto3 is not installed: pip install 'futures_hpc[ecs]'"
+        return None
+
+    def _cluster_arguments(self) -> dict[str, Any]:
+        resources = self.resources
+        arguments = dict(self.backend_options)
+        fargate = str(arguments.get("launch_type", "FARGATE")).upper() == "FARGATE"
+        if resources.cores:
+            arguments["nthreads"] = resources.cores
+            if arguments.get("cpu") is None:
+                cpu = resources.cores * 1024
+                if fargate and cpu not in FARGATE_MEMORY_BY_CPU:
+                    raise _option_error("cores", resources.cores, "Fargate tasks have 1, 2, 4, 8 "
+                                        "or 16 vCPUs (or give cpu= in CPU units: 256, 512)")
+                arguments["cpu"] = cpu
+        if resources.memory:
+            arguments["memory"] = _memory_option(resources)
+        for name in ("env", "python", "prologue"):
+            if getattr(resources, name):
+                arguments[name] = getattr(resources, name)
+        arguments["max_resubmissions"] = self.executor_options.get("max_resubmissions", 3)
+        if arguments["max_resubmissions"] is None:
+            arguments["max_resubmissions"] = 3
+        arguments["run_name"] = self.run_name
+        return arguments
+
+    _adaptive: FairShareAdaptive | None = None
+    scaling: ScalingOptions
+
+    def _validate_options(self) -> None:
+        options = dict(self.executor_options)
+        if options.get("adaptive") is None:
+            options["adaptive"] = False  # ECS: a fixed number of tasks unless asked
+        self.scaling = validate_scaling_options(options, self.max_workers or 1)
+        ECSCluster.check_options(**self._cluster_arguments())
+
+    def _create_cluster(self) -> ECSCluster:
+        if self.security is not None and self.credentials is None:
+            raise OptionError("the ecs backend needs security=True (credentials it creates and "
+                              "sends to the tasks) or security=False, not a Security object")
+        ignored = sorted(set(self.resources.given()) & set(_IGNORED_COMMON_OPTIONS))
+        if ignored:
+            logger.info("the ecs backend ignores the options %s", ", ".join(ignored))
+        cleanup.register(self)
+        cluster = ECSCluster(**self._cluster_arguments(),
+                             security=self.credentials if self.credentials else False,
+                             dashboard_address=self.dashboard_address)
+        cluster.failure_callbacks.append(self._fail_outstanding)
+        return cluster
+
+    def cancel_jobs_now(self) -> None:
+        """Stop every worker task and delete what the run created, without the event loop.
+
+        Used by the SIGTERM handler of :mod:`futures_hpc.cleanup`, and after closing as a
+        safety net.
+        """
+        if isinstance(self._cluster, ECSCluster):
+            self._cluster.delete_resources()
+
+    def _close_cluster(self) -> None:
+        try:
+            super()._close_cluster()
+        finally:
+            self.cancel_jobs_now()
+            cleanup.unregister(self)
+
+    def _start_workers(self) -> None:
+        if self.scaling.adaptive:
+            self._adaptive = self.cluster.adapt(
+                Adaptive=FairShareAdaptive, minimum=self.scaling.min_workers,
+                maximum=self.max_workers or 1, idle_timeout=self.scaling.idle_timeout,
+                max_pending_jobs=self.scaling.max_pending_jobs)
+            logger.info("%s: fair-share scaling, %d to %d worker task(s), at most %d pending, "
+                        "idle timeout %.0f s", self.run_name, self.scaling.min_workers,
+                        self.max_workers or 1, self.scaling.max_pending_jobs,
+                        self.scaling.idle_timeout)
+        else:
+            self.cluster.request_workers(self.max_workers or 1)
+
+    def _scaling_status(self) -> ScalingStatus:
+        status = super()._scaling_status()
+        status.adaptive = self.scaling.adaptive
+        cluster = self._cluster if isinstance(self._cluster, ECSCluster) else None
+        if cluster is not None:
+            status.resubmissions = min(len(cluster.failures), self.scaling.max_resubmissions)
+            status.job_ids = list(cluster.created_resources.task_arns)
+        if self._adaptive is not None:
+            self._adaptive.report_into(status)
+        return status
+
+    def _fail_outstanding(self, error: JobFailedError) -> None:
+        """Fail every outstanding future with the run's error: no worker is left to run it."""
+        bridge = self._bridge
+        if bridge is None:
+            return
+        for future in bridge.outstanding():
+            if not future.done():
+                with contextlib.suppress(Exception):  # completed by another thread meanwhile
+                    future.set_exception(error)
