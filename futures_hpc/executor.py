@@ -47,6 +47,9 @@ from .security import RunCredentials, create_run_credentials
 
 logger = logging.getLogger("futures_hpc")
 
+#: Seconds for which ``map`` reuses a count of connected worker threads to size its chunks.
+WORKER_SLOTS_REFRESH_SECONDS = 1.0
+
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
 
@@ -184,6 +187,7 @@ class HPCExecutor(Executor):
 
         self._shutdown_lock = threading.Lock()
         self._call_costs = CallCosts()
+        self._connected_slots: tuple[float, int] = (float("-inf"), 0)
         self._shutdown = False
         self._closed = False
         self._cluster: Cluster | None = None
@@ -282,11 +286,21 @@ class HPCExecutor(Executor):
     def worker_slots(self) -> int:
         """Worker threads connected now, or the planned number if none is connected yet."""
         try:
-            workers = self._client.scheduler_info(n_workers=-1)["workers"].values()
-            connected = sum(worker.get("nthreads", 1) for worker in workers)
+            connected = sum(self._client.nthreads().values())
         except Exception:
             connected = 0
+        self._connected_slots = (time.monotonic(), connected)
         return connected or self._planned_worker_slots()
+
+    def _recent_worker_slots(self) -> int:
+        """:meth:`worker_slots`, reusing a count up to :data:`WORKER_SLOTS_REFRESH_SECONDS` old.
+
+        For sizing chunks: a quick series of ``map`` calls need not ask the scheduler each time.
+        """
+        counted_at, connected = self._connected_slots
+        if time.monotonic() - counted_at > WORKER_SLOTS_REFRESH_SECONDS or not connected:
+            return self.worker_slots()
+        return connected
 
     def status(self) -> ScalingStatus:
         """What the executor holds now: workers, jobs pending/running, resubmissions, lost calls.
@@ -410,7 +424,7 @@ class HPCExecutor(Executor):
     def _automatic_chunksize(self, call_count: int, packed_function: bytes | None) -> int:
         cost = None if packed_function is None else self._call_costs.seconds_per_call(
             function_key(packed_function))
-        return automatic_chunksize(call_count, self.worker_slots(), cost)
+        return automatic_chunksize(call_count, self._recent_worker_slots(), cost)
 
     def map(
         self,
