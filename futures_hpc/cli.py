@@ -514,15 +514,29 @@ def _schedulers_from(arguments: argparse.Namespace) -> list[str]:
     return batch_systems_here()
 
 
-def command_jobs(arguments: argparse.Namespace) -> int:
-    """List this user's futures_hpc jobs left in the batch queues."""
+def _queued_jobs_reporting_errors(
+    arguments: argparse.Namespace,
+) -> tuple[list[str], list[QueuedJob], list[str]] | None:
+    """The schedulers asked, their futures_hpc jobs and the query errors (printed here).
+
+    None, after saying so, when no batch system is found.
+    """
     schedulers = _schedulers_from(arguments)
     if not schedulers:
         print("no batch system found here (no squeue or qstat on PATH)")
-        return 0
+        return None
     jobs, errors = queued_jobs(schedulers)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
+    return schedulers, jobs, errors
+
+
+def command_jobs(arguments: argparse.Namespace) -> int:
+    """List this user's futures_hpc jobs left in the batch queues."""
+    found = _queued_jobs_reporting_errors(arguments)
+    if found is None:
+        return 0
+    schedulers, jobs, errors = found
     if not jobs:
         print(f"no futures_hpc jobs of {getpass.getuser()} in {', '.join(schedulers)}")
         return 1 if errors else 0
@@ -538,13 +552,10 @@ def command_jobs(arguments: argparse.Namespace) -> int:
 
 def command_cancel(arguments: argparse.Namespace) -> int:
     """Cancel this user's futures_hpc jobs: all of them, or those named by the targets."""
-    schedulers = _schedulers_from(arguments)
-    if not schedulers:
-        print("no batch system found here (no squeue or qstat on PATH)")
+    found = _queued_jobs_reporting_errors(arguments)
+    if found is None:
         return 0
-    jobs, errors = queued_jobs(schedulers)
-    for message in errors:
-        print(f"error: {message}", file=sys.stderr)
+    schedulers, jobs, errors = found
     if arguments.targets:
         jobs = [
             job

@@ -419,11 +419,11 @@ class HPCExecutor(Executor):
         2 ms, so large chunks make trivial calls cheap, while several chunks per worker keep
         uneven calls balanced.
         """
-        return self._automatic_chunksize(call_count, None if fn is None else pack_function(fn))
+        key = None if fn is None else function_key(pack_function(fn))
+        return self._automatic_chunksize(call_count, key)
 
-    def _automatic_chunksize(self, call_count: int, packed_function: bytes | None) -> int:
-        cost = None if packed_function is None else self._call_costs.seconds_per_call(
-            function_key(packed_function))
+    def _automatic_chunksize(self, call_count: int, key: bytes | None) -> int:
+        cost = None if key is None else self._call_costs.seconds_per_call(key)
         return automatic_chunksize(call_count, self._recent_worker_slots(), cost)
 
     def map(
@@ -471,6 +471,7 @@ class HPCExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         total: int | None = None
         packed_function = pack_function(fn)
+        key = function_key(packed_function)  # for the call-cost memory, once per map
         if buffersize is not None:
             sizes = (
                 itertools.repeat(chunksize)
@@ -482,13 +483,13 @@ class HPCExecutor(Executor):
             columns = _as_columns(iterables)
             total = min((len(column) for column in columns), default=0)
             chunks = _sliced_chunks(columns, total, chunksize or self._automatic_chunksize(
-                total, packed_function))
+                total, key))
         pending: deque[Future] = deque(
             self._submit_chunk(fn, packed_function, chunk)
             for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize))
         )
         refill = None if buffersize is None else chunks
-        results = self._results_in_order(fn, packed_function, pending, refill, end_time)
+        results = self._results_in_order(fn, packed_function, key, pending, refill, end_time)
         if progress:
             return track(results, total, description=_function_name(fn))
         return results
@@ -497,6 +498,7 @@ class HPCExecutor(Executor):
         self,
         fn: Callable[..., Any],
         packed_function: bytes,
+        key: bytes,
         pending: deque[Future],
         refill: Iterator[list[Sequence[Any]]] | None,
         end_time: float | None,
@@ -508,8 +510,7 @@ class HPCExecutor(Executor):
                 results, error, seconds = future.result(remaining)
                 del future
                 if seconds is not None:
-                    self._call_costs.record(function_key(packed_function),
-                                            len(results) + (error is not None), seconds)
+                    self._call_costs.record(key, len(results) + (error is not None), seconds)
                 if refill is not None:
                     chunk = next(refill, None)
                     if chunk is not None:
