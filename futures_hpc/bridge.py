@@ -5,11 +5,14 @@ The standard future goes through the same states as one from the standard librar
 
 - PENDING while the task waits in the scheduler's queue (``cancel()`` succeeds and the task is
   released, so it never runs);
-- RUNNING once a worker starts executing the task: a small worker plugin publishes that
-  transition on an event topic the bridge subscribes to (``cancel()`` then returns False);
-- FINISHED when the outcome is back: results are fetched in batches by one collector thread, one
-  ``gather`` for every task that finished since the last one, and the dask task is released at
-  once so that neither the worker nor the bridge holds a stale reference to the result.
+- RUNNING once a worker starts executing the task: a small worker plugin sends word of that
+  transition, relayed by the scheduler (:mod:`futures_hpc.relay`), and ``cancel()`` then
+  returns False;
+- FINISHED when the outcome is back: small outcomes arrive with the relayed news, just before
+  the scheduler reports the task done; the others are fetched in batches, one ``gather`` for
+  every task that finished since the last one. One collector thread completes the futures, and
+  the dask task is released at once so that neither the worker nor the bridge holds a stale
+  reference to the result.
 """
 
 from __future__ import annotations
@@ -23,45 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import distributed
-from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import KilledWorker
 
 from .calls import unpack_outcome
 from .errors import WorkerLostError
-from .streams import PromptStreams, make_client_prompt, make_worker_prompt
+from .relay import RELAY_OP, CallNewsPlugin, RelayToClients
+from .streams import PromptStreams, make_client_prompt
 
 logger = logging.getLogger("futures_hpc")
 
 #: The most finished tasks fetched by one gather.
 GATHER_BATCH_SIZE = 1000
-
-
-class RunningTasksPlugin(WorkerPlugin):
-    """Worker plugin that reports when one executor's calls start executing.
-
-    Parameters
-    ----------
-    key_marker : str
-        Only tasks whose key contains this marker (the executor's run name) are reported.
-    topic : str
-        The event topic the key of each such task is published on.
-
-    """
-
-    def __init__(self, key_marker: str, topic: str) -> None:
-        self.key_marker = key_marker
-        self.topic = topic
-        self.name = topic
-        self.worker = None
-
-    def setup(self, worker: Any) -> None:  # noqa: D102
-        self.worker = worker
-        make_worker_prompt(worker)
-
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        """Publish ``key`` when one of the executor's tasks starts executing."""
-        if finish == "executing" and isinstance(key, str) and self.key_marker in key:
-            self.worker.log_event(self.topic, key)
 
 
 @dataclass
@@ -112,24 +88,38 @@ class FutureBridge:
         # (so that their callbacks never run on, or block, the event loop).
         self._deliveries: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
         self._topic = f"futures_hpc-running-{client.id}"
+        # Outcomes relayed from the workers, by key, until their task is reported done.
+        self._relayed: dict[str, bytes] = {}
         make_client_prompt(client)
         self._register_scheduler_plugin(PromptStreams())
+        self.relays = self._install_relay()
         self.tracks_running = self._subscribe_running()
         self._collector = threading.Thread(
             target=self._collect, name="futures_hpc-results", daemon=True
         )
         self._collector.start()
 
-    def _register_scheduler_plugin(self, plugin: SchedulerPlugin) -> None:
+    def _register_scheduler_plugin(self, plugin: SchedulerPlugin) -> bool:
         try:
             self._client.register_plugin(plugin)
         except Exception as error:  # a scheduler without futures_hpc installed
             logger.info("scheduler plugin %s not installed: %r", plugin.name, error)
+            return False
+        return True
+
+    def _install_relay(self) -> bool:
+        handlers = getattr(self._client, "_stream_handlers", None)
+        if not isinstance(handlers, dict):  # another distributed: no relay
+            return False
+        handlers[RELAY_OP] = self._on_news
+        return self._register_scheduler_plugin(RelayToClients())
 
     def _subscribe_running(self) -> bool:
+        client_id = self._client.id if self.relays else None
         try:
-            self._client.subscribe_topic(self._topic, self._on_running)
-            self._client.register_plugin(RunningTasksPlugin(self._key_marker, self._topic))
+            if not self.relays:
+                self._client.subscribe_topic(self._topic, self._on_running)
+            self._client.register_plugin(CallNewsPlugin(self._key_marker, self._topic, client_id))
         except Exception as error:  # a scheduler without futures_hpc installed
             logger.warning(
                 "futures will show RUNNING only when done: the worker plugin failed (%r)", error
@@ -179,7 +169,8 @@ class FutureBridge:
                 _set_exception_once(
                     record.future, CancelledError("the executor's cluster was closed")
                 )
-        if self.tracks_running:
+        self._relayed.clear()
+        if self.tracks_running and not self.relays:
             try:
                 self._client.unsubscribe_topic(self._topic)
             except Exception:  # the client may already be closing
@@ -201,10 +192,18 @@ class FutureBridge:
         if record is not None:
             self._mark_running(record.future)
 
+    def _on_news(self, key: str, outcome: bytes | None = None) -> None:
+        """A worker's relayed news of ``key`` (on the event loop): started, or its outcome."""
+        if outcome is None:
+            self._on_running((0.0, key))
+        elif key in self._records:
+            self._relayed[key] = outcome
+
     def _on_future_done(self, future: Future) -> None:
         if not future.cancelled():
             return
         key = future._futures_hpc_key  # type: ignore[attr-defined]
+        self._relayed.pop(key, None)
         with self._lock:
             record = self._records.pop(key, None)
         if record is not None:
@@ -231,16 +230,23 @@ class FutureBridge:
             self._client.loop.add_callback(self._gather_ready)
 
     async def _gather_ready(self) -> None:
-        """Gather every finished future in one request per batch; hand them to the collector."""
+        """Hand finished futures to the collector, gathering the outcomes not relayed.
+
+        One ``gather`` request per batch of futures that finished together.
+        """
         try:
             while self._ready:
                 batch = self._ready[:GATHER_BATCH_SIZE]
                 del self._ready[:GATHER_BATCH_SIZE]
                 finished = [future for future in batch if future.status == "finished"]
-                packed = None
-                if finished:
+                packed = [self._relayed.pop(future.key, None) for future in finished]
+                missing = [
+                    future for future, got in zip(finished, packed, strict=True) if got is None
+                ]
+                if missing:
                     try:
-                        packed = await self._client.gather(finished, asynchronous=True)
+                        gathered = iter(await self._client.gather(missing, asynchronous=True))
+                        packed = [got if got is not None else next(gathered) for got in packed]
                     except Exception:  # one result was lost: the collector fetches one by one
                         packed = None
                 self._deliveries.put(_Delivery(batch, finished, packed))
@@ -296,6 +302,7 @@ class FutureBridge:
     ) -> None:
         with self._lock:
             self._records.pop(record.dask_future.key, None)
+        self._relayed.pop(record.dask_future.key, None)
         record.dask_future.release()
         if not self._mark_running(record.future):
             return

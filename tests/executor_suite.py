@@ -153,6 +153,28 @@ def test_no_stale_references_to_arguments_or_results(ex):
     assert reference() is None
 
 
+def _outgoing_transfers(dask_worker) -> int:
+    return dask_worker.transfer_outgoing_count_total
+
+
+def make_bytes(size):
+    return bytes(range(256)) * (size // 256)
+
+
+def test_small_outcomes_come_with_the_news_and_large_ones_are_gathered(ex):
+    """Small outcomes are relayed through the scheduler: the client fetches nothing from the
+    workers (their count of outgoing transfers stays put); a large one is fetched as before."""
+    before = sum(ex.client.run(_outgoing_transfers).values())
+    assert [future.result(timeout=60) for future in [ex.submit(add, i, 1) for i in range(20)]] == [
+        i + 1 for i in range(20)
+    ]
+    assert list(ex.map(add, range(100), chunksize=10)) == list(range(100))
+    assert sum(ex.client.run(_outgoing_transfers).values()) == before
+    large = ex.submit(make_bytes, 256 * 1024).result(timeout=60)
+    assert large == bytes(range(256)) * 1024
+    assert sum(ex.client.run(_outgoing_transfers).values()) > before
+
+
 # -- map ------------------------------------------------------------------------------------------
 
 

@@ -225,22 +225,37 @@ def test_n_jobs_1_runs_in_this_process_as_with_every_joblib_backend(ex):
         assert Parallel(n_jobs=1)(delayed(process_id)() for _ in range(3)) == [os.getpid()] * 3
 
 
-def test_batch_size_grows_quickly_for_trivial_calls():
+def test_trivial_calls_reach_large_batches_after_the_first_result(ex):
+    with joblib.parallel_config(backend="futures_hpc", executor=ex):
+        Parallel(n_jobs=2)(delayed(increment)(value) for value in range(100))  # warm workers
+        tasks_before = _batch_task_count(ex.client)
+        results = Parallel(n_jobs=2)(delayed(increment)(value) for value in range(10_000))
+    assert results == list(range(1, 10_001))
+    # joblib's minimum here is 24: its first 4 batches have one call, and it always splits the
+    # last slice of calls into 10 x n_jobs batches. Growing batches from their time from
+    # dispatch to result (joblib's AutoBatchingMixin, dask's latency included) took 33.
+    assert _batch_task_count(ex.client) - tasks_before <= 28
+
+
+def test_calls_slower_than_the_target_stay_one_per_batch(ex):
+    with joblib.parallel_config(backend="futures_hpc", executor=ex):
+        tasks_before = _batch_task_count(ex.client)
+        Parallel(n_jobs=2)(delayed(time.sleep)(0.25) for _ in range(6))
+    assert _batch_task_count(ex.client) - tasks_before == 6
+
+
+def test_batch_size_follows_the_cost_per_call_measured_on_workers():
     backend = FuturesHPCBackend.__new__(FuturesHPCBackend)
     FuturesHPCBackend.__init__(backend, executor_options={"max_workers": 1})
-
-    class _Quiet:
-        verbose = 0
-
-    backend.parallel = _Quiet()
-    growth = backend.MAX_BATCH_GROWTH
-    sizes = [backend.compute_batch_size()]
-    for _ in range(3):
-        backend.batch_completed(sizes[-1], 0.005)  # 5 ms per batch: latency, not work
-        sizes.append(backend.compute_batch_size())
-    # Ideal: twice the size that would take 0.2 s, i.e. 80 times more; at most `growth` times.
-    assert sizes == [1, min(growth, 80), min(growth**2, 80 * min(growth, 80)), sizes[3]]
-    assert sizes[3] >= 1000
-    # A batch far slower than the ideal duration shrinks the next ones.
-    backend.batch_completed(sizes[-1], 20.0)
-    assert backend.compute_batch_size() < sizes[-1]
+    assert backend.compute_batch_size() == 1  # nothing measured yet
+    backend._record_batch_cost(1, 50e-6)  # one call of 50 us
+    assert backend.compute_batch_size() == int(backend.TARGET_BATCH_SECONDS / 50e-6) == 4000
+    backend._record_batch_cost(4000, 4000 * 1e-6)  # then 1 us a call: capped
+    assert backend.compute_batch_size() == backend.MAX_BATCH_CALLS
+    # joblib's rule: a batch slow from dispatch to result (e.g. large results) shrinks them.
+    backend._smoothed_batch_duration = 20.0
+    assert backend.compute_batch_size() == 2 * int(backend.MAX_BATCH_CALLS * 0.2 / 20.0)
+    backend.reset_batch_stats()
+    assert backend.compute_batch_size() == 1
+    backend._record_batch_cost(2, 1.0)  # half a second a call
+    assert backend.compute_batch_size() == 1

@@ -13,10 +13,10 @@ Usage::
         joblib.Parallel()(joblib.delayed(f)(x) for x in items)
 
 Each joblib batch (a list of calls that joblib groups itself) is one :meth:`HPCExecutor.submit`
-call, so it travels to the worker as one opaque pickled payload. joblib's auto-batching grows the
-batches until each takes about :attr:`FuturesHPCBackend.MIN_IDEAL_BATCH_DURATION` seconds, which
-hides dask's cost of a few milliseconds per task; many small calls are then as cheap as in a
-local process pool.
+call, so it travels to the worker as one opaque pickled payload. Workers time each batch, and
+the next batches are sized to compute for about :attr:`FuturesHPCBackend.TARGET_BATCH_SECONDS`,
+which hides dask's cost of a few milliseconds per task; many small calls are then nearly as cheap
+as in a local process pool.
 
 Without ``executor=`` a default ``HPCExecutor(**executor_options)`` is started when the first
 ``Parallel`` call needs it and shut down when the ``parallel_config`` / ``parallel_backend`` block
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -41,6 +42,27 @@ logger = logging.getLogger("futures_hpc")
 
 #: The name the backend is registered under in joblib.
 JOBLIB_BACKEND_NAME = "futures_hpc"
+
+
+class _TimedBatch:
+    """A joblib batch that also returns how long its calls took on the worker, in seconds."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Callable[[], Any]) -> None:
+        self.batch = batch
+
+    def __call__(self) -> tuple[Any, float]:
+        started = time.perf_counter()
+        results = self.batch()
+        return results, time.perf_counter() - started
+
+    @property
+    def __name__(self) -> str:  # the task's key starts with it, e.g. "BatchedCalls-..."
+        return type(self.batch).__name__
+
+    def __repr__(self) -> str:
+        return repr(self.batch)
 
 
 def _shut_down_owned_executor(executor: HPCExecutor) -> None:
@@ -77,15 +99,18 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
     uses_threads = False
     default_n_jobs = -1
 
-    #: joblib grows a batch until it takes at least this long from dispatch to result, which
-    #: makes dask's cost per task (about 2 ms, plus a network round trip on a cluster) small.
-    MIN_IDEAL_BATCH_DURATION = 0.2
-    #: ... and shrinks batches that take longer than this, so no worker is left with stragglers.
+    #: A batch is sized to compute for about this long on a worker (measured there, so dask's
+    #: few milliseconds per task do not count), which makes that cost small next to the work.
+    TARGET_BATCH_SECONDS = 0.2
+    #: The most calls in one batch: joblib takes ``n_jobs`` times this many ``delayed`` calls
+    #: from the caller's generator at a time, so this bounds the memory they take.
+    MAX_BATCH_CALLS = 10_000
+    #: How much of the previous estimate of a call's cost is kept after each batch (the
+    #: estimate is per call, weighted by the number of calls each batch ran).
+    COST_MEMORY = 0.5
+    #: joblib's limit: a batch that takes longer than this from dispatch to result (queueing
+    #: and transfer included) makes the next ones smaller, so no worker is left with stragglers.
     MAX_IDEAL_BATCH_DURATION = 2.0
-    #: The most a batch grows in one step. joblib's own backends double at most; a round trip
-    #: through dask takes milliseconds, so doubling from 1 call would need a dozen round trips
-    #: before batches of trivial calls are large enough.
-    MAX_BATCH_GROWTH = 64
 
     def __init__(
         self,
@@ -112,6 +137,8 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
         self._in_flight: set[Future] = set()
         self._in_flight_lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
+        self._measured_seconds = 0.0
+        self._measured_calls = 0.0
 
     # -- the executor --------------------------------------------------------------------------
 
@@ -178,29 +205,46 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
     def compute_batch_size(self) -> int:
         """The number of calls in joblib's next batch (with ``batch_size="auto"``).
 
-        As joblib's :class:`AutoBatchingMixin`, from the smoothed duration of the last batches
-        of the current size, but growing up to :attr:`MAX_BATCH_GROWTH` times per step.
+        Each batch is timed on its worker; the next batches are sized to compute for about
+        :attr:`TARGET_BATCH_SECONDS` at the measured cost per call, within 1 and
+        :attr:`MAX_BATCH_CALLS`. Until a batch has come back, batches have one call. Measuring
+        on the worker, rather than from dispatch to result as joblib's own backends do, keeps
+        dask's latency out of the estimate: trivial calls reach large batches after the first
+        result instead of growing step by step through a dozen round trips.
         """
         current = self._effective_batch_size
+        new_size = current
+        if self._measured_calls > 0:
+            seconds_per_call = max(self._measured_seconds / self._measured_calls, 1e-9)
+            ideal = int(self.TARGET_BATCH_SECONDS / seconds_per_call)
+            new_size = max(1, min(self.MAX_BATCH_CALLS, ideal))
         duration = self._smoothed_batch_duration
-        if 0 < duration < self.MIN_IDEAL_BATCH_DURATION:
-            # Twice the ideal size, as joblib does, to limit oscillation between min and max.
-            ideal = 2 * int(current * self.MIN_IDEAL_BATCH_DURATION / duration)
-            new_size = max(1, min(current * self.MAX_BATCH_GROWTH, ideal))
-        elif duration > self.MAX_IDEAL_BATCH_DURATION and current >= 2:
-            new_size = max(1, 2 * int(current * self.MIN_IDEAL_BATCH_DURATION / duration))
-        else:
-            new_size = current
+        if duration > self.MAX_IDEAL_BATCH_DURATION and current >= 2:
+            # Slow from dispatch to result (e.g. large results to transfer): joblib's rule.
+            shrunk = 2 * int(current * self.TARGET_BATCH_SECONDS / duration)
+            new_size = min(new_size, max(1, shrunk))
         if new_size != current:
             self._effective_batch_size = new_size
-            # Measure the new size afresh.
+            # Measure the new size's duration afresh.
             self._smoothed_batch_duration = self._DEFAULT_SMOOTHED_BATCH_DURATION
-            logger.debug("joblib batches: %d calls (last took %.3f s)", new_size, duration)
+            logger.debug("joblib batches: %d calls", new_size)
         return new_size
+
+    def reset_batch_stats(self) -> None:
+        """Forget batch sizes and call costs (at the end of each ``Parallel`` call)."""
+        super().reset_batch_stats()
+        self._measured_seconds = 0.0
+        self._measured_calls = 0.0
+
+    def _record_batch_cost(self, calls: int, seconds: float) -> None:
+        memory = self.COST_MEMORY
+        self._measured_seconds = memory * self._measured_seconds + seconds
+        self._measured_calls = memory * self._measured_calls + calls
 
     def submit(self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None):
         """Run one joblib batch as one executor call; ``callback(future)`` when it is done."""
-        future = self._require_executor().submit(func)
+        future = self._require_executor().submit(_TimedBatch(func))
+        future._futures_hpc_calls = len(func) if hasattr(func, "__len__") else 1  # type: ignore[attr-defined]
         with self._in_flight_lock:
             self._in_flight.add(future)
         future.add_done_callback(self._forget)
@@ -214,11 +258,15 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def retrieve_result_callback(self, future: Future) -> Any:
         """Return the batch's results (a list), or raise the call's exception."""
-        return future.result()
+        results, seconds = future.result()
+        self._record_batch_cost(future._futures_hpc_calls, seconds)  # type: ignore[attr-defined]
+        return results
 
     def retrieve_result(self, out: Future, timeout: float | None = None) -> Any:
         """Wait for a batch's results (used only when callbacks are off)."""
-        return out.result(timeout)
+        results, seconds = out.result(timeout)
+        self._record_batch_cost(out._futures_hpc_calls, seconds)  # type: ignore[attr-defined]
+        return results
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         """Cancel the batches not yet running (a call failed; joblib will not use them)."""
