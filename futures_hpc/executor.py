@@ -44,6 +44,7 @@ from .options import ResourceOptions, merge_with_profile, parse_resources, split
 from .progress import track
 from .scaling import ScalingStatus
 from .security import RunCredentials, create_run_credentials
+from .streams import in_process_scheduler_address
 
 logger = logging.getLogger("futures_hpc")
 
@@ -195,15 +196,7 @@ class HPCExecutor(Executor):
         self._bridge: FutureBridge | None = None
         try:
             self._cluster = self._create_cluster()
-            # Results come straight from the workers: the scheduler runs beside this client
-            # (or, under MPI, in the same allocation), so the workers are as reachable from here
-            # as from the scheduler, and one hop is saved on every gather.
-            self._client = distributed.Client(
-                self._cluster,
-                security=self.security,
-                set_as_default=False,
-                direct_to_workers=True,
-            )
+            self._client = self._connect_client(self._cluster)
             self._bridge = FutureBridge(self._client, self.run_name)
             self._client.run_on_scheduler(
                 _set_allowed_failures, self.max_call_retries - 1
@@ -214,6 +207,28 @@ class HPCExecutor(Executor):
             raise
         _live_executors.add(self)
         logger.info("%s started: %r", type(self).__name__, self)
+
+    def _connect_client(self, cluster: Cluster) -> distributed.Client:
+        """The executor's client: in-process link to a scheduler in this process, else its address.
+
+        Results come straight from the workers: the scheduler runs beside this client (or,
+        under MPI, in the same allocation), so the workers are as reachable from here as from
+        the scheduler, and one hop is saved on every gather.
+        """
+        in_process = in_process_scheduler_address(cluster)
+        if in_process is None:
+            return distributed.Client(
+                cluster, security=self.security, set_as_default=False, direct_to_workers=True
+            )
+        client = distributed.Client(
+            in_process,
+            loop=cluster.loop,
+            security=self.security,
+            set_as_default=False,
+            direct_to_workers=True,
+        )
+        client.cluster = cluster  # as Client(cluster) does: dashboard link, scheduler identity
+        return client
 
     def _positive_option(self, name: str, default: int) -> int:
         value = self.executor_options.get(name, default)

@@ -1,9 +1,15 @@
-"""Prompt message streams: the client, the scheduler and the workers send without waiting.
+"""Fast message streams between the client, the scheduler and the workers.
 
-distributed holds outgoing messages for 2 to 10 ms to batch them. Every call waits for that
-several times on its way out and back (client -> scheduler -> worker -> scheduler -> client), which
-is most of the latency of a small map. futures_hpc batches calls into chunks itself, so it asks
-for streams that send at once; messages that pile up while one is being sent still go together.
+- Prompt streams: distributed holds outgoing messages for 2 to 10 ms to batch them. Every call
+  waits for that several times on its way out and back (client -> scheduler -> worker ->
+  scheduler -> client), which is most of the latency of a small map. futures_hpc batches calls
+  into chunks itself, so it asks for streams that send at once; messages that pile up while one
+  is being sent still go together.
+- In-process link: where the scheduler runs in the executor's own process (the local, batch and
+  ECS backends), the client talks to it through dask's ``inproc`` transport instead of a socket
+  to itself. Each message between them is otherwise encoded, written, read and decoded (and,
+  with TLS, encrypted and decrypted) by the same thread; the workers still reach the scheduler
+  over the network, with TLS where configured.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import distributed
+from distributed.deploy import Cluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 #: The batching delay, in seconds, of every stream of an executor's cluster.
@@ -56,3 +63,20 @@ def _tune_client_stream(scheduler: Any, client: str) -> None:
     stream = scheduler.client_comms.get(client)
     if stream is not None:
         stream.interval = STREAM_INTERVAL
+
+
+def in_process_scheduler_address(cluster: Cluster) -> str | None:
+    """An ``inproc://`` address of ``cluster``'s scheduler, if it runs in this process.
+
+    Opens a second listener on the scheduler (its first, the one workers use, is unchanged) and
+    returns its address; None when the scheduler runs elsewhere (MPI ranks, a remote cluster).
+    """
+    scheduler = getattr(cluster, "scheduler", None)
+    if not isinstance(scheduler, distributed.Scheduler):
+        return None
+
+    async def listen() -> str:
+        await scheduler.listen("inproc://")
+        return scheduler.listeners[-1].contact_address
+
+    return cluster.sync(listen)

@@ -127,9 +127,20 @@ def test_client_on_the_executors_cluster_runs_a_task():
     with HPCExecutor("local", max_workers=1) as ex:
         with Client(ex.cluster, set_as_default=False) as client:
             assert client.submit(lambda x: x * 2, 21).result(timeout=60) == 42
-            assert client.scheduler.address == ex.client.scheduler.address
+            assert client.scheduler_info()["id"] == ex.client.scheduler_info()["id"]
+            assert client.scheduler.address == ex.cluster.scheduler_address
         # The executor still works after the second client closed.
         assert ex.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+
+
+def test_the_executors_client_talks_to_a_scheduler_in_this_process_in_process():
+    """The executor's own client uses dask's inproc transport, not a socket to itself; the
+    workers keep the network address."""
+    with HPCExecutor("local", max_workers=1) as ex:
+        assert ex.client.scheduler.address.startswith("inproc://")
+        assert ex.cluster.scheduler_address.startswith(("tcp://", "tls://"))
+        assert ex.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        assert ex.client.dashboard_link == ex.cluster.dashboard_link
 
 
 def test_client_on_a_tls_executors_cluster_runs_a_task():
