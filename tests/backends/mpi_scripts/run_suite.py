@@ -15,7 +15,7 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPOSITORY))
 
-from futures_hpc.backends.mpi import join_world  # noqa: E402
+from futures_hpc.backends.mpi_world import join_world  # noqa: E402
 
 world = join_world()  # on ranks 1.., serves here and ends the process
 
