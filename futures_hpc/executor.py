@@ -408,22 +408,38 @@ class HPCExecutor(Executor):
     def _submit_chunk(
         self, fn: Callable[..., Any], packed_function: bytes, columns: list[Sequence[Any]]
     ) -> Future:
-        payload = pack_chunk(packed_function, columns)
+        return self._submit_chunks(fn, packed_function, [columns])[0]
+
+    def _submit_chunks(
+        self,
+        fn: Callable[..., Any],
+        packed_function: bytes,
+        chunks: Iterable[list[Sequence[Any]]],
+    ) -> list[Future]:
+        """Submit chunks of calls together, in one message to the scheduler.
+
+        The scheduler then places them all at once, across the workers. Sent one at a time, a
+        worker that has already finished the first chunk may get the next one too, and the
+        chunks run one after the other.
+        """
+        chunks = list(chunks)
+        if not chunks:
+            return []
+        payloads = [pack_chunk(packed_function, columns) for columns in chunks]
+        name = _function_name(fn)
+        keys = [f"{name}-map-{self.run_name}-{uuid.uuid4().hex}" for _ in chunks]
         with self._shutdown_lock:
             self._check_open()
-            dask_future = self._client.submit(
-                run_chunk,
-                payload,
-                key=f"{_function_name(fn)}-map-{self.run_name}-{uuid.uuid4().hex}",
-                pure=False,
-            )
-            count = min((len(column) for column in columns), default=0)
-            first = tuple(column[0] for column in columns) if count else ()
-            return self._bridge.track(
-                dask_future,
-                decode=_decode_chunk,
-                description=f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)",
-            )
+            dask_futures = self._client.map(run_chunk, payloads, key=keys, pure=False)
+            futures = []
+            for dask_future, columns in zip(dask_futures, chunks, strict=True):
+                count = min((len(column) for column in columns), default=0)
+                first = tuple(column[0] for column in columns) if count else ()
+                description = f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)"
+                futures.append(
+                    self._bridge.track(dask_future, decode=_decode_chunk, description=description)
+                )
+            return futures
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
         """The chunk size ``map`` uses for ``call_count`` calls of ``fn`` when none is given.
@@ -500,8 +516,11 @@ class HPCExecutor(Executor):
             chunks = _sliced_chunks(columns, total, chunksize or self._automatic_chunksize(
                 total, key))
         pending: deque[Future] = deque(
-            self._submit_chunk(fn, packed_function, chunk)
-            for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize))
+            self._submit_chunks(
+                fn,
+                packed_function,
+                chunks if buffersize is None else itertools.islice(chunks, buffersize),
+            )
         )
         refill = None if buffersize is None else chunks
         results = self._results_in_order(fn, packed_function, key, pending, refill, end_time)

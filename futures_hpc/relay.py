@@ -39,6 +39,8 @@ class RelayToClients(SchedulerPlugin):
     """Scheduler plugin: pass the workers' :data:`RELAY_OP` messages on to the named client."""
 
     name = "futures_hpc-relay-to-clients"
+    #: One instance per scheduler: registering it again (another executor) keeps the first.
+    idempotent = True
 
     def __init__(self) -> None:
         self.scheduler: Any = None

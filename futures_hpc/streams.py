@@ -42,6 +42,8 @@ class PromptStreams(SchedulerPlugin):
     """Scheduler plugin: the scheduler's streams to workers and clients send without waiting."""
 
     name = "futures_hpc-prompt-streams"
+    #: One instance per scheduler: registering it again (another executor) keeps the first.
+    idempotent = True
 
     async def start(self, scheduler: Any) -> None:
         """Make the streams that exist already prompt."""
