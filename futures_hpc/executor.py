@@ -266,7 +266,11 @@ class HPCExecutor(Executor):
 
     @property
     def client(self) -> distributed.Client:
-        """The :class:`distributed.Client` connected to :attr:`cluster`."""
+        """The :class:`distributed.Client` connected to :attr:`cluster`.
+
+        Where the scheduler runs in this process it connects through dask's ``inproc``
+        transport; other processes connect to ``ex.cluster.scheduler_address``.
+        """
         return self._client
 
     @property
