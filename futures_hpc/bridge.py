@@ -118,7 +118,7 @@ class FutureBridge:
         client_id = self._client.id if self.relays else None
         try:
             if not self.relays:
-                self._client.subscribe_topic(self._topic, self._on_running)
+                self._client.subscribe_topic(self._topic, self._on_running_event)
             self._client.register_plugin(CallNewsPlugin(self._key_marker, self._topic, client_id))
         except Exception as error:  # a scheduler without futures_hpc installed
             logger.warning(
@@ -186,16 +186,20 @@ class FutureBridge:
                 return False
             return future.set_running_or_notify_cancel()
 
-    def _on_running(self, event: tuple[float, Any]) -> None:
+    def _on_running_event(self, event: tuple[float, Any]) -> None:
+        """An event from dask's log (without the relay): ``(timestamp, key)``."""
+        self._on_running(event[1])
+
+    def _on_running(self, key: str) -> None:
         with self._lock:
-            record = self._records.get(event[1])
+            record = self._records.get(key)
         if record is not None:
             self._mark_running(record.future)
 
     def _on_news(self, key: str, outcome: bytes | None = None) -> None:
         """A worker's relayed news of ``key`` (on the event loop): started, or its outcome."""
         if outcome is None:
-            self._on_running((0.0, key))
+            self._on_running(key)
         elif key in self._records:
             self._relayed[key] = outcome
 

@@ -20,14 +20,11 @@ and every outcome is gathered.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .streams import make_worker_prompt
-
-logger = logging.getLogger("futures_hpc")
 
 #: The message operation the workers, the scheduler and the client use for relayed news.
 RELAY_OP = "futures_hpc-call-news"

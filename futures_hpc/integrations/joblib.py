@@ -244,7 +244,6 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
     def submit(self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None):
         """Run one joblib batch as one executor call; ``callback(future)`` when it is done."""
         future = self._require_executor().submit(_TimedBatch(func))
-        future._futures_hpc_calls = len(func) if hasattr(func, "__len__") else 1  # type: ignore[attr-defined]
         with self._in_flight_lock:
             self._in_flight.add(future)
         future.add_done_callback(self._forget)
@@ -258,14 +257,16 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def retrieve_result_callback(self, future: Future) -> Any:
         """Return the batch's results (a list), or raise the call's exception."""
-        results, seconds = future.result()
-        self._record_batch_cost(future._futures_hpc_calls, seconds)  # type: ignore[attr-defined]
-        return results
+        return self._results_of(future.result())
 
     def retrieve_result(self, out: Future, timeout: float | None = None) -> Any:
         """Wait for a batch's results (used only when callbacks are off)."""
-        results, seconds = out.result(timeout)
-        self._record_batch_cost(out._futures_hpc_calls, seconds)  # type: ignore[attr-defined]
+        return self._results_of(out.result(timeout))
+
+    def _results_of(self, timed: tuple[list[Any], float]) -> list[Any]:
+        """The results of a :class:`_TimedBatch`, its time (one result per call) recorded."""
+        results, seconds = timed
+        self._record_batch_cost(len(results), seconds)
         return results
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
