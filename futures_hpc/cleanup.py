@@ -1,4 +1,4 @@
-"""Cancel every batch job of the live executors when the Python process gets SIGTERM.
+"""Signals: cancel the live executors' batch jobs on SIGTERM; Ctrl-C stays a KeyboardInterrupt.
 
 Batch schedulers send SIGTERM before they kill a job (walltime, ``scancel`` of the job that runs
 the client), and so do ``kill`` and most process supervisors. By default Python then dies at
@@ -14,11 +14,13 @@ last one closes, unless somebody else replaced ours in between.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import weakref
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, Protocol
 
@@ -114,6 +116,42 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # The previous handler was the default: die of SIGTERM, as the process would have.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def interrupt_handler_kept() -> Iterator[None]:
+    """Keep the SIGINT handler as it is across an import that would replace it.
+
+    dask-jobqueue 0.9 runs ``signal.signal(SIGINT, lambda *_: sys.exit())`` when its ``runner``
+    module is imported (by ``dask_jobqueue.slurm``). Ctrl-C then raises ``SystemExit`` instead of
+    ``KeyboardInterrupt`` and the process exits with status 0, so ``except KeyboardInterrupt``
+    never runs and a job chain sees success. Whatever handler was in place before the import (the
+    user's own, or Python's default) is put back after it.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread and before is not None and signal.getsignal(signal.SIGINT) is not before:
+            signal.signal(signal.SIGINT, before)
+
+
+def undo_foreign_interrupt_handler() -> None:
+    """Put Python's own SIGINT handler back if dask-jobqueue's is in place (see above).
+
+    For a dask-jobqueue imported before futures_hpc could keep the handler (by the user, or
+    through another package); a handler of anybody else is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__module__", None) == "dask_jobqueue.runner":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logger.debug("dask-jobqueue's SIGINT handler replaced by Python's KeyboardInterrupt")
 
 
 def process_alive(pid: int) -> bool:

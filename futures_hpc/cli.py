@@ -567,8 +567,8 @@ def command_cancel(arguments: argparse.Namespace) -> int:
     if not arguments.include_live:
         skipped = [job for job in jobs if _run_of(job, live_runs)]
         for job in skipped:
-            print(f"skipped {job.scheduler} job {job.job_id} ({job.name}): its run is alive "
-                  "on this machine (--include-live cancels it too)")
+            print(f"skipped {job.scheduler} job {job.job_id} ({job.name}): its executor is "
+                  "alive (--all cancels it too)")
         jobs = [job for job in jobs if not _run_of(job, live_runs)]
     if not jobs:
         print("nothing to cancel")
@@ -670,8 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="job ids or run names (fhpc-...) to cancel; default: all")
             command.add_argument("--dry-run", action="store_true",
                                  help="print the cancel command instead of running it")
-            command.add_argument("--include-live", action="store_true",
-                                 help="also cancel jobs of runs still alive on this machine")
+            command.add_argument("--all", "--include-live", dest="include_live",
+                                 action="store_true",
+                                 help="also cancel jobs of executors still alive (by default "
+                                      "only jobs whose executor is gone are cancelled)")
         command.set_defaults(handler=handler)
 
     config = commands.add_parser("config", help="show the merged configuration as YAML")

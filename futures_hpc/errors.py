@@ -35,5 +35,9 @@ class WorkerLostError(FuturesHPCError, RuntimeError):
     """A call killed its worker ``max_call_retries`` times."""
 
 
+class CallSerializationError(FuturesHPCError, TypeError):
+    """A call (its function or an argument) cannot be pickled to be sent to the workers."""
+
+
 class ExecutorShutdownError(FuturesHPCError, RuntimeError):
     """Work was submitted to an executor that has been shut down."""

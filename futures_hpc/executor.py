@@ -11,6 +11,8 @@ import atexit
 import itertools
 import logging
 import reprlib
+import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -39,10 +41,12 @@ from .calls import (
     run_chunk,
 )
 from .chunking import CallCosts, automatic_chunksize, function_key
-from .errors import ExecutorShutdownError, OptionError
+from .cleanup import undo_foreign_interrupt_handler
+from .errors import CallSerializationError, ExecutorShutdownError, OptionError
+from .import_path import ImportPathPlugin, import_path_option
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
 from .progress import track
-from .scaling import ScalingStatus
+from .scaling import SCALING_OPTION_NAMES, ScalingStatus, validate_scaling_options
 from .security import RunCredentials, create_run_credentials
 from .streams import in_process_scheduler_address
 
@@ -68,6 +72,45 @@ def _set_allowed_failures(allowed_failures: int, dask_scheduler: Any = None) -> 
     dask_scheduler.allowed_failures = allowed_failures
 
 
+def _checked_max_workers(value: Any) -> int | None:
+    """``max_workers`` as given, checked: None or a positive integer.
+
+    The message for a number <= 0 is the standard library's own.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(
+            f"max_workers={value!r} is not allowed; max_workers must be an integer greater than 0"
+            f" (got a {type(value).__name__})"
+        )
+    if value <= 0:
+        raise OptionError("max_workers must be greater than 0")
+    return value
+
+
+def _checked_dashboard_address(value: Any) -> str:
+    """A dashboard address ``host:port``, ``:port`` or a port number, checked before any start."""
+    allowed = "'host:port', ':port' or a port number (0 picks a free port), e.g. 'localhost:8787'"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f":{value}"
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"dashboard_address={value!r} is not allowed; use {allowed}")
+    host, separator, port = value.strip().rpartition(":")
+    if not separator or not port.isdigit() or int(port) > 65535:
+        raise OptionError(f"dashboard_address={value!r} is not allowed; use {allowed}")
+    bare_host = host.strip("[]")
+    if bare_host:
+        try:
+            socket.getaddrinfo(bare_host, None)
+        except (socket.gaierror, UnicodeError) as error:
+            raise OptionError(
+                f"dashboard_address={value!r} is not allowed: the host {bare_host!r} is not "
+                f"known here ({error}); use {allowed}"
+            ) from None
+    return value.strip()
+
+
 def _function_name(function: Callable[..., Any]) -> str:
     name = getattr(function, "__name__", None) or type(function).__name__
     return "".join(character if character.isalnum() else "_" for character in name)[:40]
@@ -84,12 +127,32 @@ def _short_repr(value: Any) -> str:
         return f"<{type(value).__name__}>"
 
 
+def _describe_function(function: Callable[..., Any]) -> str:
+    """The function's qualified name and module, for errors."""
+    name = getattr(function, "__qualname__", None) or _function_name(function)
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
 def _describe_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict) -> str:
     """A short text naming a call, for errors: ``name(arg, key=value)``, cut at 200 characters."""
     parts = [_short_repr(value) for value in args]
     parts += [f"{key}={_short_repr(value)}" for key, value in kwargs.items()]
     text = f"{getattr(function, '__qualname__', _function_name(function))}({', '.join(parts)})"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _pickled(pack: Callable[[], bytes], description: Callable[[], str]) -> bytes:
+    """Run ``pack``; a pickling failure becomes a CallSerializationError naming the call."""
+    try:
+        return pack()
+    except Exception as error:
+        raise CallSerializationError(
+            f"cannot send {description()} to the workers: it cannot be pickled "
+            f"({type(error).__name__}: {error}). Functions and arguments must be picklable by "
+            "cloudpickle: define them at module level or pass plain data instead of open "
+            "files, locks, connections or generators."
+        ) from error
 
 
 def _decode_chunk(
@@ -135,9 +198,16 @@ class HPCExecutor(Executor):
     backend_option_names: ClassVar[frozenset[str] | None] = frozenset()
     #: Whether workers connect over a network (TLS is then on by default).
     networked: ClassVar[bool] = True
+    #: Whether the backend sizes its workers with the fair-share policy (``adaptive``,
+    #: ``idle_timeout``, ...); other backends check those options' values and log them as ignored.
+    scales_jobs: ClassVar[bool] = False
 
-    def __new__(cls, backend: str | None = None, /, **options: Any) -> HPCExecutor:
-        """Give an instance of the chosen backend's subclass when called as ``HPCExecutor``."""
+    def __new__(cls, backend: str | None = None, **options: Any) -> HPCExecutor:
+        """Give an instance of the chosen backend's subclass when called as ``HPCExecutor``.
+
+        ``backend`` may be given by position or by keyword; both at once is a ``TypeError``, as
+        for any Python function.
+        """
         if cls is HPCExecutor:
             from .backends import resolve_backend
 
@@ -147,7 +217,6 @@ class HPCExecutor(Executor):
     def __init__(
         self,
         backend: str | None = None,
-        /,
         *,
         max_workers: int | None = None,
         profile: str | None = None,
@@ -160,28 +229,31 @@ class HPCExecutor(Executor):
                 f"backend={backend!r} does not match {type(self).__name__}, whose backend is "
                 f"{self.backend_name!r}"
             )
+        undo_foreign_interrupt_handler()  # Ctrl-C must stay a KeyboardInterrupt (cleanup.py)
         merged = merge_with_profile(profile, dict(options, max_workers=max_workers))
         executor_options, common_options, backend_options = split_options(
             merged, self.backend_option_names, self.backend_name
         )
-        self.max_workers: int | None = executor_options.pop("max_workers", None)
-        if self.max_workers is not None and (
-            isinstance(self.max_workers, bool)
-            or not isinstance(self.max_workers, int)
-            or self.max_workers <= 0
-        ):
-            raise OptionError("max_workers must be greater than 0")
+        self.max_workers: int | None = _checked_max_workers(
+            executor_options.pop("max_workers", None)
+        )
         self.resources: ResourceOptions = parse_resources(common_options)
         self.backend_options: dict[str, Any] = backend_options
         self.executor_options: dict[str, Any] = executor_options
         self.max_call_retries: int = self._positive_option(
             "max_call_retries", DEFAULT_MAX_CALL_RETRIES
         )
+        #: Directories put at the front of the workers' ``sys.path`` (see
+        #: :mod:`futures_hpc.import_path`).
+        self.import_path: list[str] = import_path_option(executor_options.get("import_path"))
         self.run_name: str = f"fhpc-{uuid.uuid4().hex[:8]}"
-        self.dashboard_address: str = dashboard_address or dask.config.get(
-            "futures_hpc.dashboard-address", "localhost:0"
+        self.dashboard_address: str = _checked_dashboard_address(
+            dashboard_address or dask.config.get("futures_hpc.dashboard-address", "localhost:0")
         )
         self._log_dir: Path | None = None
+        if self.resources.log_dir is not None:
+            self.log_dir  # noqa: B018 - made now, so that a bad log_dir fails before any start
+        self._check_scaling_options()
         self._validate_options()
         self.credentials: RunCredentials | None = None
         self.security: Security | None = self._make_security(security)
@@ -201,11 +273,18 @@ class HPCExecutor(Executor):
             self._client.run_on_scheduler(
                 _set_allowed_failures, self.max_call_retries - 1
             )
+            if self.import_path:
+                self._client.register_plugin(ImportPathPlugin(self.import_path))
             self._start_workers()
         except BaseException:
             self._close_cluster()
             raise
         _live_executors.add(self)
+        # Discoverable while alive, with or without ``with``: ``futures-hpc jobs/cancel`` and
+        # dask-ctl read the record; closing removes it.
+        from .integrations.dask import register_for_discovery
+
+        register_for_discovery(self)
         logger.info("%s started: %r", type(self).__name__, self)
 
     def _connect_client(self, cluster: Cluster) -> distributed.Client:
@@ -235,6 +314,15 @@ class HPCExecutor(Executor):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OptionError(f"{name}={value!r} is not allowed; {name} must be an integer >= 1")
         return value
+
+    def _check_scaling_options(self) -> None:
+        """Check the scaling options' values on every backend; log those this one ignores."""
+        validate_scaling_options(self.executor_options, self.max_workers or sys.maxsize)
+        if not self.scales_jobs:
+            ignored = sorted(set(self.executor_options) & set(SCALING_OPTION_NAMES))
+            if ignored:
+                logger.info("the %r backend ignores the scaling options %s (its workers are "
+                            "fixed)", self.backend_name, ", ".join(ignored))
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -293,13 +381,31 @@ class HPCExecutor(Executor):
 
     @property
     def log_dir(self) -> Path:
-        """The run's own directory for job scripts, worker logs and TLS files (made on use)."""
+        """The run's own directory for job scripts, worker logs and TLS files (made on use).
+
+        Raises
+        ------
+        OptionError
+            If the directory cannot be made (naming ``log_dir`` and the reason).
+
+        """
         if self._log_dir is None:
             base = self.resources.log_dir or Path(
                 dask.config.get("futures_hpc.log-dir", None) or "futures_hpc-logs"
             )
-            self._log_dir = (base / self.run_name).absolute()
-            self._log_dir.mkdir(parents=True, exist_ok=True)
+            directory = (base / self.run_name).absolute()
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                given = (
+                    "log_dir" if self.resources.log_dir else "the config key futures_hpc.log-dir"
+                )
+                raise OptionError(
+                    f"{given}={str(base)!r} cannot hold this run's directory {directory}: "
+                    f"{error.strerror or error}; give a writable directory (on a file system "
+                    "the workers share, for batch backends)"
+                ) from None
+            self._log_dir = directory
         return self._log_dir
 
     def worker_slots(self) -> int:
@@ -392,7 +498,9 @@ class HPCExecutor(Executor):
 
         args = tuple(placeholder(value) for value in args)
         kwargs = {key: placeholder(value) for key, value in kwargs.items()}
-        payload: bytes | distributed.Future = pack_call(fn, args, kwargs)
+        payload: bytes | distributed.Future = _pickled(
+            lambda: pack_call(fn, args, kwargs), lambda: _describe_call(fn, args, kwargs)
+        )
         with self._shutdown_lock:
             self._check_open()
             if len(payload) > LARGE_PAYLOAD_BYTES:
@@ -429,7 +537,14 @@ class HPCExecutor(Executor):
         chunks = list(chunks)
         if not chunks:
             return []
-        payloads = [pack_chunk(packed_function, columns) for columns in chunks]
+        payloads = [
+            _pickled(
+                lambda columns=columns: pack_chunk(packed_function, columns),
+                lambda columns=columns: f"a chunk of calls of {_describe_function(fn)} starting "
+                f"with {_describe_call(fn, tuple(column[0] for column in columns), {})}",
+            )
+            for columns in chunks
+        ]
         name = _function_name(fn)
         keys = [f"{name}-map-{self.run_name}-{uuid.uuid4().hex}" for _ in chunks]
         with self._shutdown_lock:
@@ -505,7 +620,9 @@ class HPCExecutor(Executor):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
         total: int | None = None
-        packed_function = pack_function(fn)
+        packed_function = _pickled(
+            lambda: pack_function(fn), lambda: f"the function {_describe_function(fn)}"
+        )
         key = function_key(packed_function)  # for the call-cost memory, once per map
         if buffersize is not None:
             sizes = (
@@ -667,6 +784,9 @@ class HPCExecutor(Executor):
                 return
             self._closed = True
         _live_executors.discard(self)
+        from .integrations.dask import unregister_from_discovery
+
+        unregister_from_discovery(self)
         for step, closer in (
             ("results bridge", self._bridge and self._bridge.close),
             ("client", self._client and self._client.close),
@@ -680,19 +800,17 @@ class HPCExecutor(Executor):
         logger.info("%r closed", self)
 
     def __enter__(self) -> HPCExecutor:
-        """Make this executor's cluster dask's scheduler for the block, and discoverable."""
-        from .integrations.dask import register_for_discovery, use_as_dask_scheduler
+        """Make this executor's cluster dask's scheduler for the block."""
+        from .integrations.dask import use_as_dask_scheduler
 
         use_as_dask_scheduler(self)
-        register_for_discovery(self)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
-        from .integrations.dask import restore_dask_scheduler, unregister_from_discovery
+        from .integrations.dask import restore_dask_scheduler
 
         try:
             restore_dask_scheduler(self)
-            unregister_from_discovery(self)
         finally:
             if exc_type is not None and not issubclass(exc_type, Exception):
                 # KeyboardInterrupt, SystemExit: do not wait for running calls; leave nothing

@@ -48,6 +48,7 @@ EXECUTOR_OPTION_NAMES = (
     "max_pending_jobs",
     "max_resubmissions",
     "max_call_retries",
+    "import_path",
 )
 
 _CLOCK_PATTERN = re.compile(r"^(?:(?P<days>\d+)-)?(?P<fields>\d+(?::\d{1,2}){0,2})$")

@@ -92,6 +92,12 @@ def _whole_number(options: Mapping[str, Any], name: str, default: int, smallest:
     return value
 
 
+#: The options :func:`validate_scaling_options` reads.
+SCALING_OPTION_NAMES = (
+    "adaptive", "min_workers", "idle_timeout", "max_pending_jobs", "max_resubmissions",
+)
+
+
 def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> ScalingOptions:
     """Check the sizing options; raise :class:`OptionError` naming the first bad one.
 

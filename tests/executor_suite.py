@@ -339,3 +339,45 @@ def test_map_over_an_endless_iterator_beside_a_finite_one(ex):
 
 def test_map_over_generators_and_arrays(ex):
     assert list(ex.map(add, (n for n in range(5)), np.arange(5))) == [0, 2, 4, 6, 8]
+
+
+_USER_MODULE_SOURCE = '''
+"""A module of the user's own: not installed, importable only from the working directory."""
+
+
+def triple(value):
+    return 3 * value
+'''
+
+
+def test_functions_of_a_user_module_in_the_working_directory_run(make_executor, tmp_path,
+                                                                  monkeypatch):
+    """As ``python -c``/``-m`` or a notebook in a project folder: sys.path has '' (the cwd)."""
+    import importlib
+
+    name = f"user_module_{uuid.uuid4().hex[:12]}"
+    library_name = f"user_library_{uuid.uuid4().hex[:12]}"
+    project, library = tmp_path / "project", tmp_path / "library"
+    project.mkdir()
+    library.mkdir()
+    (project / f"{name}.py").write_text(_USER_MODULE_SOURCE)
+    (library / f"{library_name}.py").write_text(_USER_MODULE_SOURCE)
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend("")
+    monkeypatch.syspath_prepend(str(library))  # as PYTHONPATH=library would
+    importlib.invalidate_caches()
+    module = importlib.import_module(name)
+    library_module = importlib.import_module(library_name)
+    try:
+        executor = make_executor()
+        try:
+            assert executor.submit(module.triple, 5).result(timeout=120) == 15
+            assert executor.submit(library_module.triple, 7).result(timeout=120) == 21
+            assert list(executor.map(module.triple, range(6), timeout=120)) == [
+                0, 3, 6, 9, 12, 15
+            ]
+        finally:
+            executor.shutdown(wait=True)
+    finally:
+        sys.modules.pop(name, None)
+        sys.modules.pop(library_name, None)

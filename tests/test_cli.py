@@ -302,3 +302,77 @@ def test_check_slurm_shows_the_job_script_and_start_time(cli_env, tmp_path):
                                timeout=30, check=False).stdout
     run_name = re.search(r"run='(fhpc-[0-9a-f]{8})'", output).group(1)
     assert run_name not in remaining  # its jobs were cancelled when the check ended
+
+
+_LIVE_EXECUTOR_SCRIPT = """
+import sys, time
+from futures_hpc import HPCExecutor
+
+options = dict(max_workers=1, cores=1, memory="512MB", walltime="00:10:00", adaptive=False)
+if sys.argv[1] == "with":
+    with HPCExecutor("slurm", **options) as ex:
+        print(ex.run_name, flush=True)
+        assert ex.submit(int, "7").result(timeout=120) == 7
+        print("ready", flush=True)
+        time.sleep(600)
+else:
+    ex = HPCExecutor("slurm", **options)  # no with: must be discoverable all the same
+    print(ex.run_name, flush=True)
+    assert ex.submit(int, "7").result(timeout=120) == 7
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def _slurm_job_ids_named(run_name: str) -> list[str]:
+    completed = subprocess.run(["squeue", "-h", "-n", run_name, "-o", "%i %T"],
+                               capture_output=True, text=True, timeout=30, check=False)
+    return [line.split()[0] for line in completed.stdout.splitlines()
+            if line.split()[1:] in (["PENDING"], ["RUNNING"], ["CONFIGURING"])]
+
+
+@pytest.mark.slurm
+def test_cancel_never_touches_live_executors_with_or_without_with(cli_env, tmp_path):
+    require(shutil.which("sbatch") is not None, "no sbatch: the real SLURM is not running here")
+    script = tmp_path / "live_executor.py"
+    script.write_text(_LIVE_EXECUTOR_SCRIPT)
+    children = {
+        mode: subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=cli_env, cwd=tmp_path)
+        for mode in ("with", "without")
+    }
+    run_names: dict[str, str] = {}
+    try:
+        run_names = {mode: child.stdout.readline().strip() for mode, child in children.items()}
+        for mode, child in children.items():
+            assert run_names[mode].startswith("fhpc-"), run_names
+            assert child.stdout.readline().strip() == "ready", f"the {mode} child failed"
+        job_ids = {mode: _slurm_job_ids_named(name) for mode, name in run_names.items()}
+        assert all(job_ids.values()), job_ids
+
+        spared = run_cli("cancel", "--scheduler", "slurm", *run_names.values(), env=cli_env)
+        assert spared.returncode == 0, spared.stderr
+        for mode, ids in job_ids.items():
+            for job_id in ids:
+                assert f"skipped slurm job {job_id}" in spared.stdout, (mode, spared.stdout)
+        assert "nothing to cancel" in spared.stdout
+        assert {mode: _slurm_job_ids_named(name) for mode, name in run_names.items()} == job_ids
+
+        for child in children.values():
+            child.kill()  # SIGKILL: no clean-up of its own can run
+            child.wait(timeout=30)
+        cancelled = run_cli("cancel", "--scheduler", "slurm", *run_names.values(), env=cli_env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        every_id = sorted(job_id for ids in job_ids.values() for job_id in ids)
+        assert re.search(r"cancelled \d+ slurm job\(s\): ", cancelled.stdout), cancelled.stdout
+        assert sorted(cancelled.stdout.split(": ", 1)[1].split()) == every_id
+        deadline = time.monotonic() + 30
+        while any(_slurm_job_ids_named(name) for name in run_names.values()):
+            assert time.monotonic() < deadline, "the dead executors' jobs are still queued"
+            time.sleep(0.5)
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+        for name in run_names.values():
+            subprocess.run(["scancel", "-n", name], timeout=30, check=False)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from datetime import timedelta
 
 import dask.config
 import pytest
 
 from futures_hpc import HPCExecutor, LocalExecutor, OptionError
+from futures_hpc.errors import CallSerializationError
 from futures_hpc.options import (
     format_walltime,
     merge_with_profile,
@@ -118,3 +121,89 @@ def test_profile_options_reach_a_real_executor():
         with HPCExecutor("local", profile="two") as executor:
             assert executor.max_workers == 2
             assert len(executor.client.scheduler_info()["workers"]) == 2
+
+
+# -- issue 12, item 7 and 8: the keyword backend, and clear errors before anything starts --------
+
+
+def _child_processes() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def test_backend_is_accepted_as_a_keyword(monkeypatch, tmp_path):
+    # A batch system on PATH must not matter when the backend is named, by keyword or position.
+    fake_sbatch = tmp_path / "sbatch"
+    fake_sbatch.write_text("#!/bin/sh\nexit 1\n")
+    fake_sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with HPCExecutor(backend="local", max_workers=1) as executor:
+        assert type(executor) is LocalExecutor
+        assert executor.submit(pow, 2, 5).result(timeout=60) == 32
+    with LocalExecutor(backend="local", max_workers=1) as executor:
+        assert executor.backend_name == "local"
+
+
+def test_backend_given_twice_is_a_type_error():
+    before = _child_processes()
+    with pytest.raises(TypeError, match="backend"):
+        HPCExecutor("local", backend="local")
+    assert _child_processes() == before
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"idle_timeout": -5}, "idle_timeout=-5"),
+        ({"max_pending_jobs": 0}, "max_pending_jobs=0"),
+        ({"min_workers": -1}, "min_workers=-1"),
+        ({"adaptive": "yes"}, "adaptive='yes'"),
+        ({"max_workers": "2"}, "max_workers='2'"),
+        ({"max_workers": 2.5}, "max_workers=2.5"),
+        ({"dashboard_address": "localhost:http"}, "dashboard_address='localhost:http'"),
+        ({"dashboard_address": "no-such-host.invalid:0"}, "dashboard_address="),
+        ({"import_path": "/tmp"}, "import_path='/tmp'"),
+    ],
+)
+def test_bad_values_name_the_option_on_the_local_backend(options, named):
+    before = _child_processes()
+    with pytest.raises(OptionError) as raised:
+        HPCExecutor("local", **options)
+    assert named in str(raised.value)
+    assert _child_processes() == before
+
+
+def test_scaling_options_are_logged_as_ignored_on_the_local_backend(caplog):
+    with caplog.at_level(logging.INFO, logger="futures_hpc"):
+        with HPCExecutor("local", max_workers=1, idle_timeout=30) as executor:
+            assert executor.submit(abs, -3).result(timeout=60) == 3
+    assert "ignores the scaling options idle_timeout" in caplog.text
+
+
+def test_a_log_dir_that_cannot_be_made_is_an_option_error(tmp_path):
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    before = _child_processes()
+    with pytest.raises(OptionError, match=r"^log_dir=.*a-file.*cannot hold"):
+        HPCExecutor("local", max_workers=1, log_dir=not_a_directory)
+    assert _child_processes() == before
+
+
+def test_a_function_that_cannot_be_pickled_is_named():
+    import threading
+
+    lock = threading.Lock()
+
+    def holds_a_lock(value):
+        with lock:
+            return value
+
+    with HPCExecutor("local", max_workers=1) as executor:
+        with pytest.raises(CallSerializationError, match=r"holds_a_lock\(1\).*cannot be pickled"):
+            executor.submit(holds_a_lock, 1)
+        with pytest.raises(TypeError, match=r"function .*holds_a_lock.*cannot be pickled"):
+            list(executor.map(holds_a_lock, [1, 2]))
+        with pytest.raises(CallSerializationError, match=r"chunk of calls of .*abs.* starting"):
+            list(executor.map(abs, [lock]))
+        assert executor.submit(abs, -1).result(timeout=60) == 1  # still usable

@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 
 import dask.config
 
+from ..cleanup import interrupt_handler_kept
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..options import closest_name, profile_options
 
@@ -99,7 +100,8 @@ def load_backend(name: str) -> type:
         )
     module_name, _, class_name = backends[name].partition(":")
     try:
-        module = importlib.import_module(module_name)
+        with interrupt_handler_kept():  # dask-jobqueue's import replaces Ctrl-C's handler
+            module = importlib.import_module(module_name)
     except ImportError as error:
         extra = BACKEND_EXTRAS.get(name)
         hint = f" Install it with: pip install 'futures_hpc[{extra}]'." if extra else ""

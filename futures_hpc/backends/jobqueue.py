@@ -48,6 +48,7 @@ from distributed.deploy.spec import ProcessInterface
 from .. import cleanup
 from ..errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
 from ..executor import HPCExecutor
+from ..import_path import pythonpath_value
 from ..scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
 
 logger = logging.getLogger("futures_hpc")
@@ -445,6 +446,8 @@ class JobQueueExecutor(HPCExecutor):
     A subclass names its cluster class, the commands it needs and how to read job states.
     """
 
+    scales_jobs = True
+
     #: The futures_hpc subclass of the dask-jobqueue cluster.
     cluster_class: ClassVar[type]
     #: The batch system's name, for messages.
@@ -583,6 +586,9 @@ class JobQueueExecutor(HPCExecutor):
             # Workers start where the executor was created, as local workers do.
             f"cd {working_directory} || printf 'futures_hpc: cannot enter %s on %s; workers run "
             f"in %s\\n' {working_directory} \"$(hostname)\" \"$PWD\" >&2",
+            # The client's import path, for modules of the user's own (futures_hpc.import_path).
+            *([f"export PYTHONPATH={shlex.quote(pythonpath_value(self.import_path))}"
+               "${PYTHONPATH:+:$PYTHONPATH}"] if self.import_path else []),
             *(f"export {name}={shlex.quote(value)}" for name, value in resources.env.items()),
             *resources.prologue,
         ]

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from ..errors import BackendUnavailableError, OptionError
 from ..executor import HPCExecutor
+from ..import_path import pythonpath_value
 from . import mpi_world_size
 from .mpi_cluster import MPICluster
 from .mpi_worker import (
@@ -280,6 +281,11 @@ class MPIExecutor(HPCExecutor):
         variables: dict[str, str] = {}
         if self.credentials is not None:
             variables.update(self.credentials.worker_environment())
+        if self.import_path:  # the client's own modules (futures_hpc.import_path)
+            inherited = os.environ.get("PYTHONPATH")
+            variables["PYTHONPATH"] = pythonpath_value(
+                self.import_path + ([inherited] if inherited else [])
+            )
         variables.update({name: str(value) for name, value in (self.resources.env or {}).items()})
         return variables
 

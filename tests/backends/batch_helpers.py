@@ -407,3 +407,78 @@ def test_missing_commands_raise_backend_unavailable(batch, tmp_path, monkeypatch
     with pytest.raises(BackendUnavailableError, match="not on PATH") as caught:
         batch.executor()
     assert "qsub" in str(caught.value) or "sbatch" in str(caught.value)
+
+
+_INTERRUPTED_CHILD_SCRIPT = textwrap.dedent("""
+    import json, signal, sys, time
+    mode = sys.argv[4]
+    if mode == "dask-jobqueue-imported-first":
+        import dask_jobqueue  # noqa: F401 - installs its SIGINT handler before futures_hpc runs
+    if mode == "user-handler":
+        def leave(signum, frame):
+            print("user handler ran", flush=True)
+            raise SystemExit(5)
+        signal.signal(signal.SIGINT, leave)
+    import dask.config
+    from futures_hpc import HPCExecutor
+    backend, options, config = sys.argv[1], *map(json.loads, sys.argv[2:4])
+    dask.config.set(config)
+
+    def slow(value):
+        time.sleep(0.5)
+        return value
+
+    try:
+        with HPCExecutor(backend, **options) as executor:
+            print(executor.run_name, flush=True)
+            for result in executor.map(slow, range(200), chunksize=1):
+                print("result", result, flush=True)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt seen", flush=True)
+        if mode == "caught":
+            sys.exit(130)
+        raise
+""")
+
+
+@pytest.mark.parametrize(
+    "mode", ["uncaught", "caught", "dask-jobqueue-imported-first", "user-handler"]
+)
+def test_ctrl_c_is_a_keyboard_interrupt_and_leaves_no_job(batch, mode, tmp_path):
+    """SIGINT to a child Python mapping on the executor, as Ctrl-C in a terminal sends it.
+
+    dask-jobqueue 0.9 turns SIGINT into ``sys.exit()`` (status 0) when it is imported; the script
+    must see KeyboardInterrupt (or its own handler must run) and the shell status 130.
+    """
+    config = {key: dask.config.get(key) for key in
+              ("futures_hpc.log-dir", "futures_hpc.dashboard-address")}
+    stderr_path = tmp_path / "child.stderr"
+    with stderr_path.open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _INTERRUPTED_CHILD_SCRIPT, batch.backend,
+             json.dumps({**SMALL_WORKERS, "max_workers": 2}), json.dumps(config), mode],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+    try:
+        run_name = child.stdout.readline().strip()
+        assert run_name.startswith("fhpc-"), stderr_path.read_text()[-3000:]
+        first = child.stdout.readline()
+        assert first.startswith("result"), (first, stderr_path.read_text()[-3000:])
+        assert batch.queued_job_ids(run_name)
+        child.send_signal(signal.SIGINT)
+        returncode = child.wait(timeout=60)
+        output = child.stdout.read()
+    finally:
+        child.kill()
+        child.wait()
+    errors = stderr_path.read_text()
+    if mode == "user-handler":
+        assert "user handler ran" in output and returncode == 5, (returncode, errors[-3000:])
+    else:
+        assert "KeyboardInterrupt seen" in output, (output[-2000:], errors[-3000:])
+        # Uncaught, Python ends the process by SIGINT after its clean-up: a shell shows 130.
+        assert returncode == (130 if mode == "caught" else -signal.SIGINT), errors[-3000:]
+    started_waiting = time.monotonic()
+    left = wait_until_no_jobs(batch, run_name)
+    assert left == [], (left, _queue_listing(batch), errors[-3000:])
+    assert time.monotonic() - started_waiting < QUEUE_EMPTY_WITHIN_SECONDS

@@ -64,6 +64,7 @@ class ECSExecutor(HPCExecutor):
     """
 
     backend_name = "ecs"
+    scales_jobs = True
     backend_option_names = ECSCluster.option_names - {
         "env", "python", "prologue", "memory", "nthreads", "max_resubmissions", "run_name",
         "dashboard_address"}
