@@ -8,9 +8,9 @@ Default scheduler
     were entered: each exit restores what the remaining active executors imply.
 
 Discovery (dask-ctl)
-    While an executor is entered, a small record (mode 0600) in :func:`discovery_directory`
-    names its scheduler address and TLS files. :func:`discover` is an async generator in the
-    form dask-ctl expects from a ``dask_cluster_discovery`` entry point, and
+    While an executor is alive (with or without ``with``), a small record (mode 0600) in
+    :func:`discovery_directory` names its scheduler address and TLS files. :func:`discover` is an
+    async generator in the form dask-ctl expects from a ``dask_cluster_discovery`` entry point, and
     :meth:`DiscoveredCluster.from_name` reconnects to a listed cluster, so ``dask cluster list``
     shows running executors where dask-ctl is installed and working.
 """
