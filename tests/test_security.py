@@ -32,6 +32,11 @@ from futures_hpc.security import (
     create_run_credentials,
     remove_run_credentials,
 )
+from tests.security_helpers import (
+    listeners_of_a_run,
+    open_to_every_interface,
+    run_child_until_result,
+)
 
 #: What an attacker runs: every way in, against every listener address it is given.
 _ATTACK_SCRIPT = textwrap.dedent("""
@@ -195,68 +200,6 @@ def test_local_tls_is_on_by_default_and_writes_no_key_file(tmp_path):
                    for path in tmp_path.rglob("*") if path.is_file())
 
 
-_LISTENING_CHILD = textwrap.dedent("""
-    import json, sys
-    import dask.config
-    from futures_hpc import HPCExecutor
-    if __name__ == "__main__":
-        backend, options, config = sys.argv[1], *map(json.loads, sys.argv[2:4])
-        dask.config.set(config)
-        with HPCExecutor(backend, **options) as executor:
-            assert executor.submit(sum, [1, 2]).result(120) == 3
-            executor.client.wait_for_workers(options.get("max_workers", 1), timeout=120)
-            print(executor.cluster.scheduler_address, flush=True)
-            sys.stdin.readline()
-""")
-
-
-def listeners_of_a_run(backend: str, options: dict) -> list[tuple[str, int, str]]:
-    """``(local address, pid, process name)`` of every TCP listener of a child's run.
-
-    The run's processes: the child, its descendants, and the processes whose command line
-    names the run's scheduler (batch workers and nannies), with their descendants.
-    """
-    config = {key: dask.config.get(key) for key in
-              ("futures_hpc.log-dir", "futures_hpc.dashboard-address",
-               "futures_hpc.discovery-dir")}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _LISTENING_CHILD, backend, json.dumps(options),
-         json.dumps(config)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        scheduler_address = child.stdout.readline().strip()
-        assert scheduler_address, child.stderr.read()[-3000:]
-        roots = [psutil.Process(child.pid)] + [
-            process for process in psutil.process_iter(["cmdline"])
-            if scheduler_address in " ".join(process.info["cmdline"] or [])
-        ]
-        pids = set()
-        for root in roots:
-            pids |= {root.pid} | {process.pid for process in root.children(recursive=True)}
-        listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True,
-                                 check=True).stdout
-        child.stdin.write("done\n")
-        child.stdin.flush()
-        child.wait(timeout=120)
-    finally:
-        child.kill()
-        child.wait()
-    listeners = []
-    for line in listing.splitlines():
-        fields = line.split()
-        for pid in pids:
-            if f"pid={pid}," in line:
-                listeners.append((fields[3], pid, fields[-1]))
-    return listeners
-
-
-def open_to_every_interface(listeners: list[tuple[str, int, str]]) -> list:
-    """The listeners bound to ``0.0.0.0``, ``[::]`` or ``*``."""
-    return [listener for listener in listeners
-            if listener[0].rsplit(":", 1)[0] in ("0.0.0.0", "[::]", "*")]
-
-
 @pytest.mark.timeout(300)
 def test_a_local_run_listens_on_127_0_0_1_only():
     listeners = listeners_of_a_run("local", {"max_workers": 2})
@@ -302,3 +245,14 @@ def test_an_executor_start_deletes_the_tls_files_of_a_dead_run(tmp_path):
             assert running_cluster_names() == []
         finally:
             executor.shutdown()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ending", ["normal", "SIGTERM", "SIGINT"])
+def test_a_local_run_never_has_a_key_file_however_it_ends(ending, tmp_path):
+    run = run_child_until_result("local", {"max_workers": 1}, ending, tmp_path / "stderr")
+    assert run.key is None and run.certificate is None
+    assert run.tls_files() == []
+    assert not (run.log_dir / "tls").exists()
+    if ending == "normal":
+        assert run.returncode == 0, run.stderr[-3000:]
