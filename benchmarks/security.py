@@ -12,7 +12,8 @@ target: the default (TLS) within 1.15x of ``security=False`` (today's behaviour 
   process, divided by the number of workers, over the elapsed time.
 
 Run: ``python benchmarks/security.py`` (``--repeats``, ``--calls``, ``--submits``,
-``--work-calls`` to change the sizes). Note the machine's load (``uptime``) with the figures.
+``--work-calls`` to change the sizes, ``--only map|submit|work`` for some parts). The machine's
+load average is printed before and after: figures taken under load are not comparable.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--submits", type=int, default=10_000)
     parser.add_argument("--work-calls", type=int, default=2_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("map", "submit", "work"), action="append",
+                        help="run only these parts (repeatable); default: all three")
     arguments = parser.parse_args()
 
     from futures_hpc import LocalExecutor
@@ -124,25 +127,29 @@ def main() -> None:
             submit_and_drain(executor, 1_000)
             map_work(executor, iterations, 20)
 
+        parts = set(arguments.only or ("map", "submit", "work"))
         ratios = {}
-        ratios["map"] = report(
-            f"(a) ex.map of {arguments.calls:,} trivial calls",
-            side_by_side(executors, arguments.repeats,
-                         lambda executor: map_trivial(executor, arguments.calls)),
-            baseline, candidate)
-        ratios["submit"] = report(
-            f"(b) {arguments.submits:,} submit + as_completed",
-            side_by_side(executors, arguments.repeats,
-                         lambda executor: submit_and_drain(executor, arguments.submits)),
-            baseline, candidate)
-        serial = arguments.work_calls * work_seconds
-        ratios["work"] = report(
-            f"(c) {arguments.work_calls:,} calls of {iterations:,} steps (about "
-            f"{1000 * work_seconds:.1f} ms each; ideal {serial / WORKERS:.2f} s on {WORKERS} "
-            "workers)",
-            side_by_side(executors, max(2, arguments.repeats // 2),
-                         lambda executor: map_work(executor, iterations, arguments.work_calls)),
-            baseline, candidate, ideal=serial / WORKERS)
+        if "map" in parts:
+            ratios["map"] = report(
+                f"(a) ex.map of {arguments.calls:,} trivial calls",
+                side_by_side(executors, arguments.repeats,
+                             lambda executor: map_trivial(executor, arguments.calls)),
+                baseline, candidate)
+        if "submit" in parts:
+            ratios["submit"] = report(
+                f"(b) {arguments.submits:,} submit + as_completed",
+                side_by_side(executors, arguments.repeats,
+                             lambda executor: submit_and_drain(executor, arguments.submits)),
+                baseline, candidate)
+        if "work" in parts:
+            serial = arguments.work_calls * work_seconds
+            ratios["work"] = report(
+                f"(c) {arguments.work_calls:,} calls of {iterations:,} steps (about "
+                f"{1000 * work_seconds:.1f} ms each; ideal {serial / WORKERS:.2f} s on "
+                f"{WORKERS} workers)",
+                side_by_side(executors, arguments.repeats, lambda executor: map_work(
+                    executor, iterations, arguments.work_calls)),
+                baseline, candidate, ideal=serial / WORKERS)
     finally:
         for executor in executors.values():
             executor.shutdown()

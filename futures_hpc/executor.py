@@ -376,8 +376,6 @@ class HPCExecutor(Executor):
             "distributed.security.Security"
         )
 
-    # -- submitting work ----------------------------------------------------------------------
-
     def remove_credentials(self) -> None:
         """Delete the run's TLS key and certificate files, if any (the executor is ending).
 
@@ -389,6 +387,8 @@ class HPCExecutor(Executor):
 
     def cancel_jobs_now(self) -> None:
         """Cancel the executor's batch jobs without the event loop (none here: no jobs)."""
+
+    # -- submitting work ----------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._shutdown:
