@@ -23,6 +23,7 @@ from tests.backends.batch_helpers import (
     BatchSystem,
     scontrol_job,
     slurm_queued_job_ids,
+    wait_for_workers,
     wait_until_no_jobs,
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
@@ -167,6 +168,7 @@ def test_job_script_binds_the_workers_to_their_route_to_the_scheduler(ex):
     assert '--host "$FUTURES_HPC_WORKER_HOST"' in script
     assert '--dashboard-address "$FUTURES_HPC_WORKER_HTTP"' in script
     assert "--no-dashboard" in script
+    wait_for_workers(ex, 2)
     workers = ex.client.scheduler_info()["workers"]
     assert {address.split("://", 1)[1].rsplit(":", 1)[0] for address in workers} == {host}
 
