@@ -85,7 +85,9 @@ def scheduler_host_for_workers() -> str:
 
 
 def _given(arguments: list[str], names: tuple[str, ...]) -> bool:
-    return any(argument.split("=", 1)[0] in names for argument in arguments)
+    """Whether any of the options ``names`` is among the worker arguments (in any spelling)."""
+    tokens = [token for argument in arguments for token in str(argument).split()]
+    return any(token.split("=", 1)[0] in names for token in tokens)
 
 
 def plan_batch_listening(
@@ -138,7 +140,8 @@ def plan_batch_listening(
         plan.worker_arguments += ["--host", f'"${WORKER_HOST_VARIABLE}"']
     if not _given(worker_arguments, ("--dashboard-address",)):
         plan.worker_arguments += ["--dashboard-address", f'"${WORKER_HTTP_VARIABLE}"']
-    if tls and not _given(worker_arguments, ("--dashboard", "--no-dashboard")):
-        plan.worker_arguments.append("--no-dashboard")
+    if tls and not _given(worker_arguments, ("--dashboard",)):  # unless asked for, none
+        if not _given(worker_arguments, ("--no-dashboard",)):
+            plan.worker_arguments.append("--no-dashboard")
         plan.prologue.append("export DASK_DISTRIBUTED__WORKER__HTTP__ROUTES='[]'")
     return plan
