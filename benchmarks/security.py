@@ -44,9 +44,12 @@ def counted_work(iterations):
 
 
 def calibrate_iterations(milliseconds: float) -> int:
-    """How many steps of :func:`counted_work` take ``milliseconds`` here (best of 5)."""
-    probe = 200_000
-    best = min(_timed(lambda: counted_work(probe)) for _ in range(5))
+    """How many steps of :func:`counted_work` take ``milliseconds`` here (best of 40 probes).
+
+    The best of many short probes, so that other processes on the machine weigh little.
+    """
+    probe = 50_000
+    best = min(_timed(lambda: counted_work(probe)) for _ in range(40))
     return max(1, round(probe * milliseconds / 1000 / best))
 
 
@@ -66,8 +69,8 @@ def submit_and_drain(executor, calls: int) -> None:
     assert sum(future.result() for future in as_completed(futures)) == calls * (calls - 1) // 2
 
 
-def map_work(executor, iterations: int, calls: int) -> None:
-    results = list(executor.map(counted_work, [iterations] * calls))
+def map_work(executor, iterations: int, calls: int, chunksize: int | None = None) -> None:
+    results = list(executor.map(counted_work, [iterations] * calls, chunksize=chunksize))
     assert len(results) == calls
 
 
@@ -143,12 +146,15 @@ def main() -> None:
                 baseline, candidate)
         if "work" in parts:
             serial = arguments.work_calls * work_seconds
+            # The same chunks on both (each executor sizes them from the call times it has
+            # measured, which the machine's load makes differ).
+            chunksize = executors[baseline].automatic_chunksize(arguments.work_calls, counted_work)
             ratios["work"] = report(
                 f"(c) {arguments.work_calls:,} calls of {iterations:,} steps (about "
                 f"{1000 * work_seconds:.1f} ms each; ideal {serial / WORKERS:.2f} s on "
-                f"{WORKERS} workers)",
+                f"{WORKERS} workers, chunksize {chunksize})",
                 side_by_side(executors, arguments.repeats, lambda executor: map_work(
-                    executor, iterations, arguments.work_calls)),
+                    executor, iterations, arguments.work_calls, chunksize)),
                 baseline, candidate, ideal=serial / WORKERS)
     finally:
         for executor in executors.values():
