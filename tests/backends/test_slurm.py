@@ -141,7 +141,8 @@ def test_the_key_files_of_a_killed_run_are_deleted_by(batch, sweeper, tmp_path):
             environment = {**os.environ,
                            "DASK_FUTURES_HPC__DISCOVERY_DIR": dask.config.get(
                                "futures_hpc.discovery-dir")}
-            result = subprocess.run([sys.executable, "-m", "futures_hpc", "cancel"],
+            # Named: the jobs of other runs of this user (other tests) are not this test's.
+            result = subprocess.run([sys.executable, "-m", "futures_hpc", "cancel", run.run],
                                     capture_output=True, text=True, timeout=120,
                                     env=environment)
             assert result.returncode == 0, result.stdout + result.stderr
@@ -161,15 +162,16 @@ def test_no_listener_of_a_slurm_run_is_open_to_every_interface(batch):
     assert "127.0.0.1" in dashboard_hosts, listeners  # the scheduler's dashboard
 
 
-def test_job_script_binds_the_workers_to_their_route_to_the_scheduler(ex):
-    script = ex.job_script()
-    host = ex.cluster.scheduler_address.split("://", 1)[1].rsplit(":", 1)[0]
+def test_job_script_binds_the_workers_to_their_route_to_the_scheduler(batch):
+    with batch.executor(max_workers=2) as executor:
+        script = executor.job_script()
+        host = executor.cluster.scheduler_address.split("://", 1)[1].rsplit(":", 1)[0]
+        wait_for_workers(executor, 2)
+        workers = executor.client.scheduler_info()["workers"]
     assert host not in ("0.0.0.0", "[::]", "")
     assert '--host "$FUTURES_HPC_WORKER_HOST"' in script
     assert '--dashboard-address "$FUTURES_HPC_WORKER_HTTP"' in script
     assert "--no-dashboard" in script
-    wait_for_workers(ex, 2)
-    workers = ex.client.scheduler_info()["workers"]
     assert {address.split("://", 1)[1].rsplit(":", 1)[0] for address in workers} == {host}
 
 
