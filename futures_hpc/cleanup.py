@@ -1,15 +1,18 @@
-"""Signals: cancel the live executors' batch jobs on SIGTERM; Ctrl-C stays a KeyboardInterrupt.
+"""Signals: on SIGTERM cancel the live executors' jobs and delete their TLS files; Ctrl-C stays
+a KeyboardInterrupt.
 
 Batch schedulers send SIGTERM before they kill a job (walltime, ``scancel`` of the job that runs
 the client), and so do ``kill`` and most process supervisors. By default Python then dies at
 once: no ``finally`` block, ``__exit__`` or ``atexit`` hook runs, and every job the executors had
-submitted would stay in the queue until its worker gave up on the lost scheduler. The handler
-installed here first cancels the jobs (one command per executor), then does what the previous
-handler would have done: calls it, or, if it was the default, dies of SIGTERM as before.
+submitted would stay in the queue until its worker gave up on the lost scheduler, and the run's
+TLS key would stay on disk. The handler installed here first cancels the jobs (one command per
+executor) and deletes the key and certificate files, then does what the previous handler would
+have done: calls it, or, if it was the default, dies of SIGTERM as before.
 
-The handler is installed when the first batch executor starts (only from the main thread, where
-Python allows it, and not when SIGTERM is ignored), and the previous handler is put back when the
-last one closes, unless somebody else replaced ours in between.
+The handler is installed when the first batch executor (or any executor with TLS files)
+starts (only from the main thread, where Python allows it, and not when SIGTERM is ignored), and
+the previous handler is put back when the last one closes, unless somebody else replaced ours in
+between.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class JobCanceller(Protocol):
 
     def cancel_jobs_now(self) -> None:
         """Cancel all the executor's batch jobs with one command, from any thread."""
+
+    def remove_credentials(self) -> None:
+        """Delete the executor's TLS files, from any thread."""
 
 
 _lock = threading.RLock()  # re-entrant: the handler runs in the main thread, which may hold it
@@ -110,6 +116,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             executor.cancel_jobs_now()
         except Exception:  # one failing executor must not keep the others' jobs alive
             logger.exception("cancelling the jobs of %r on SIGTERM failed", executor)
+        remove_credentials = getattr(executor, "remove_credentials", None)
+        if remove_credentials is not None:
+            remove_credentials()  # never raises
     if callable(previous):
         previous(signum, frame)
         return

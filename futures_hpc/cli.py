@@ -552,6 +552,8 @@ def command_jobs(arguments: argparse.Namespace) -> int:
 
 def command_cancel(arguments: argparse.Namespace) -> int:
     """Cancel this user's futures_hpc jobs: all of them, or those named by the targets."""
+    # Reading the discovery records first also deletes the TLS files of runs killed here.
+    _live_run_names()
     found = _queued_jobs_reporting_errors(arguments)
     if found is None:
         return 0

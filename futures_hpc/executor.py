@@ -30,6 +30,7 @@ import distributed
 from distributed.deploy import Cluster
 from distributed.security import Security
 
+from . import cleanup
 from . import config as _config  # noqa: F401 - registers the default configuration
 from .bridge import FutureBridge
 from .calls import (
@@ -47,7 +48,7 @@ from .import_path import ImportPathPlugin, import_path_option
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
 from .progress import track
 from .scaling import SCALING_OPTION_NAMES, ScalingStatus, validate_scaling_options
-from .security import RunCredentials, create_run_credentials
+from .security import TLS_DIRECTORY, RunCredentials, create_run_credentials
 from .streams import in_process_scheduler_address
 
 logger = logging.getLogger("futures_hpc")
@@ -176,8 +177,12 @@ class HPCExecutor(Executor):
         A named set of options from dask config (``futures_hpc.profiles.<name>``); explicit
         arguments override it.
     security : bool or distributed.security.Security, optional
-        TLS between scheduler, workers and client. Default: on for backends whose workers
-        connect over a network (a fresh certificate per run), off for ``local``.
+        TLS between scheduler, workers and client, with a fresh certificate per run. Default:
+        on, on every backend (config ``futures_hpc.security``). The local backend keeps the
+        key in memory; batch and MPI backends write it into the run's ``tls`` directory and
+        delete it when the executor closes. ``False``: plain TCP, which any user who can reach
+        the ports (on ``local``: any user of this machine) can use to run code as you. A
+        :class:`~distributed.security.Security`: your own certificates, used as they are.
     dashboard_address : str, optional
         Where the dashboard listens (default from config ``futures_hpc.dashboard-address``).
     **options
@@ -196,11 +201,14 @@ class HPCExecutor(Executor):
     backend_name: ClassVar[str] = ""
     #: Options the backend accepts besides the common ones; None accepts anything.
     backend_option_names: ClassVar[frozenset[str] | None] = frozenset()
-    #: Whether workers connect over a network (TLS is then on by default).
+    #: Whether workers connect over a network (and write logs of their own).
     networked: ClassVar[bool] = True
     #: Whether the backend sizes its workers with the fair-share policy (``adaptive``,
     #: ``idle_timeout``, ...); other backends check those options' values and log them as ignored.
     scales_jobs: ClassVar[bool] = False
+    #: Whether the run's TLS key stays in memory (workers get it from this process) instead of
+    #: being written to the run's ``tls`` directory for workers started elsewhere.
+    credentials_in_memory: ClassVar[bool] = False
 
     def __new__(cls, backend: str | None = None, **options: Any) -> HPCExecutor:
         """Give an instance of the chosen backend's subclass when called as ``HPCExecutor``.
@@ -255,6 +263,7 @@ class HPCExecutor(Executor):
             self.log_dir  # noqa: B018 - made now, so that a bad log_dir fails before any start
         self._check_scaling_options()
         self._validate_options()
+        _sweep_stale_runs()
         self.credentials: RunCredentials | None = None
         self.security: Security | None = self._make_security(security)
 
@@ -456,11 +465,15 @@ class HPCExecutor(Executor):
 
     def _make_security(self, security: bool | Security | None) -> Security | None:
         if security is None:
-            security = self.networked and dask.config.get("futures_hpc.security", True)
+            security = dask.config.get("futures_hpc.security", True)
         if isinstance(security, Security):
             return security
         if security is True:
-            self.credentials = create_run_credentials(self.log_dir / "tls")
+            self.credentials = create_run_credentials(
+                None if self.credentials_in_memory else self.log_dir / TLS_DIRECTORY
+            )
+            if not self.credentials.in_memory:
+                cleanup.register(self)  # SIGTERM deletes the files too
             return self.credentials.security
         if security is False:
             return None
@@ -468,6 +481,18 @@ class HPCExecutor(Executor):
             f"security={security!r} is not allowed; use True, False or a "
             "distributed.security.Security"
         )
+
+    def remove_credentials(self) -> None:
+        """Delete the run's TLS key and certificate files, if any (the executor is ending).
+
+        Called when the cluster closes, and by the SIGTERM handler; any thread, never raises.
+        """
+        credentials = getattr(self, "credentials", None)
+        if credentials is not None:
+            credentials.remove_files()
+
+    def cancel_jobs_now(self) -> None:
+        """Cancel the executor's batch jobs without the event loop (none here: no jobs)."""
 
     # -- submitting work ----------------------------------------------------------------------
 
@@ -787,16 +812,21 @@ class HPCExecutor(Executor):
         from .integrations.dask import unregister_from_discovery
 
         unregister_from_discovery(self)
-        for step, closer in (
-            ("results bridge", self._bridge and self._bridge.close),
-            ("client", self._client and self._client.close),
-            ("cluster", self._cluster and self._cluster.close),
-        ):
-            if closer:
-                try:
-                    closer()
-                except Exception as error:
-                    logger.warning("closing the %s of %r failed: %r", step, self, error)
+        try:
+            for step, closer in (
+                ("results bridge", self._bridge and self._bridge.close),
+                ("client", self._client and self._client.close),
+                ("cluster", self._cluster and self._cluster.close),
+            ):
+                if closer:
+                    try:
+                        closer()
+                    except Exception as error:
+                        logger.warning("closing the %s of %r failed: %r", step, self, error)
+        finally:
+            # However closing went (KeyboardInterrupt included), the key does not outlive it.
+            self.remove_credentials()
+            cleanup.unregister(self)
         logger.info("%r closed", self)
 
     def __enter__(self) -> HPCExecutor:
@@ -826,6 +856,16 @@ class HPCExecutor(Executor):
                 self._abort()
         except Exception:
             pass
+
+
+def _sweep_stale_runs() -> None:
+    """Drop discovery records of dead runs of this host, deleting their TLS files (cheap)."""
+    from .integrations.dask import running_cluster_names
+
+    try:
+        running_cluster_names()
+    except Exception as error:  # a convenience: it must never stop a run from starting
+        logger.debug("sweeping the discovery records failed: %r", error)
 
 
 def _is_sliceable(iterable: Iterable[Any]) -> bool:

@@ -1,42 +1,64 @@
-"""TLS material for networked backends.
+"""TLS material for every backend: one certificate per run, removed at the end of the run.
 
-Every executor whose workers connect over a network creates one certificate per run. The key and
-the certificate are written with mode 0600 into a directory of mode 0700 that the workers can read
-(the run's log directory on a shared file system for batch backends), and both the scheduler and
-the workers require TLS with that certificate as the only trusted authority: a client without it
-cannot connect, and a plain-TCP client is refused.
+Every executor creates a fresh EC P-256 key and a self-signed certificate per run, and the
+scheduler, the workers and the client require TLS with that certificate as the only trusted
+authority: a client without it cannot connect, and a plain-TCP client is refused.
+
+- Where the workers receive their configuration from this process (the local backend, whose
+  worker processes are started by nannies in this process), the key and the certificate stay in
+  memory: futures_hpc writes no file.
+- Where the workers start elsewhere and read them from a shared file system (batch jobs, MPI
+  ranks), they are written with mode 0600 into the run's ``tls`` directory (mode 0700) and
+  deleted when the executor closes, by :func:`remove_run_credentials`. If the process is killed
+  before that (SIGKILL), the next executor started by the same user on the same host, or
+  ``futures-hpc cancel``, deletes them, found through the run's discovery record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distributed.security import Security
 
+logger = logging.getLogger("futures_hpc")
+
 #: File names inside the run's TLS directory.
 CERTIFICATE_FILE = "run-certificate.pem"
 KEY_FILE = "run-key.pem"
+#: Name of the run's TLS directory inside its log directory.
+TLS_DIRECTORY = "tls"
 
 
 @dataclass(frozen=True)
 class RunCredentials:
-    """The per-run TLS files and the :class:`distributed.security.Security` built on them.
+    """The per-run key and certificate, and the :class:`distributed.security.Security` on them.
 
     Attributes
     ----------
     security : distributed.security.Security
-        For the scheduler and the client (``require_encryption=True``).
-    certificate_path, key_path : pathlib.Path
-        The PEM files, mode 0600.
+        For the scheduler, the workers and the client (``require_encryption=True``).
+    certificate_pem, key_pem : str
+        The certificate and the private key, as PEM texts.
+    certificate_path, key_path : pathlib.Path or None
+        The PEM files (mode 0600), or None when the credentials exist in memory only.
 
     """
 
     security: Security
-    certificate_path: Path
-    key_path: Path
+    certificate_pem: str = field(repr=False)
+    key_pem: str = field(repr=False)
+    certificate_path: Path | None = None
+    key_path: Path | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether no file holds the credentials."""
+        return self.key_path is None
 
     def worker_environment(self, inline: bool = False) -> dict[str, str]:
         """Dask configuration for a worker process, as environment variables.
@@ -45,7 +67,8 @@ class RunCredentials:
         ----------
         inline : bool
             Put the PEM contents themselves in the variables (for workers that share no file
-            system with the client, such as ECS tasks) instead of the file paths.
+            system with the client, such as ECS tasks) instead of the file paths. Always the
+            case for credentials held in memory only.
 
         Returns
         -------
@@ -54,12 +77,10 @@ class RunCredentials:
             credentials.
 
         """
-        if inline:
-            certificate = self.certificate_path.read_text()
-            key = self.key_path.read_text()
+        if inline or self.in_memory:
+            certificate, key = self.certificate_pem, self.key_pem
         else:
-            certificate = str(self.certificate_path)
-            key = str(self.key_path)
+            certificate, key = str(self.certificate_path), str(self.key_path)
         prefix = "DASK_DISTRIBUTED__COMM__"
         return {
             prefix + "REQUIRE_ENCRYPTION": "True",
@@ -70,6 +91,10 @@ class RunCredentials:
             prefix + "TLS__CLIENT__CERT": certificate,
             prefix + "TLS__CLIENT__KEY": key,
         }
+
+    def remove_files(self) -> None:
+        """Delete the key and certificate files and their directory (nothing if in memory)."""
+        remove_run_credentials(self.certificate_path, self.key_path)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -116,37 +141,96 @@ def _self_signed_certificate(days: int = 30) -> tuple[str, str]:
     return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_text
 
 
-def create_run_credentials(directory: str | os.PathLike[str]) -> RunCredentials:
-    """Create a fresh key and self-signed certificate for one run and write them to ``directory``.
+def _security_for(certificate: str, key: str) -> Security:
+    """TLS for every role with ``certificate`` as the only authority (paths or PEM texts)."""
+    return Security(
+        require_encryption=True,
+        tls_ca_file=certificate,
+        tls_scheduler_cert=certificate,
+        tls_scheduler_key=key,
+        tls_worker_cert=certificate,
+        tls_worker_key=key,
+        tls_client_cert=certificate,
+        tls_client_key=key,
+    )
+
+
+def create_run_credentials(directory: str | os.PathLike[str] | None = None) -> RunCredentials:
+    """Create a fresh key and self-signed certificate for one run.
 
     Parameters
     ----------
-    directory : path-like
-        Created with mode 0700 if missing. It must be readable by the workers (for batch
-        backends: on a file system shared with the compute nodes).
+    directory : path-like, optional
+        Where to write them (created with mode 0700 if missing); it must be readable by the
+        workers (for batch backends: on a file system shared with the compute nodes). Without
+        it, the credentials stay in memory: the :class:`~distributed.security.Security` holds
+        the PEM texts themselves, for workers that receive it from this process.
 
     Returns
     -------
     RunCredentials
-        The files and the :class:`~distributed.security.Security` that uses them.
+        The PEM texts, the files if any, and the :class:`~distributed.security.Security` that
+        uses them.
 
     """
+    certificate_text, key_text = _self_signed_certificate()
+    if directory is None:
+        return RunCredentials(_security_for(certificate_text, key_text), certificate_text,
+                              key_text)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
-    certificate_text, key_text = _self_signed_certificate()
     certificate_path = directory / CERTIFICATE_FILE
     key_path = directory / KEY_FILE
     _write_private(certificate_path, certificate_text)
     _write_private(key_path, key_text)
-    security = Security(
-        require_encryption=True,
-        tls_ca_file=str(certificate_path),
-        tls_scheduler_cert=str(certificate_path),
-        tls_scheduler_key=str(key_path),
-        tls_worker_cert=str(certificate_path),
-        tls_worker_key=str(key_path),
-        tls_client_cert=str(certificate_path),
-        tls_client_key=str(key_path),
-    )
-    return RunCredentials(security, certificate_path, key_path)
+    security = _security_for(str(certificate_path), str(key_path))
+    return RunCredentials(security, certificate_text, key_text, certificate_path, key_path)
+
+
+def remove_run_credentials(
+    certificate_path: str | os.PathLike[str] | None,
+    key_path: str | os.PathLike[str] | None,
+) -> bool:
+    """Delete a run's key and certificate files, and their directory once it is empty.
+
+    Used by every path on which a run ends: the executor's close (normal exit, exception,
+    Ctrl-C, interpreter exit), the SIGTERM handler, and the sweep of discovery records left by
+    killed processes. Only files with the names this module gives them are touched, so a damaged
+    record cannot make it delete anything else. Never raises.
+
+    Parameters
+    ----------
+    certificate_path, key_path : path-like or None
+        The files, as :class:`RunCredentials` or a discovery record names them.
+
+    Returns
+    -------
+    bool
+        Whether any file was deleted.
+
+    """
+    removed = False
+    directories = set()
+    for path, expected_name in ((key_path, KEY_FILE), (certificate_path, CERTIFICATE_FILE)):
+        if not path:
+            continue
+        path = Path(path)
+        if path.name != expected_name:
+            logger.warning("not deleting %s: not a futures_hpc TLS file", path)
+            continue
+        directories.add(path.parent)
+        try:
+            path.unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            logger.warning("could not delete the TLS file %s: %r", path, error)
+    for directory in directories:
+        if directory.name == TLS_DIRECTORY:
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                directory.rmdir()
+    if removed:
+        logger.debug("deleted the TLS files in %s", ", ".join(map(str, directories)))
+    return removed

@@ -12,7 +12,10 @@ jobs, and adds what dask-jobqueue leaves to its users:
   futures fail with :class:`~futures_hpc.errors.JobFailedError` instead of hanging;
 - closing cancels all jobs with one ``scancel``/``qdel`` command, also on KeyboardInterrupt, at
   interpreter exit and on SIGTERM (see :mod:`futures_hpc.cleanup`);
-- TLS by default: the scheduler and the workers use the run's certificate.
+- TLS by default: the scheduler and the workers use the run's certificate, whose files are
+  deleted when the executor closes;
+- the scheduler and the workers listen on the interface the workers use, not on every
+  interface (see :mod:`futures_hpc.backends.listen`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -50,6 +54,7 @@ from ..errors import BackendUnavailableError, JobFailedError, JobSubmissionError
 from ..executor import HPCExecutor
 from ..import_path import pythonpath_value
 from ..scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
+from .listen import plan_batch_listening
 
 logger = logging.getLogger("futures_hpc")
 
@@ -596,9 +601,23 @@ class JobQueueExecutor(HPCExecutor):
             name: value for name, value in self.backend_options.items()
             if name not in self.own_option_names
         }
+        user_scheduler_options = passed.pop("scheduler_options", None) or dask.config.get(
+            f"jobqueue.{config_name}.scheduler-options", None) or {}
+        worker_arguments = list(passed.pop("worker_extra_args", None) or dask.config.get(
+            f"jobqueue.{config_name}.worker-extra-args", None) or passed.pop("extra", None) or [])
+        listen = plan_batch_listening(
+            user_scheduler_options,
+            passed.get("interface") or dask.config.get(f"jobqueue.{config_name}.interface", None),
+            worker_arguments,
+            resources.python or dask.config.get(f"jobqueue.{config_name}.python", None)
+            or sys.executable,
+            tls=self.security is not None,
+        )
+        prologue += listen.prologue  # after the user's lines, which may set up the Python
         scheduler_options = {
             "dashboard_address": self.dashboard_address,
-            **(passed.pop("scheduler_options", None) or {}),
+            **listen.scheduler_options,
+            **user_scheduler_options,
         }
         options: dict[str, Any] = dict(
             name=self.run_name,
@@ -614,6 +633,7 @@ class JobQueueExecutor(HPCExecutor):
             log_directory=str(self.log_dir),
             security=self.security,
             scheduler_options=scheduler_options,
+            worker_extra_args=worker_arguments + listen.worker_arguments,
             job_book=self._job_book,
             memory_request=memory_request,
         )

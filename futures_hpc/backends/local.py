@@ -1,4 +1,12 @@
-"""The local backend: an embedded :class:`distributed.LocalCluster` of worker processes."""
+"""The local backend: an embedded :class:`distributed.LocalCluster` of worker processes.
+
+Closed to other users of the machine by default: the scheduler, the nannies and the workers
+listen on 127.0.0.1 only and require TLS with a certificate made for the run, which the worker
+processes receive from their nannies in this process, so the key is never written to a file.
+The workers' HTTP servers (which distributed always starts) listen on 127.0.0.1 and, with TLS,
+serve nothing; the scheduler's dashboard listens where ``dashboard_address`` says (localhost by
+default).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import inspect
 import logging
 import os
 
-from distributed import LocalCluster
+from distributed import LocalCluster, Nanny
 
 from ..executor import HPCExecutor
 
@@ -14,6 +22,25 @@ logger = logging.getLogger("futures_hpc")
 
 #: Common options that mean nothing on one machine; accepted (a profile may set them) and logged.
 _IGNORED_OPTIONS = ("walltime", "queue", "account", "job_extra", "prologue", "python")
+
+
+#: Where each local worker's HTTP server listens.
+LOCAL_WORKER_HTTP_ADDRESS = "127.0.0.1:0"
+
+#: Worker configuration (given to each nanny, for the worker processes it starts).
+_NO_WORKER_HTTP_ROUTES = {"distributed.worker.http.routes": []}
+
+
+class _NannyWithoutWorkerDashboard(Nanny):
+    """A nanny whose worker has no dashboard, whatever its ``dashboard_address``.
+
+    :class:`~distributed.LocalCluster` turns the workers' dashboards on whenever it is given a
+    ``worker_dashboard_address``, which is the only way to say where their HTTP servers listen.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["dashboard"] = False
+        super().__init__(*args, **kwargs)
 
 
 def local_core_count() -> int:
@@ -38,6 +65,7 @@ class LocalExecutor(HPCExecutor):
         inspect.signature(LocalCluster.__init__).parameters
     ) - {"self", "n_workers", "threads_per_worker", "processes", "memory_limit", "kwargs"}
     networked = False
+    credentials_in_memory = True
 
     def _planned_worker_slots(self) -> int:
         return (self.max_workers or local_core_count()) * (self.resources.cores or 1)
@@ -57,6 +85,14 @@ class LocalExecutor(HPCExecutor):
         )
         if self.resources.env:
             options["env"] = dict(self.resources.env)
+        if "worker_dashboard_address" not in self.backend_options:
+            # Each worker's HTTP server cannot be turned off: on 127.0.0.1 (distributed 2024.1
+            # would bind every interface), without the worker's dashboard.
+            options.update(worker_dashboard_address=LOCAL_WORKER_HTTP_ADDRESS,
+                           worker_class=_NannyWithoutWorkerDashboard)
+            if self.security is not None:
+                # It has no TLS: it serves nothing then (its routes: health, metrics, statics).
+                options["config"] = _NO_WORKER_HTTP_ROUTES
         if self.security is not None:
             options.update(security=self.security, protocol="tls")
         options.update(self.backend_options)

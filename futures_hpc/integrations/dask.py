@@ -38,6 +38,7 @@ from distributed.deploy.cluster import SchedulerInfo
 from distributed.security import Security
 
 from ..cleanup import process_alive
+from ..security import remove_run_credentials
 
 if TYPE_CHECKING:
     from ..executor import HPCExecutor
@@ -177,8 +178,8 @@ def register_for_discovery(executor: HPCExecutor) -> Path | None:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "created": time.time(),
-            "tls_certificate": str(credentials.certificate_path) if credentials else None,
-            "tls_key": str(credentials.key_path) if credentials else None,
+            "tls_certificate": _path_text(credentials and credentials.certificate_path),
+            "tls_key": _path_text(credentials and credentials.key_path),
         }
         directory = discovery_directory()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -192,6 +193,10 @@ def register_for_discovery(executor: HPCExecutor) -> Path | None:
     except Exception as error:  # noqa: BLE001
         logger.info("no discovery record for %r: %r", executor, error)
         return None
+
+
+def _path_text(path: Path | None) -> str | None:
+    return str(path) if path else None
 
 
 def unregister_from_discovery(executor: HPCExecutor) -> None:
@@ -221,7 +226,10 @@ def read_discovery_record(name: str) -> dict[str, Any]:
 def running_cluster_names() -> list[str]:
     """Names of the executors with a discovery record, oldest first; drops records of dead runs.
 
-    A record from another host is kept (its process cannot be checked from here).
+    The record of a run whose process has died on this host (killed with SIGKILL, or by the
+    out-of-memory killer) is deleted, and so are the run's TLS key and certificate files: every
+    executor calls this when it starts, and so does ``futures-hpc cancel``. A record from another
+    host is kept (its process cannot be checked from here).
     """
     directory = discovery_directory()
     if not directory.is_dir():
@@ -235,6 +243,7 @@ def running_cluster_names() -> list[str]:
         if record.get("host") == socket.gethostname() and not process_alive(
             int(record.get("pid", 0))
         ):
+            remove_run_credentials(record.get("tls_certificate"), record.get("tls_key"))
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
@@ -254,12 +263,36 @@ async def discover() -> AsyncIterator[tuple[str, type]]:
 
 def _security_from_record(record: dict[str, Any]) -> Security:
     if not record.get("tls_certificate"):
+        if str(record.get("scheduler_address", "")).startswith("tls://"):
+            return _in_process_security(record)
         return Security()
     return Security(
         require_encryption=True,
         tls_ca_file=record["tls_certificate"],
         tls_client_cert=record["tls_certificate"],
         tls_client_key=record["tls_key"],
+    )
+
+
+def _in_process_security(record: dict[str, Any]) -> Security:
+    """The TLS credentials of a run that keeps them in memory (local backend): its own process's.
+
+    Raises
+    ------
+    LookupError
+        From any other process: no file holds the key, so nothing else can connect.
+
+    """
+    from ..executor import _live_executors
+
+    for executor in list(_live_executors):
+        if executor.run_name == record["name"] and executor.security is not None:
+            return executor.security
+    raise LookupError(
+        f"{record['name']} keeps its TLS key in the memory of process {record.get('pid')} on "
+        f"{record.get('host')} (no key file is written), so only that process can connect to "
+        "it: use Client(ex.cluster) there, or give the executor security=<a "
+        "distributed.security.Security with certificate files> to let other processes in"
     )
 
 

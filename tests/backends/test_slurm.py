@@ -5,20 +5,34 @@ Workers are real SLURM jobs; the tests read SLURM's own view of them (squeue, sc
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
 
+import dask.config
 import pytest
 
 from conftest import require
+from futures_hpc import LocalExecutor
 from futures_hpc.backends.jobqueue import SLURMExecutor
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (
+    SMALL_WORKERS,
     BatchSystem,
     scontrol_job,
     slurm_queued_job_ids,
+    wait_for_workers,
+    wait_until_no_jobs,
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
+from tests.security_helpers import (
+    listeners_of_a_run,
+    open_to_every_interface,
+    run_child_until_result,
+    wait_until_gone,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -89,3 +103,84 @@ def test_security_false_gives_a_plain_tcp_cluster(batch):
         assert executor.credentials is None
         assert "--tls-" not in executor.job_script()
         assert executor.submit(sum, [2, 3]).result(timeout=120) == 5
+
+
+# -- TLS files and listeners (issue 12: keys leave no trace, listeners bind narrowly) ----------
+
+
+def _scancel_run(run_name: str) -> None:
+    subprocess.run(["scancel", f"--name={run_name}"], capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("ending", ["normal", "SIGTERM", "SIGINT"])
+def test_no_key_file_is_left_however_the_run_ends(batch, ending, tmp_path):
+    run = run_child_until_result(
+        "slurm", {**SMALL_WORKERS, "max_workers": 1}, ending, tmp_path / "stderr")
+    try:
+        # The key existed during the run (checked by the helper), and is gone now.
+        assert run.key is not None and run.key.parent == run.log_dir / "tls"
+        assert wait_until_gone([run.key, run.certificate]) == [], run.stderr[-3000:]
+        assert not (run.log_dir / "tls").exists()
+        assert run.tls_files() == []
+    finally:
+        _scancel_run(run.run)
+    assert wait_until_no_jobs(batch, run.run) == []
+
+
+@pytest.mark.parametrize("sweeper", ["next executor start", "futures-hpc cancel"])
+def test_the_key_files_of_a_killed_run_are_deleted_by(batch, sweeper, tmp_path):
+    run = run_child_until_result(
+        "slurm", {**SMALL_WORKERS, "max_workers": 1}, "SIGKILL", tmp_path / "stderr")
+    try:
+        assert run.returncode == -signal.SIGKILL
+        # SIGKILL leaves them: nothing in the process could run.
+        assert run.key.is_file() and run.certificate.is_file()
+        if sweeper == "next executor start":
+            LocalExecutor(max_workers=1, security=False).shutdown()
+        else:
+            environment = {**os.environ,
+                           "DASK_FUTURES_HPC__DISCOVERY_DIR": dask.config.get(
+                               "futures_hpc.discovery-dir")}
+            # Named: the jobs of other runs of this user (other tests) are not this test's.
+            result = subprocess.run([sys.executable, "-m", "futures_hpc", "cancel", run.run],
+                                    capture_output=True, text=True, timeout=120,
+                                    env=environment)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert run.run in result.stdout or "cancelled" in result.stdout, result.stdout
+        assert not run.key.exists() and not run.certificate.exists()
+        assert not (run.log_dir / "tls").exists()
+    finally:
+        _scancel_run(run.run)
+
+
+def test_no_listener_of_a_slurm_run_is_open_to_every_interface(batch):
+    listeners = listeners_of_a_run("slurm", {**SMALL_WORKERS, "max_workers": 2})
+    # The scheduler and its dashboard, and per job a nanny, a worker and its HTTP server.
+    assert len(listeners) >= 8, listeners
+    assert open_to_every_interface(listeners) == [], listeners
+    dashboard_hosts = {address.rsplit(":", 1)[0] for address, _, _ in listeners}
+    assert "127.0.0.1" in dashboard_hosts, listeners  # the scheduler's dashboard
+
+
+def test_job_script_binds_the_workers_to_their_route_to_the_scheduler(batch):
+    with batch.executor(max_workers=2) as executor:
+        script = executor.job_script()
+        host = executor.cluster.scheduler_address.split("://", 1)[1].rsplit(":", 1)[0]
+        wait_for_workers(executor, 2)
+        workers = executor.client.scheduler_info()["workers"]
+    assert host not in ("0.0.0.0", "[::]", "")
+    assert '--host "$FUTURES_HPC_WORKER_HOST"' in script
+    assert '--dashboard-address "$FUTURES_HPC_WORKER_HTTP"' in script
+    assert "--no-dashboard" in script
+    assert {address.split("://", 1)[1].rsplit(":", 1)[0] for address in workers} == {host}
+
+
+def test_a_users_scheduler_host_and_worker_host_win(batch):
+    with SLURMExecutor(max_workers=1, cores=1, memory="512MB",
+                       scheduler_options={"host": "127.0.0.1"},
+                       worker_extra_args=["--host", "127.0.0.1"]) as executor:
+        assert executor.cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        script = executor.job_script()
+        assert '--host "$FUTURES_HPC_WORKER_HOST"' not in script
+        assert "--host 127.0.0.1" in script
+        assert executor.submit(sum, [1, 2]).result(timeout=120) == 3
