@@ -1,5 +1,4 @@
-"""Signals: on SIGTERM cancel the live executors' jobs and delete their TLS files; Ctrl-C stays
-a KeyboardInterrupt.
+"""Signals: SIGTERM cancels the executors' jobs and deletes their keys; Ctrl-C stays Ctrl-C.
 
 Batch schedulers send SIGTERM before they kill a job (walltime, ``scancel`` of the job that runs
 the client), and so do ``kill`` and most process supervisors. By default Python then dies at
