@@ -74,10 +74,10 @@ LOG_TAIL_LINES = 20
 #: period (SLURM's ``KillWait``). A job shell without a trap dies of the SIGTERM at once, and its
 #: worker (the nanny) is re-parented to init: a batch system that finds a job's processes by
 #: parentage (SLURM's ``proctrack/linuxproc``, PBS/Torque without cgroups) then no longer sees
-#: it, and a nanny whose own shutdown hangs stays for ever (distributed 2024.1's nanny does when
-#: the SIGTERM comes while its worker process is starting). With a trap, bash waits for the
-#: worker before running it, so the worker stays in the job and the grace period's SIGKILL
-#: reaches it.
+#: it, and a nanny whose own shutdown hangs stays for ever (the nanny of distributed before
+#: 2024.9 does when the SIGTERM comes while its worker process is starting). With a trap, bash
+#: waits for the worker before running it, so the worker stays in the job and the grace period's
+#: SIGKILL reaches it.
 KEEP_SHELL_UNTIL_WORKER_EXITS = (
     "trap 'echo \"futures_hpc: job terminated by SIGTERM\" >&2' TERM"
 )
