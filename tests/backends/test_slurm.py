@@ -103,7 +103,7 @@ def test_security_false_gives_a_plain_tcp_cluster(batch):
 
 
 # A worker preload that makes the worker's start slow, so that the cancel comes while the nanny is
-# starting its worker process (distributed 2024.1's nanny then never exits).
+# starting its worker process (the nanny of distributed 2024.1 to 2024.8 then never exits).
 _SLOW_WORKER_START = textwrap.dedent("""
     import os, pathlib, time
 
