@@ -75,6 +75,19 @@ MAX_QUERY_INTERVAL_SECONDS = 30.0
 #: Lines of each job log quoted in an error.
 LOG_TAIL_LINES = 20
 
+#: First line of every job script's prologue. On ``scancel``/``qdel`` or at the walltime the batch
+#: system sends SIGTERM to every process of the job, then SIGKILL to those left after a grace
+#: period (SLURM's ``KillWait``). A job shell without a trap dies of the SIGTERM at once, and its
+#: worker (the nanny) is re-parented to init: a batch system that finds a job's processes by
+#: parentage (SLURM's ``proctrack/linuxproc``, PBS/Torque without cgroups) then no longer sees
+#: it, and a nanny whose own shutdown hangs stays for ever (the nanny of distributed before
+#: 2024.9 does when the SIGTERM comes while its worker process is starting). With a trap, bash
+#: waits for the worker before running it, so the worker stays in the job and the grace period's
+#: SIGKILL reaches it.
+KEEP_SHELL_UNTIL_WORKER_EXITS = (
+    "trap 'echo \"futures_hpc: job terminated by SIGTERM\" >&2' TERM"
+)
+
 # Options the executor sets from the common vocabulary (or that would break it); the rest of
 # dask-jobqueue's parameters pass through.
 _OWNED_PARAMETERS = frozenset({
@@ -588,6 +601,7 @@ class JobQueueExecutor(HPCExecutor):
         )
         working_directory = shlex.quote(os.getcwd())
         prologue = [
+            KEEP_SHELL_UNTIL_WORKER_EXITS,
             # Workers start where the executor was created, as local workers do.
             f"cd {working_directory} || printf 'futures_hpc: cannot enter %s on %s; workers run "
             f"in %s\\n' {working_directory} \"$(hostname)\" \"$PWD\" >&2",

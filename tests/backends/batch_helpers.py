@@ -171,6 +171,44 @@ def scontrol_job(job_id: str) -> dict[str, str]:
     return key_values(result.stdout)
 
 
+def processes_of_run(run_name: str) -> dict[int, str]:
+    """Live processes of a run's jobs, whether or not the batch system still tracks them.
+
+    A job's processes inherit its environment, where the batch system puts the job name (SLURM's
+    ``SLURM_JOB_NAME``, PBS's ``PBS_JOBNAME``, Grid Engine's ``JOB_NAME``): every process whose
+    environment holds the run name as a value, or whose command line names the run, is one.
+    Returns ``{pid: "ppid=... state=... command line"}``.
+    """
+    found = {}
+    wanted = run_name.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+            environment = (entry / "environ").read_bytes().split(b"\0")
+            status = dict(line.split(":", 1) for line in
+                          (entry / "status").read_text().splitlines() if ":" in line)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if status.get("State", "").strip().startswith("Z"):
+            continue  # exited, waiting for its parent to reap it
+        if wanted in command or any(item.partition(b"=")[2] == wanted for item in environment):
+            found[int(entry.name)] = (f"ppid={status.get('PPid', '?').strip()} "
+                                      f"{command.decode(errors='replace')[:200]}")
+    return found
+
+
+def wait_until_no_processes(run_name: str, timeout: float) -> dict[int, str]:
+    """Poll until no process of ``run_name`` is left; return what is left at timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_of_run(run_name)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 # -- worker-side functions --------------------------------------------------------------------
 
 

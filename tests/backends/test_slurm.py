@@ -5,11 +5,14 @@ Workers are real SLURM jobs; the tests read SLURM's own view of them (squeue, sc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import dask.config
 import pytest
@@ -19,12 +22,16 @@ from futures_hpc import LocalExecutor
 from futures_hpc.backends.jobqueue import SLURMExecutor
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (
+    QUEUE_EMPTY_WITHIN_SECONDS,
     SMALL_WORKERS,
     BatchSystem,
+    processes_of_run,
+    run,
     scontrol_job,
     slurm_queued_job_ids,
     wait_for_workers,
     wait_until_no_jobs,
+    wait_until_no_processes,
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 from tests.security_helpers import (
@@ -184,3 +191,66 @@ def test_a_users_scheduler_host_and_worker_host_win(batch):
         assert '--host "$FUTURES_HPC_WORKER_HOST"' not in script
         assert "--host 127.0.0.1" in script
         assert executor.submit(sum, [1, 2]).result(timeout=120) == 3
+
+
+# A worker preload that makes the worker's start slow, so that the cancel comes while the nanny is
+# starting its worker process (the nanny of distributed 2024.1 to 2024.8 then never exits).
+_SLOW_WORKER_START = textwrap.dedent("""
+    import os, pathlib, time
+
+    def dask_setup(worker):
+        pathlib.Path({marker_dir!r}, str(os.getpid())).touch()
+        time.sleep(120)
+""")
+
+
+def _kill_wait_seconds() -> float:
+    """SLURM's KillWait: how long after the SIGTERM of a cancel its SIGKILL comes."""
+    result = run(["scontrol", "show", "config"])
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "KillWait":
+            return float(value.split()[0])
+    raise AssertionError(f"no KillWait in scontrol show config: {result.stdout[-2000:]}")
+
+
+@pytest.mark.parametrize("workers_when_closed", ["connected", "starting"])
+def test_no_process_of_the_run_outlives_the_executor(batch, tmp_path, workers_when_closed):
+    """After shutdown every process of every job is gone, not only the jobs from the queue.
+
+    SLURM here finds a job's processes by parentage (proctrack/linuxproc): a worker whose job
+    shell died first is re-parented to init and escapes the cancel's SIGKILL, so a worker that
+    does not exit by itself stays for ever (invisible to squeue).
+    """
+    jobs = 4
+    options = {"max_workers": jobs}
+    if workers_when_closed == "starting":
+        marker_dir = tmp_path / "started"
+        marker_dir.mkdir()
+        preload = tmp_path / "slow_worker_start.py"
+        preload.write_text(_SLOW_WORKER_START.format(marker_dir=str(marker_dir)))
+        options["worker_extra_args"] = ["--preload", str(preload)]
+    executor = batch.executor(**options)
+    run_name = executor.run_name
+    try:
+        if workers_when_closed == "starting":
+            deadline = time.monotonic() + 120
+            while len(list(marker_dir.iterdir())) < jobs and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(list(marker_dir.iterdir())) == jobs, processes_of_run(run_name)
+        else:
+            wait_for_workers(executor, jobs)
+            assert executor.submit(sum, [1, 2]).result(60) == 3
+        # The helper sees the jobs' processes (shells, nannies, workers), so it can see leftovers.
+        running = processes_of_run(run_name)
+        assert len(running) >= 3 * jobs, running
+    finally:
+        executor.shutdown()
+    assert wait_until_no_jobs(batch, run_name) == []
+    # SLURM's SIGKILL comes KillWait seconds after the SIGTERM; then a few seconds more.
+    within = _kill_wait_seconds() + QUEUE_EMPTY_WITHIN_SECONDS
+    left = wait_until_no_processes(run_name, timeout=within)
+    for pid in left:  # leave nothing behind on this machine, even when the test fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == {}, f"processes of {run_name} alive {within:.0f} s after shutdown: {left}"
