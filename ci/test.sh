@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 machine, as root: installs the Debian packages and
 # starts SLURM, SLURM's PBS wrappers, Grid Engine, OpenMPI and moto server (ci/setup.sh), installs
-# futures_hpc with every extra and the test tools, checks style, and runs every test.
+# futures_hpc with every extra and the test tools, checks style, runs every test on the newest
+# versions, then the local and SLURM subset on the oldest versions pyproject.toml accepts.
 # Idempotent: on a machine where all of that is up it goes straight to the checks.
 # Extra arguments go to pytest (e.g. bash ci/test.sh -k slurm).
 set -euo pipefail
@@ -34,5 +35,7 @@ set +a
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 status=0
 python3 -m pytest -p no:cacheprovider "$@" || status=$?
+echo "== ci/test.sh: the oldest versions pyproject.toml accepts (ci/oldest.sh)"
+bash ci/oldest.sh || status=$?
 echo "== ci/test.sh: done in $(( $(date +%s) - started )) s (pytest exit $status)"
 exit "$status"
