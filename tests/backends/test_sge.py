@@ -48,6 +48,11 @@ def batch():
             job_id_variable="JOB_ID",
             cancel_command="qdel",
             queued_job_ids=sge_queued_job_ids,
+            never_starts_text="verification: no suitable queues",
+            hold_directive="-h",
+            held_state="hqw",
+            held_reason="Job is in hold state",
+            release_command="qrls",
         )
 
 

@@ -44,6 +44,11 @@ def batch():
         job_id_variable="SLURM_JOB_ID",
         cancel_command="scancel",
         queued_job_ids=slurm_queued_job_ids,
+        never_starts_text="reason: PartitionConfig",
+        hold_directive="--hold",
+        held_state="PENDING",
+        held_reason="JobHeldUser",
+        release_command="scontrol release",
     )
 
 
