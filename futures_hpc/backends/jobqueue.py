@@ -926,7 +926,7 @@ class JobQueueExecutor(HPCExecutor):
             counts[text] = counts.get(text, 0) + 1
         if not counts:
             return None
-        return "waiting: " + "; ".join(
+        return "; ".join(
             f"{count} job{'s' if count > 1 else ''} {text}" for text, count in counts.items()
         )
 

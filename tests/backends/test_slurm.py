@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import pytest
 
 from conftest import require
 from futures_hpc.backends.jobqueue import SLURMExecutor
+from futures_hpc.errors import JobSubmissionError
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (
+    NEVER_STARTS_WITHIN_SECONDS,
     BatchSystem,
+    run,
     scontrol_job,
     slurm_queued_job_ids,
+    wait_for,
+    wait_until_no_jobs,
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
@@ -94,3 +100,20 @@ def test_security_false_gives_a_plain_tcp_cluster(batch):
         assert executor.credentials is None
         assert "--tls-" not in executor.job_script()
         assert executor.submit(sum, [2, 3]).result(timeout=120) == 5
+
+
+def test_a_dependency_that_can_never_be_satisfied_fails_the_run(batch):
+    """afterok on a job that failed: SLURM says DependencyNeverSatisfied, which never clears."""
+    failed = run(["sbatch", "--parsable", "-p", batch.queue, "-t", "00:01:00",
+                  "--job-name=fhpc-test-failing-dependency", "--wrap", "exit 3"])
+    assert failed.returncode == 0, failed.stderr
+    failed_job_id = failed.stdout.strip().split(";")[0]
+    assert wait_for(lambda: scontrol_job(failed_job_id)["JobState"] == "FAILED", 60), (
+        scontrol_job(failed_job_id))
+    started = time.monotonic()
+    with batch.executor(max_workers=1,
+                        job_extra=[f"--dependency=afterok:{failed_job_id}"]) as executor:
+        with pytest.raises(JobSubmissionError, match="reason: DependencyNeverSatisfied"):
+            executor.submit(sum, [1, 2]).result(timeout=60)
+    assert time.monotonic() - started < NEVER_STARTS_WITHIN_SECONDS
+    assert wait_until_no_jobs(batch, executor.run_name) == []
