@@ -475,7 +475,17 @@ class _SGECluster(_BookkeepingCluster, SGECluster):
 class JobQueueExecutor(HPCExecutor):
     """Base of the batch executors: workers are batch jobs started through dask-jobqueue.
 
-    A subclass names its cluster class, the commands it needs and how to read job states.
+    A subclass names its cluster class, the commands it needs and how to read job states and
+    the reasons a job waits.
+
+    Other Parameters
+    ----------------
+    start_timeout : float, str or datetime.timedelta, optional
+        Seconds (or ``"HH:MM:SS"``) a job may wait for its worker while no worker of the
+        executor has connected yet; then the jobs are cancelled and the outstanding calls raise
+        :class:`~futures_hpc.errors.JobSubmissionError` with each job's last state and reason.
+        Default: no limit. Jobs the batch system says can never start fail so without it.
+
     """
 
     #: The futures_hpc subclass of the dask-jobqueue cluster.
@@ -545,6 +555,7 @@ class JobQueueExecutor(HPCExecutor):
         self._job_watcher: _JobWatcher | None = None
         self._fatal_error: str | None = None
         self._fatal_error_class: type[Exception] = JobFailedError
+        self._first_worker_connected = False
         self._job_failures: list[str] = []
         self._adaptive: FairShareAdaptive | None = None
         self._rejections_seen = 0
@@ -754,7 +765,7 @@ class JobQueueExecutor(HPCExecutor):
         """``SLURM job 42 (fhpc-x-0): PENDING, reason: Priority`` and the job script's path."""
         state = queue_state.state if queue_state is not None else job.state
         reason = queue_state.reason if queue_state is not None else job.reason
-        because = f", reason: {reason}" if reason else ", no reason given"
+        because = f", reason: {reason}" if reason else ""
         return (f"{self.scheduler_title} job {job.job_id} ({job.name}): {state}{because}; "
                 f"job script {self.log_dir / job.name}.sh")
 
@@ -781,9 +792,10 @@ class JobQueueExecutor(HPCExecutor):
     def _start_timeout_expired(self, unconnected: list[BatchJob]) -> bool:
         """Whether a job has waited ``start_timeout`` while no worker has ever connected."""
         timeout = self.scaling.start_timeout
-        if timeout is None or not unconnected:
+        if timeout is None or not unconnected or self._first_worker_connected:
             return False
         if any(job.ever_connected for job in self._job_book.jobs()):
+            self._first_worker_connected = True
             return False
         now = time.monotonic()
         return any(now - job.submitted_at >= timeout for job in unconnected)
