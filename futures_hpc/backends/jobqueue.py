@@ -749,7 +749,10 @@ class JobQueueExecutor(HPCExecutor):
         states = self._query_job_states([job.job_id for job in unconnected])
         if states is None:
             return True
-        self._log_changed_reasons(unconnected, states)
+        doubted: set[str] = set()
+        if self._any_worker_ever_connected():
+            states, doubted = self._doubt_never_starting(states)
+        self._log_changed_reasons(unconnected, states, doubted)
         ended = self._job_book.record_states(states, self._state_is_active)
         never_starting = [job for job in unconnected
                           if job.job_id in states and states[job.job_id].never_starts]
@@ -769,13 +772,23 @@ class JobQueueExecutor(HPCExecutor):
         return (f"{self.scheduler_title} job {job.job_id} ({job.name}): {state}{because}; "
                 f"job script {self.log_dir / job.name}.sh")
 
-    def _log_changed_reasons(self, jobs: list[BatchJob], states: dict[str, QueueState]) -> None:
-        """Log, once per change, why each job still waits for its worker."""
+    def _log_changed_reasons(self, jobs: list[BatchJob], states: dict[str, QueueState],
+                             doubted: set[str]) -> None:
+        """Log, once per change, why each job still waits for its worker.
+
+        At INFO; at WARNING for a job said never to start although jobs of the same script did.
+        """
         for job in jobs:
             new = states.get(job.job_id)
             if new is None or not self._state_is_active(new.state) or new.never_starts:
                 continue
-            if (new.state, new.reason) != (job.state, job.reason):
+            if (new.state, new.reason) == (job.state, job.reason):
+                continue
+            if job.job_id in doubted:
+                logger.warning("%s waits: %s. The batch system says this job can never start, "
+                               "but jobs of this run with the same script did: waiting.",
+                               self.run_name, self._describe_waiting_job(job, new))
+            else:
                 logger.info("%s waits: %s", self.run_name, self._describe_waiting_job(job, new))
 
     def _fail_never_starting(self, jobs: list[BatchJob], states: dict[str, QueueState]) -> None:
@@ -789,13 +802,30 @@ class JobQueueExecutor(HPCExecutor):
             f"account); the jobs were cancelled. Job scripts of this run: {self.log_dir}"
         )
 
+    def _any_worker_ever_connected(self) -> bool:
+        """Whether a worker of this run has ever connected (so its jobs can start)."""
+        if not self._first_worker_connected:
+            self._first_worker_connected = any(job.ever_connected
+                                               for job in self._job_book.jobs())
+        return self._first_worker_connected
+
+    @staticmethod
+    def _doubt_never_starting(states: dict[str, QueueState]
+                              ) -> tuple[dict[str, QueueState], set[str]]:
+        """Keep waiting for jobs said never to start once a job of the same script has started.
+
+        The request evidently can start here, so the reason must be passing (nodes drained, a
+        limit lowered since): such jobs wait like others. Returns the states without the
+        verdict and the ids of the jobs doubted.
+        """
+        doubted = {job_id for job_id, queue_state in states.items() if queue_state.never_starts}
+        return ({job_id: replace(queue_state, never_starts=False) if job_id in doubted
+                 else queue_state for job_id, queue_state in states.items()}, doubted)
+
     def _start_timeout_expired(self, unconnected: list[BatchJob]) -> bool:
         """Whether a job has waited ``start_timeout`` while no worker has ever connected."""
         timeout = self.scaling.start_timeout
-        if timeout is None or not unconnected or self._first_worker_connected:
-            return False
-        if any(job.ever_connected for job in self._job_book.jobs()):
-            self._first_worker_connected = True
+        if timeout is None or not unconnected or self._any_worker_ever_connected():
             return False
         now = time.monotonic()
         return any(now - job.submitted_at >= timeout for job in unconnected)
