@@ -107,7 +107,8 @@ def test_security_false_gives_a_plain_tcp_cluster(batch):
 def failed_job(batch) -> str:
     """The id of a SLURM job that has failed (for dependencies that can never be satisfied)."""
     failed = run(["sbatch", "--parsable", "-p", batch.queue, "-t", "00:01:00",
-                  "--job-name=fhpc-test-failing-dependency", "--wrap", "exit 3"])
+                  "--job-name=fhpc-test-failing-dependency", "--output=/dev/null",
+                  "--wrap", "exit 3"])
     assert failed.returncode == 0, failed.stderr
     failed_job_id = failed.stdout.strip().split(";")[0]
     assert wait_for(lambda: scontrol_job(failed_job_id)["JobState"] == "FAILED", 60), (
