@@ -49,8 +49,12 @@ SMALL_WORKERS = {"cores": 1, "memory": "512MB", "walltime": "00:10:00"}
 #: Seconds within which a request that no node can meet must fail, ``with`` block included.
 NEVER_STARTS_WITHIN_SECONDS = 30.0
 
-#: More cores than any node here has (the SLURM node has 2 CPUs, Grid Engine's all.q 4 slots).
-IMPOSSIBLE_CORES = 64
+#: Requests no node here can meet (the SLURM node has 2 CPUs and a few GB, Grid Engine's all.q
+#: 4 slots and the host's memory).
+IMPOSSIBLE_REQUESTS = {
+    "cores": {"cores": 64, "memory": "1GB"},
+    "memory": {"cores": 1, "memory": "500GB"},
+}
 
 
 @dataclass
@@ -73,8 +77,9 @@ class BatchSystem:
         ``queued_job_ids(run_name)``: ids of the jobs named ``run_name`` still in the queue.
     environment : dict
         Environment variables the backend needs (set by the module's fixture).
-    never_starts_text : str
-        What the batch system says of a job asking for more cores than any node has.
+    never_starts_texts : dict
+        What the batch system says of a job asking for more than any node has, by the
+        request's name in :data:`IMPOSSIBLE_REQUESTS`.
     hold_directive : str
         A ``job_extra`` line that submits the job on hold.
     held_state, held_reason : str
@@ -91,7 +96,7 @@ class BatchSystem:
     cancel_command: str
     queued_job_ids: Callable[[str], list[str]]
     environment: dict[str, str] = field(default_factory=dict)
-    never_starts_text: str = ""
+    never_starts_texts: dict[str, str] = field(default_factory=dict)
     hold_directive: str = ""
     held_state: str = ""
     held_reason: str = ""
@@ -454,16 +459,17 @@ def _run_directory(message: str) -> Path:
     return Path(message.rsplit("Job scripts of this run: ", 1)[1].split()[0])
 
 
-def test_request_no_node_can_meet_fails_with_the_batch_systems_reason(batch):
-    """More cores than any node has: JobSubmissionError quoting the batch system, within 30 s.
+@pytest.mark.parametrize("request_name", sorted(IMPOSSIBLE_REQUESTS))
+def test_request_no_node_can_meet_fails_with_the_batch_systems_reason(batch, request_name):
+    """More than any node has: JobSubmissionError quoting the batch system, within 30 s.
 
-    SLURM accepts such a job and leaves it PENDING (PartitionConfig), Grid Engine leaves it in
-    qw (``qalter -w v``: no suitable queues); both must fail, not hang. SLURM's PBS wrapper
-    refuses it at submission.
+    SLURM accepts 64 cores and leaves the job PENDING (PartitionConfig), Grid Engine leaves
+    either request in qw (``qalter -w v``: no suitable queues); they must fail, not hang. SLURM
+    (for memory) and its PBS wrapper (for both) refuse the request at submission.
     """
     started = time.monotonic()
     try:
-        executor = batch.executor(cores=IMPOSSIBLE_CORES, memory="1GB", max_workers=1)
+        executor = batch.executor(**IMPOSSIBLE_REQUESTS[request_name], max_workers=1)
     except JobSubmissionError as refused:  # refused at submission: the constructor raises
         message = str(refused)
         run_name = _run_directory(message).name
@@ -484,7 +490,7 @@ def test_request_no_node_can_meet_fails_with_the_batch_systems_reason(batch):
                 list(executor.map(abs, [1, -2]))
     elapsed = time.monotonic() - started
     assert elapsed < NEVER_STARTS_WITHIN_SECONDS, (elapsed, message)
-    assert batch.never_starts_text in message, message
+    assert batch.never_starts_texts[request_name] in message, message
     left = wait_until_no_jobs(batch, run_name)
     assert left == [], (left, _queue_listing(batch))
 

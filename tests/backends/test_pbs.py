@@ -47,8 +47,9 @@ def batch():
             job_id_variable="SLURM_JOB_ID",  # real PBS: PBS_JOBID
             cancel_command="qdel",
             queued_job_ids=pbs_queued_job_ids,
-            # The wrapper's qsub runs sbatch, which refuses the request at once.
-            never_starts_text="CPU count per node can not be satisfied",
+            # The wrapper's qsub runs sbatch, which refuses these requests at once.
+            never_starts_texts={"cores": "CPU count per node can not be satisfied",
+                                "memory": "Memory specification can not be satisfied"},
             hold_directive="-h",
             # The wrapper's qstat shows a held job as Q and gives no comment (reason).
             held_state="Q",
