@@ -529,6 +529,8 @@ def test_a_held_job_waits_shows_why_and_runs_once_released(batch, caplog):
         time.sleep(6)  # several looks at the queue: waiting is no failure
         assert not future.done(), future
         assert executor.status().pending_reasons.get(job_id) == expected
+        # What map(..., progress=True) shows after its bar.
+        assert executor._progress_note() == f"1 job {expected}"
         released = run([*shlex.split(batch.release_command), job_id])
         assert released.returncode == 0, released.stdout + released.stderr
         assert future.result(timeout=120) == 3
