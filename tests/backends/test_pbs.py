@@ -24,6 +24,10 @@ from tests.backends.batch_helpers import (
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
+# isort: split
+# Collected last: their waits must not idle the suite's executor (`ex`) between its tests.
+from tests.backends.waiting_suite import *  # noqa: F403 - jobs that wait
+
 pytestmark = [pytest.mark.pbs, pytest.mark.timeout(300)]
 
 #: Written by ci/pbs.sh: the directory of the PBS wrappers.

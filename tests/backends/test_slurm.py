@@ -17,7 +17,6 @@ from futures_hpc.backends.jobqueue import SLURMExecutor
 from futures_hpc.errors import JobSubmissionError
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (
-    NEVER_STARTS_WITHIN_SECONDS,
     BatchSystem,
     run,
     scontrol_job,
@@ -27,6 +26,11 @@ from tests.backends.batch_helpers import (
     wait_until_no_jobs,
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
+
+# isort: split
+# Collected last: their waits must not idle the suite's executor (`ex`) between its tests.
+from tests.backends.waiting_suite import *  # noqa: F403 - jobs that wait
+from tests.backends.waiting_suite import NEVER_STARTS_WITHIN_SECONDS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
