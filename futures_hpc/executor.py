@@ -354,6 +354,10 @@ class HPCExecutor(Executor):
         """Worker threads expected when none is connected yet (used to choose chunk sizes)."""
         return max(1, (self.max_workers or 1) * (self.resources.cores or 1))
 
+    def _progress_note(self) -> str | None:
+        """A short text for the progress bar of ``map(progress=True)`` (e.g. why jobs wait)."""
+        return None
+
     # -- public attributes ---------------------------------------------------------------------
 
     @property
@@ -671,7 +675,7 @@ class HPCExecutor(Executor):
         refill = None if buffersize is None else chunks
         results = self._results_in_order(fn, packed_function, key, pending, refill, end_time)
         if progress:
-            return track(results, total, description=_function_name(fn))
+            return track(results, total, description=_function_name(fn), note=self._progress_note)
         return results
 
     def _results_in_order(

@@ -8,6 +8,7 @@ and what is allowed, with the closest valid name for a typo.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -49,6 +50,7 @@ EXECUTOR_OPTION_NAMES = (
     "max_resubmissions",
     "max_call_retries",
     "import_path",
+    "start_timeout",
 )
 
 _CLOCK_PATTERN = re.compile(r"^(?:(?P<days>\d+)-)?(?P<fields>\d+(?::\d{1,2}){0,2})$")
@@ -153,6 +155,40 @@ def parse_walltime(value: Any, option: str = "walltime") -> int:
     if seconds <= 0:
         raise OptionError(f"{option}={value!r} must be longer than 0 seconds; use {allowed}")
     return seconds
+
+
+def parse_timeout(value: Any, option: str) -> float | None:
+    """Parse an optional time limit into seconds; ``None`` means no limit.
+
+    Accepts a number of seconds (``90``, ``2.5``), the batch-system durations that
+    :func:`parse_walltime` reads (``"00:10:00"``, ``"10:00"``, ``"1-00:00:00"``) or a
+    :class:`datetime.timedelta`.
+
+    Raises
+    ------
+    OptionError
+        Naming ``option`` and the value, if it is none of these or not longer than 0 seconds.
+
+    """
+    if value is None:
+        return None
+    allowed = (
+        "a number of seconds > 0, 'HH:MM:SS', 'MM:SS' or 'D-HH:MM:SS' (e.g. '00:10:00'), "
+        "a datetime.timedelta, or None for no limit"
+    )
+    if isinstance(value, bool):
+        seconds = None
+    elif isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _parse_walltime_text(value.strip())
+    else:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise OptionError(f"{option}={value!r} is not allowed; {option} must be {allowed}")
+    return float(seconds)
 
 
 def format_walltime(seconds: int) -> str:

@@ -28,6 +28,7 @@ from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 
 from .errors import OptionError
+from .options import parse_timeout
 
 logger = logging.getLogger("futures_hpc")
 
@@ -68,6 +69,9 @@ class ScalingOptions:
         The most jobs waiting in the batch queue at once.
     max_resubmissions : int
         Failed jobs replaced before the run fails with ``JobFailedError``.
+    start_timeout : float or None
+        Seconds a job may wait for its worker while no worker of the executor has connected
+        yet; then the run fails with ``JobSubmissionError``. None: wait as long as it takes.
 
     """
 
@@ -77,6 +81,7 @@ class ScalingOptions:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS
     max_resubmissions: int = DEFAULT_MAX_RESUBMISSIONS
+    start_timeout: float | None = None
 
 
 def _option_error(name: str, value: Any, allowed: str) -> OptionError:
@@ -95,6 +100,7 @@ def _whole_number(options: Mapping[str, Any], name: str, default: int, smallest:
 #: The options :func:`validate_scaling_options` reads.
 SCALING_OPTION_NAMES = (
     "adaptive", "min_workers", "idle_timeout", "max_pending_jobs", "max_resubmissions",
+    "start_timeout",
 )
 
 
@@ -105,7 +111,7 @@ def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> Sc
     ----------
     options : mapping
         The executor options (``adaptive, min_workers, idle_timeout, max_pending_jobs,
-        max_resubmissions``; others are ignored).
+        max_resubmissions, start_timeout``; others are ignored).
     max_workers : int
         The executor's ``max_workers``.
 
@@ -138,6 +144,7 @@ def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> Sc
                                        DEFAULT_MAX_PENDING_JOBS, 1),
         max_resubmissions=_whole_number(options, "max_resubmissions",
                                         DEFAULT_MAX_RESUBMISSIONS, 0),
+        start_timeout=parse_timeout(options.get("start_timeout"), "start_timeout"),
     )
 
 
@@ -365,6 +372,10 @@ class ScalingStatus:
         Jobs released by the policy (idle or at their walltime).
     job_ids : list of str
         Every job id submitted, in submission order.
+    pending_reasons : dict of str to str
+        Why each job that waits in the batch queue has not started, as the batch system last
+        said: job id -> state and reason (``{"3517": "PENDING: Priority"}``). Jobs whose
+        reason is not known yet (or that the batch system gives none for) are left out.
 
     """
 
@@ -377,6 +388,7 @@ class ScalingStatus:
     lost_calls: int = 0
     retired_jobs: int = 0
     job_ids: list[str] = field(default_factory=list)
+    pending_reasons: dict[str, str] = field(default_factory=dict)
 
 
 # -- carrying it out -----------------------------------------------------------------------------

@@ -16,8 +16,10 @@ from futures_hpc.options import (
     merge_with_profile,
     parse_memory,
     parse_resources,
+    parse_timeout,
     parse_walltime,
 )
+from futures_hpc.scaling import validate_scaling_options
 
 
 @pytest.mark.parametrize(
@@ -207,3 +209,25 @@ def test_a_function_that_cannot_be_pickled_is_named():
         with pytest.raises(CallSerializationError, match=r"chunk of calls of .*abs.* starting"):
             list(executor.map(abs, [lock]))
         assert executor.submit(abs, -1).result(timeout=60) == 1  # still usable
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, None), (30, 30.0), (2.5, 2.5), ("10:00", 600.0), ("00:00:45", 45.0),
+     ("1-00:00:00", 86400.0), (timedelta(minutes=2), 120.0)],
+)
+def test_start_timeout_forms(value, seconds):
+    assert parse_timeout(value, "start_timeout") == seconds
+    assert validate_scaling_options({"start_timeout": value}, 1).start_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    "value", [0, -5, "soon", "30", "", True, float("nan"), float("inf"), [10], timedelta(0)]
+)
+def test_bad_start_timeout_names_the_option_value_and_what_is_allowed(value):
+    with pytest.raises(OptionError) as caught:
+        validate_scaling_options({"start_timeout": value}, 1)
+    message = str(caught.value)
+    assert f"start_timeout={value!r} is not allowed" in message
+    assert "a number of seconds > 0, 'HH:MM:SS'" in message
+    assert "None for no limit" in message

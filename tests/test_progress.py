@@ -111,3 +111,29 @@ def test_closing_the_bar_closes_the_wrapped_iterator(tmp_path):
         assert next(iterator) == 0
         iterator.close()
     assert closed == [True]
+
+
+def test_the_note_shows_after_the_bar_while_no_item_arrives(tmp_path):
+    """A batch executor's note (why its jobs wait) is drawn even before the first result."""
+    notes = iter(["queue: Priority"] * 2 + ["queue: RUNNING"] * 100)
+
+    def slow_items():
+        time.sleep(3.5)  # no result yet: the note must still be drawn, and redrawn on change
+        yield from range(3)
+
+    path = tmp_path / "bar.txt"
+    with path.open("w") as stream:
+        assert list(track(slow_items(), 3, stream=stream, enabled=True,
+                          note=lambda: next(notes))) == [0, 1, 2]
+    drawn = path.read_text()
+    assert 0 <= drawn.find("queue: Priority") < drawn.find("queue: RUNNING") < drawn.find(
+        "3/3"), drawn
+
+
+def test_a_failing_note_does_not_break_the_bar(tmp_path):
+    def broken() -> str:
+        raise RuntimeError("no scheduler")
+
+    with (tmp_path / "bar.txt").open("w") as stream:
+        assert list(track(iter(range(4)), 4, stream=stream, enabled=True, note=broken)) == [
+            0, 1, 2, 3]

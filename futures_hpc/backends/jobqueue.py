@@ -10,6 +10,11 @@ jobs, and adds what dask-jobqueue leaves to its users:
 - a watcher thread follows the jobs whose workers are not connected and, when the batch system
   says one has ended, logs the tail of its log; when no job is left to run calls, outstanding
   futures fail with :class:`~futures_hpc.errors.JobFailedError` instead of hanging;
+- the same watcher reads why a waiting job has not started (SLURM's reason code, Grid Engine's
+  scheduling info and verification, PBS's comment): a reason that can never clear, or a first
+  worker later than ``start_timeout``, cancels the jobs and fails the calls with
+  :class:`~futures_hpc.errors.JobSubmissionError` quoting the batch system; other reasons are
+  logged when they change and shown by ``ex.status()``;
 - closing cancels all jobs with one ``scancel``/``qdel`` command, also on KeyboardInterrupt, at
   interpreter exit and on SIGTERM (see :mod:`futures_hpc.cleanup`);
 - TLS by default: the scheduler and the workers use the run's certificate, whose files are
@@ -48,6 +53,7 @@ from dask_jobqueue.sge import SGEJob
 from dask_jobqueue.slurm import SLURMJob
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
+from distributed.deploy.utils import nprocesses_nthreads
 
 from .. import cleanup
 from ..errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
@@ -145,6 +151,30 @@ def cancel_job_ids(cancel_command: str, job_ids: list[str]) -> bool:
 # -- what the executor knows of its jobs --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """A job as the batch system lists it.
+
+    Attributes
+    ----------
+    state : str
+        The batch system's state (``"PENDING"``, ``"qw"``, ``"Q"``...); ``"gone"`` once the
+        queue no longer lists the job.
+    reason : str or None
+        Why a waiting job has not started, in the batch system's words (SLURM's reason code,
+        Grid Engine's scheduling info, PBS's comment); None when it gives none.
+    never_starts : bool
+        The batch system says the job can never start as requested (see
+        :func:`slurm_reason_never_clears`, :func:`pbs_comment_never_clears` and
+        :meth:`SGEExecutor._verify`).
+
+    """
+
+    state: str
+    reason: str | None = None
+    never_starts: bool = False
+
+
 @dataclass
 class BatchJob:
     """One batch job the executor submitted.
@@ -160,6 +190,8 @@ class BatchJob:
     state : str
         The last state the batch system reported (``"submitted"`` before the first query,
         ``"gone"`` once the queue no longer lists it).
+    reason : str or None
+        The last reason the batch system gave for the job not running yet.
     connected, ever_connected : bool
         Whether a worker of the job is connected now, and whether one ever was.
     ended : bool
@@ -175,6 +207,7 @@ class BatchJob:
     job_id: str
     submitted_at: float
     state: str = "submitted"
+    reason: str | None = None
     connected: bool = False
     ever_connected: bool = False
     ended: bool = False
@@ -293,17 +326,17 @@ class JobBook:
                     unconnected.append(replace(job))
             return unconnected
 
-    def record_states(self, states: dict[str, str], is_active: Callable[[str], bool]
+    def record_states(self, states: dict[str, QueueState], is_active: Callable[[str], bool]
                       ) -> list[BatchJob]:
         """Record queue states; return copies of the jobs that ended unexpectedly just now."""
         with self._condition:
             ended = []
-            for job_id, state in states.items():
+            for job_id, queue_state in states.items():
                 job = self._jobs.get(job_id)
                 if job is None or job.ended:
                     continue
-                job.state = state
-                if not is_active(state):
+                job.state, job.reason = queue_state.state, queue_state.reason
+                if not is_active(queue_state.state):
                     job.ended = True
                     if not job.retired and not self.closing:
                         ended.append(replace(job))
@@ -461,7 +494,17 @@ class _SGECluster(_BookkeepingCluster, SGECluster):
 class JobQueueExecutor(HPCExecutor):
     """Base of the batch executors: workers are batch jobs started through dask-jobqueue.
 
-    A subclass names its cluster class, the commands it needs and how to read job states.
+    A subclass names its cluster class, the commands it needs and how to read job states and
+    the reasons a job waits.
+
+    Other Parameters
+    ----------------
+    start_timeout : float, str or datetime.timedelta, optional
+        Seconds (or ``"HH:MM:SS"``) a job may wait for its worker while no worker of the
+        executor has connected yet; then the jobs are cancelled and the outstanding calls raise
+        :class:`~futures_hpc.errors.JobSubmissionError` with each job's last state and reason.
+        Default: no limit. Jobs the batch system says can never start fail so without it.
+
     """
 
     scales_jobs = True
@@ -504,17 +547,41 @@ class JobQueueExecutor(HPCExecutor):
                 f"processes={self.resources.processes} needs cores= as well (cores per job, "
                 "shared among the processes)"
             )
+        self._processes_per_job: int = self._plan_processes_per_job()
+
+    def _plan_processes_per_job(self) -> int:
+        """Worker processes in each job, never more than ``max_workers``.
+
+        ``processes`` as given; without it dask-jobqueue's choice (its config key
+        ``jobqueue.<backend>.processes``, else about the square root of the job's cores), capped
+        by ``max_workers`` (default: one worker).
+        """
+        given = self.resources.processes
+        if given is not None:
+            if self.max_workers is not None and given > self.max_workers:
+                raise OptionError(
+                    f"processes={given} is not allowed with max_workers={self.max_workers}; "
+                    "each job runs `processes` worker processes, so processes must be at most "
+                    "max_workers"
+                )
+            return given
+        config_name = self.cluster_class.job_cls.config_name
+        automatic = dask.config.get(f"jobqueue.{config_name}.processes", None)
+        if not isinstance(automatic, int) or automatic < 1:
+            automatic, _ = nprocesses_nthreads(self.resources.cores or 1)
+        return max(1, min(automatic, self.max_workers or DEFAULT_MAX_WORKERS))
 
     def _create_cluster(self) -> JobQueueCluster:
         self._job_book = JobBook()
         self._job_watcher: _JobWatcher | None = None
         self._fatal_error: str | None = None
+        self._fatal_error_class: type[Exception] = JobFailedError
+        self._first_worker_connected = False
         self._job_failures: list[str] = []
         self._adaptive: FairShareAdaptive | None = None
         self._rejections_seen = 0
         cleanup.register(self)
         cluster = self.cluster_class(**self._cluster_options())
-        self._processes_per_job: int = cluster._dummy_job.worker_processes
         # Submit now, so the jobs queue and start while the client connects; _start_workers
         # checks that the batch system accepted them.
         self._initial_job_count = self._fixed_job_count()
@@ -549,7 +616,7 @@ class JobQueueExecutor(HPCExecutor):
         """
         per_job = self.processes_per_job
         maximum = self.max_jobs() * per_job
-        minimum = (math.ceil(self.scaling.min_workers / per_job) * per_job
+        minimum = (min(maximum, math.ceil(self.scaling.min_workers / per_job) * per_job)
                    if self.scaling.adaptive else maximum)
         self._adaptive = self._cluster.adapt(
             Adaptive=FairShareAdaptive, minimum=minimum, maximum=maximum,
@@ -557,10 +624,14 @@ class JobQueueExecutor(HPCExecutor):
             max_pending_jobs=self.scaling.max_pending_jobs,
             walltime=self.resources.walltime_seconds,
         )
-        logger.info("%s: %s scaling, %d to %d worker(s), at most %d pending job(s), "
-                    "idle timeout %.0f s", self.run_name,
+        logger.info("%s: %s scaling, %d to %d worker(s) (%d to %d job(s) of %d worker "
+                    "process(es)), at most %d pending job(s), idle timeout %.0f s, start "
+                    "timeout %s", self.run_name,
                     "adaptive" if self.scaling.adaptive else "fixed", minimum, maximum,
-                    self.scaling.max_pending_jobs, self.scaling.idle_timeout)
+                    minimum // per_job, maximum // per_job, per_job,
+                    self.scaling.max_pending_jobs, self.scaling.idle_timeout,
+                    "none" if self.scaling.start_timeout is None
+                    else f"{self.scaling.start_timeout:g} s")
 
     def _planned_worker_slots(self) -> int:
         return self.max_jobs() * (self.resources.cores or 1)
@@ -638,7 +709,7 @@ class JobQueueExecutor(HPCExecutor):
             job_name=self.run_name,
             cores=cores,
             memory=memory or f"{cores}GiB",  # a placeholder when memory_request is off
-            processes=resources.processes,
+            processes=self.processes_per_job,
             walltime=resources.walltime,
             queue=resources.queue,
             python=resources.python,
@@ -676,8 +747,8 @@ class JobQueueExecutor(HPCExecutor):
 
     # -- queue states ---------------------------------------------------------------------------
 
-    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
-        """Ask the batch system for these jobs' states; ``"gone"`` for unlisted ones.
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, QueueState] | None:
+        """Ask the batch system for these jobs' states and reasons; ``"gone"`` for unlisted ones.
 
         Returns None when the batch system could not be asked (try again later).
         """
@@ -700,6 +771,9 @@ class JobQueueExecutor(HPCExecutor):
 
     def _watch_jobs(self, query_due: bool) -> bool:
         """One look at the jobs; return whether the queue was queried."""
+        if self._fatal_error is not None:
+            self._fail_late_calls()
+            return False
         if self._job_book.closing:
             return False
         worker_names = self._connected_worker_names()
@@ -707,15 +781,130 @@ class JobQueueExecutor(HPCExecutor):
             return False
         unconnected = self._job_book.update_connections(worker_names)
         self._check_rejections()
+        if self._start_timeout_expired(unconnected):
+            self._fail_start_timeout(unconnected)
+            return True
         if not unconnected or not query_due:
             return False
         states = self._query_job_states([job.job_id for job in unconnected])
         if states is None:
             return True
+        doubted: set[str] = set()
+        if self._any_worker_ever_connected():
+            states, doubted = self._doubt_never_starting(states)
+        self._log_changed_reasons(unconnected, states, doubted)
         ended = self._job_book.record_states(states, self._state_is_active)
-        if ended and not self._job_book.closing:
+        never_starting = [job for job in unconnected
+                          if job.job_id in states and states[job.job_id].never_starts]
+        if never_starting:
+            self._fail_never_starting(never_starting, states)
+        elif ended and not self._job_book.closing:
             self._handle_ended_jobs(ended)
         return True
+
+    # -- jobs that wait ---------------------------------------------------------------------------
+
+    def _describe_waiting_job(self, job: BatchJob, queue_state: QueueState | None = None) -> str:
+        """``SLURM job 42 (fhpc-x-0): PENDING, reason: Priority`` and the job script's path."""
+        state = queue_state.state if queue_state is not None else job.state
+        reason = queue_state.reason if queue_state is not None else job.reason
+        because = f", reason: {reason}" if reason else ""
+        return (f"{self.scheduler_title} job {job.job_id} ({job.name}): {state}{because}; "
+                f"job script {self.log_dir / job.name}.sh")
+
+    def _log_changed_reasons(self, jobs: list[BatchJob], states: dict[str, QueueState],
+                             doubted: set[str]) -> None:
+        """Log, once per change, why each job still waits for its worker.
+
+        At INFO; at WARNING for a job said never to start although jobs of the same script did.
+        """
+        for job in jobs:
+            new = states.get(job.job_id)
+            if new is None or not self._state_is_active(new.state) or new.never_starts:
+                continue
+            if (new.state, new.reason) == (job.state, job.reason):
+                continue
+            if job.job_id in doubted:
+                logger.warning("%s waits: %s. The batch system says this job can never start, "
+                               "but jobs of this run with the same script did: waiting.",
+                               self.run_name, self._describe_waiting_job(job, new))
+            else:
+                logger.info("%s waits: %s", self.run_name, self._describe_waiting_job(job, new))
+
+    def _fail_never_starting(self, jobs: list[BatchJob], states: dict[str, QueueState]) -> None:
+        """The batch system says these jobs can never start: end the run."""
+        described = "\n".join(f"  {self._describe_waiting_job(job, states[job.job_id])}"
+                               for job in jobs)
+        self._fail_before_start(
+            f"{self.scheduler_title} accepted the jobs of {self.run_name} but says they can "
+            f"never start as requested:\n{described}\n"
+            "Ask for what a node of the queue can give (cores, memory, walltime, queue, "
+            f"account); the jobs were cancelled. Job scripts of this run: {self.log_dir}"
+        )
+
+    def _any_worker_ever_connected(self) -> bool:
+        """Whether a worker of this run has ever connected (so its jobs can start)."""
+        if not self._first_worker_connected:
+            self._first_worker_connected = any(job.ever_connected
+                                               for job in self._job_book.jobs())
+        return self._first_worker_connected
+
+    @staticmethod
+    def _doubt_never_starting(states: dict[str, QueueState]
+                              ) -> tuple[dict[str, QueueState], set[str]]:
+        """Keep waiting for jobs said never to start once a job of the same script has started.
+
+        The request evidently can start here, so the reason must be passing (nodes drained, a
+        limit lowered since): such jobs wait like others. Returns the states without the
+        verdict and the ids of the jobs doubted.
+        """
+        doubted = {job_id for job_id, queue_state in states.items() if queue_state.never_starts}
+        return ({job_id: replace(queue_state, never_starts=False) if job_id in doubted
+                 else queue_state for job_id, queue_state in states.items()}, doubted)
+
+    def _start_timeout_expired(self, unconnected: list[BatchJob]) -> bool:
+        """Whether a job has waited ``start_timeout`` while no worker has ever connected."""
+        timeout = self.scaling.start_timeout
+        if timeout is None or not unconnected or self._any_worker_ever_connected():
+            return False
+        now = time.monotonic()
+        return any(now - job.submitted_at >= timeout for job in unconnected)
+
+    def _fail_start_timeout(self, unconnected: list[BatchJob]) -> None:
+        """No worker within ``start_timeout``: end the run, quoting the batch system's last word."""
+        states = self._query_job_states([job.job_id for job in unconnected]) or {}
+        described = "\n".join(
+            f"  {self._describe_waiting_job(job, states.get(job.job_id))}" for job in unconnected
+        )
+        self._fail_before_start(
+            f"no worker of {self.run_name} connected within start_timeout="
+            f"{self.scaling.start_timeout:g} s of its job's submission; the jobs were "
+            f"cancelled. {self.scheduler_title} said:\n{described}\n"
+            f"Job scripts and logs of this run: {self.log_dir}"
+        )
+
+    def _fail_before_start(self, message: str) -> None:
+        """End a run whose jobs cannot start: stop the policy, cancel every job, fail the calls.
+
+        Outstanding calls, and every later ``submit`` and ``map``, raise
+        :class:`JobSubmissionError` with ``message``; ``shutdown()`` then has nothing to wait for.
+        """
+        self._fatal_error = message
+        self._fatal_error_class = JobSubmissionError
+        self._stop_policy()
+        book = self._job_book
+        book.mark_retired(self.job_ids())
+        book.begin_closing()  # jobs still being submitted are cancelled when they return
+        book.cancel(self.cluster_class.job_cls.cancel_command)
+        self._fail_outstanding(message, JobSubmissionError)
+
+    def _fail_late_calls(self) -> None:
+        """Fail calls submitted while the run was failing (they passed the check just before)."""
+        if self._bridge is None:
+            return
+        error_class = self._fatal_error_class
+        for future in self._bridge.outstanding():
+            _set_exception(future, error_class(self._fatal_error))
 
     def _handle_ended_jobs(self, ended: list[BatchJob]) -> None:
         """Report jobs that ended unexpectedly and replace them, up to ``max_resubmissions``.
@@ -787,9 +976,41 @@ class JobQueueExecutor(HPCExecutor):
         status.adaptive = self.scaling.adaptive
         status.resubmissions = min(len(self._job_failures), self.scaling.max_resubmissions)
         status.job_ids = self.job_ids()
+        status.pending_reasons = self.pending_reasons()
         if self._adaptive is not None:
             self._adaptive.report_into(status)
         return status
+
+    def pending_reasons(self) -> dict[str, str]:
+        """Why each job whose worker has not connected waits, as the batch system last said.
+
+        Returns
+        -------
+        dict of str to str
+            Job id -> ``"STATE: reason"`` (or the state alone when the batch system gives no
+            reason), for jobs neither ended nor cancelled whose state has been read at least
+            once.
+
+        """
+        worker_names = self._connected_worker_names()
+        if worker_names is not None:  # a job whose worker has just connected waits no more
+            self._job_book.update_connections(worker_names)
+        return {
+            job.job_id: f"{job.state}: {job.reason}" if job.reason else job.state
+            for job in self._job_book.jobs()
+            if not (job.connected or job.ended or job.cancel_sent) and job.state != "submitted"
+        }
+
+    def _progress_note(self) -> str | None:
+        """For a progress bar: how many jobs wait, and why (None when none waits)."""
+        counts: dict[str, int] = {}
+        for text in self.pending_reasons().values():
+            counts[text] = counts.get(text, 0) + 1
+        if not counts:
+            return None
+        return "; ".join(
+            f"{count} job{'s' if count > 1 else ''} {text}" for text, count in counts.items()
+        )
 
     def _describe_ended_job(self, job: BatchJob) -> str:
         when = ("after its workers had connected" if job.ever_connected
@@ -817,17 +1038,20 @@ class JobQueueExecutor(HPCExecutor):
             parts.append(f"Last lines of {path}:\n{body}")
         return "\n".join(parts)
 
-    def _fail_outstanding(self, message: str) -> None:
+    def _fail_outstanding(self, message: str,
+                          error_class: type[Exception] = JobFailedError) -> None:
+        """Fail every outstanding call, and every later submit, with ``error_class(message)``."""
         self._fatal_error = message
+        self._fatal_error_class = error_class
         failed = 0
         for future in self._bridge.outstanding() if self._bridge is not None else []:
-            failed += _set_exception(future, JobFailedError(message))
+            failed += _set_exception(future, error_class(message))
         logger.error("%s (%d outstanding calls failed)", message, failed)
 
     def _check_open(self) -> None:
         super()._check_open()
         if getattr(self, "_fatal_error", None) is not None:
-            raise JobFailedError(self._fatal_error)
+            raise self._fatal_error_class(self._fatal_error)
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -917,6 +1141,45 @@ SLURM_ACTIVE_STATES = frozenset({
 })
 
 
+#: SLURM reasons of a pending job that waiting cannot clear: the request exceeds what the
+#: partition or its nodes can give, names something invalid or not allowed, or depends on a job
+#: that failed (squeue(1), "JOB REASON CODES"; https://slurm.schedmd.com/job_reason_codes.html).
+SLURM_REASONS_THAT_NEVER_CLEAR = frozenset({
+    "PartitionConfig",           # more cores, memory or nodes than the partition's nodes have
+    "PartitionNodeLimit",        # more or fewer nodes than the partition allows a job
+    "PartitionTimeLimit",        # a walltime above the partition's MaxTime
+    "MaxMemPerLimit",            # more memory per CPU or node than the partition allows
+    "BadConstraints",            # features no node has
+    "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
+    "DependencyNeverSatisfied",  # a job it depends on ended in a way that fails the condition
+    "ReservationInvalid", "ReservationDeleted",
+})
+
+#: Limits on the job alone also never clear: per-job and per-node maximums of an association or
+#: QOS (``QOSMaxCpuPerJobLimit``, ``AssocMaxWallDurationPerJobLimit``, ``QOSMaxMemoryPerNode``...)
+#: and QOS minimums (``QOSMinCpuNotSatisfied``, ``QOSMinMemory``...). Aggregate limits
+#: (``*Grp*``, ``*PerUser*``, ``*PerAccount``, job counts such as ``AssocMaxJobsLimit``) clear as
+#: other jobs end, and so do ``Priority``, ``Resources``, ``BeginTime``, ``Dependency``, holds
+#: and nodes or partitions that are down: those keep waiting (``start_timeout`` bounds them).
+_SLURM_PER_JOB_LIMIT = re.compile(r"^(?:Assoc|QOS)Max\w*Per(?:Job|Node)(?:Limit)?$|^QOSMin\w+$")
+
+
+def slurm_reason_never_clears(reason: str | None) -> bool:
+    """Whether a pending SLURM job with this reason can never start as it is.
+
+    Parameters
+    ----------
+    reason : str or None
+        squeue's reason (``%r``), e.g. ``"PartitionConfig"`` or ``"ReqNodeNotAvail,
+        UnavailableNodes:n1"``; only its code (up to the first comma or space) counts.
+
+    """
+    if not reason:
+        return False
+    code = re.split(r"[,\s]", reason.strip(), maxsplit=1)[0]
+    return code in SLURM_REASONS_THAT_NEVER_CLEAR or bool(_SLURM_PER_JOB_LIMIT.match(code))
+
+
 class SLURMExecutor(JobQueueExecutor):
     """Executor whose workers are SLURM jobs (``dask_jobqueue.SLURMCluster``).
 
@@ -938,20 +1201,26 @@ class SLURMExecutor(JobQueueExecutor):
             options["job_directives_skip"] = ["--mem"]
         return options
 
-    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, QueueState] | None:
         result = _run_command(
             ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
-             "--format=%i %T"]
+             "--format=%i %T %r"]
         )
         if result is None:
             return None
         if result.returncode != 0:
             if "Invalid job id" in result.stderr:  # none of them is known any more
-                return dict.fromkeys(job_ids, "gone")
+                return dict.fromkeys(job_ids, QueueState("gone"))
             logger.debug("squeue failed: %s", result.stderr.strip())
             return None
-        listed = dict(line.split()[:2] for line in result.stdout.splitlines() if line.strip())
-        return {job_id: listed.get(job_id, "gone") for job_id in job_ids}
+        listed = {}
+        for line in result.stdout.splitlines():
+            job_id, state, reason = ([*line.split(maxsplit=2), "", ""])[:3]
+            if job_id:
+                reason = None if reason.strip() in ("", "None") else reason.strip()
+                never_starts = state == "PENDING" and slurm_reason_never_clears(reason)
+                listed[job_id] = QueueState(state, reason, never_starts)
+        return {job_id: listed.get(job_id, QueueState("gone")) for job_id in job_ids}
 
     @staticmethod
     def _state_is_active(state: str) -> bool:
@@ -962,6 +1231,38 @@ class SLURMExecutor(JobQueueExecutor):
 
 #: PBS/Torque state letters of jobs that may still run a worker (C, E, F, X: over).
 PBS_ACTIVE_STATES = frozenset("QRHWTSBUM")
+
+#: How PBS Pro / OpenPBS's scheduler starts the comment of a job it will never run.
+PBS_NEVER_RUN_COMMENT = "Can Never Run"
+
+
+def pbs_comment_never_clears(comment: str | None) -> bool:
+    """Whether a PBS job's comment says it can never run (PBS Pro, OpenPBS).
+
+    Their scheduler comments a queued job ``"Not Running: <why>"`` while it waits and
+    ``"Can Never Run: <why>"`` when no configured resource could ever satisfy it. Torque and
+    SLURM's PBS wrappers give no such comment.
+    """
+    return bool(comment) and comment.strip().startswith(PBS_NEVER_RUN_COMMENT)
+
+
+def parse_qstat_full(text: str) -> dict[str, dict[str, str]]:
+    """``qstat -f`` output as job number -> attribute -> value (continuation lines joined)."""
+    jobs: dict[str, dict[str, str]] = {}
+    attributes: dict[str, str] | None = None
+    last_name = None
+    for line in text.splitlines():
+        header = re.match(r"^Job Id:\s*(\d+)", line)
+        attribute = re.match(r"^\s+([\w.]+) = (.*)$", line)
+        if header:
+            attributes = jobs.setdefault(header.group(1), {})
+            last_name = None
+        elif attributes is not None and attribute:
+            last_name = attribute.group(1)
+            attributes[last_name] = attribute.group(2).strip()
+        elif attributes is not None and last_name and line[:1].isspace() and line.strip():
+            attributes[last_name] += line.strip()  # PBS Pro wraps long values
+    return jobs
 
 
 class PBSExecutor(JobQueueExecutor):
@@ -985,21 +1286,22 @@ class PBSExecutor(JobQueueExecutor):
             options["resource_spec"] = f"select=1:ncpus={cores}"
         return options
 
-    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
-        result = _run_command(["qstat", *job_ids])
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, QueueState] | None:
+        result = _run_command(["qstat", "-f", *job_ids])
         if result is None:
             return None
-        listed = {}
-        for line in result.stdout.splitlines():
-            fields = line.split()
-            match = re.match(r"\d+", fields[0]) if len(fields) >= 5 else None
-            if match:
-                listed[match.group()] = fields[-2]
-        unknown = result.returncode == 153 or "Unknown Job" in result.stderr
+        unknown = (result.returncode == 153 or "Unknown Job" in result.stderr
+                   or "has finished" in result.stderr)
         if result.returncode != 0 and not unknown:
             logger.debug("qstat failed: %s", result.stderr.strip())
             return None
-        return {job_id: listed.get(job_id, "gone") for job_id in job_ids}
+        listed = {}
+        for job_id, attributes in parse_qstat_full(result.stdout).items():
+            state = attributes.get("job_state", "gone")
+            comment = attributes.get("comment") or None
+            never_starts = state in ("Q", "H") and pbs_comment_never_clears(comment)
+            listed[job_id] = QueueState(state, comment, never_starts)
+        return {job_id: listed.get(job_id, QueueState("gone")) for job_id in job_ids}
 
     @staticmethod
     def _state_is_active(state: str) -> bool:
@@ -1067,7 +1369,13 @@ class SGEExecutor(JobQueueExecutor):
             directives.append(f"-A {self.resources.account}")
         return {"job_extra_directives": directives + list(self.resources.job_extra)}
 
-    def _query_job_states(self, job_ids: list[str]) -> dict[str, str] | None:
+    def _create_cluster(self) -> JobQueueCluster:
+        #: Job id -> Grid Engine's verification text for the waiting jobs it says cannot run
+        #: (None: verified, it can run).
+        self._verifications: dict[str, str | None] = {}
+        return super()._create_cluster()
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, QueueState] | None:
         # qstat without arguments lists the user's pending and running jobs; ended ones vanish.
         result = _run_command(["qstat"])
         if result is None or result.returncode != 0:
@@ -1077,7 +1385,65 @@ class SGEExecutor(JobQueueExecutor):
             fields = line.split()
             if len(fields) >= 5 and fields[0].isdigit():
                 listed[fields[0]] = fields[4]
-        return {job_id: listed.get(job_id, "gone") for job_id in job_ids}
+        # qw (waiting), hqw (held), Rqw (rescheduled)...; Eqw is an error, not a wait.
+        waiting = [job_id for job_id in job_ids
+                   if listed.get(job_id, "").endswith("qw") and "E" not in listed[job_id]]
+        reasons = self._scheduling_info(waiting) if waiting else {}
+        states = {}
+        for job_id in job_ids:
+            state = listed.get(job_id, "gone")
+            verdict = self._verify(job_id) if job_id in waiting and "h" not in state else None
+            states[job_id] = QueueState(state, verdict or reasons.get(job_id), verdict is not None)
+        return states
+
+    def _scheduling_info(self, job_ids: list[str]) -> dict[str, str]:
+        """The scheduler's "scheduling info" of waiting jobs (``qstat -j``), by job id.
+
+        Grid Engine gives it only when the scheduler's ``schedd_job_info`` is on.
+        """
+        result = _run_command(["qstat", "-j", ",".join(job_ids)])
+        if result is None or result.returncode != 0:
+            return {}
+        reasons: dict[str, list[str]] = {}
+        job_id, in_info = None, False
+        for line in result.stdout.splitlines():
+            key, colon, value = line.partition(":")
+            if line[:1].isspace() and in_info and job_id is not None:
+                reasons[job_id].append(line.strip())
+                continue
+            in_info = False
+            if colon and key.strip() == "job_number":
+                job_id = value.strip()
+            elif colon and key.strip() == "scheduling info" and job_id is not None:
+                in_info = True
+                reasons[job_id] = [value.strip()]
+        return {
+            job_id: "; ".join(line for line in lines if line)
+            for job_id, lines in reasons.items()
+            if lines and not lines[0].startswith("(Collecting of scheduler job information")
+        }
+
+    def _verify(self, job_id: str) -> str | None:
+        """Grid Engine's word that a waiting job can never run, or None if it can (or is unsure).
+
+        ``qalter -w v`` schedules the job on an empty cluster (every slot and consumable free,
+        load ignored) without changing it; "no suitable queues" means no queue, host or
+        parallel environment could ever take it as requested. Asked once per job.
+        """
+        if job_id not in self._verifications and shutil.which("qalter") is None:
+            self._verifications[job_id] = None  # cannot ask: waiting stays bounded by start_timeout
+        if job_id not in self._verifications:
+            result = _run_command(["qalter", "-w", "v", job_id])
+            if result is None:
+                return None  # ask again next time
+            output = "\n".join(text.strip() for text in (result.stdout, result.stderr)
+                               if text.strip())
+            cannot_run = "no suitable queues" in output
+            self._verifications[job_id] = (
+                "; ".join(line.strip() for line in output.splitlines() if line.strip())
+                if cannot_run else None
+            )
+        return self._verifications[job_id]
 
     @staticmethod
     def _state_is_active(state: str) -> bool:

@@ -59,6 +59,15 @@ class BatchSystem:
         ``queued_job_ids(run_name)``: ids of the jobs named ``run_name`` still in the queue.
     environment : dict
         Environment variables the backend needs (set by the module's fixture).
+    never_starts_texts : dict
+        What the batch system says of a job asking for more than any node has, by the
+        request's name in ``tests.backends.waiting_suite.IMPOSSIBLE_REQUESTS``.
+    hold_directive : str
+        A ``job_extra`` line that submits the job on hold.
+    held_state, held_reason : str
+        The state and the reason the batch system gives for a held job (reason "" if none).
+    release_command : str
+        The command that releases held jobs (followed by job ids).
 
     """
 
@@ -69,6 +78,11 @@ class BatchSystem:
     cancel_command: str
     queued_job_ids: Callable[[str], list[str]]
     environment: dict[str, str] = field(default_factory=dict)
+    never_starts_texts: dict[str, str] = field(default_factory=dict)
+    hold_directive: str = ""
+    held_state: str = ""
+    held_reason: str = ""
+    release_command: str = ""
 
     def executor(self, **options) -> HPCExecutor:
         """A new executor of this backend with small workers (``options`` override)."""
@@ -116,6 +130,17 @@ def _queue_listing(batch: BatchSystem) -> str:
     command = ["squeue", "--states=all"] if batch.backend == "slurm" else ["qstat"]
     result = run(command)
     return result.stdout + result.stderr
+
+
+def wait_for(condition: Callable[[], object], timeout: float) -> object:
+    """Poll ``condition`` until it returns something true; return that, or None at timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    return None
 
 
 def wait_for_workers(executor: HPCExecutor, count: int, timeout: float = 120) -> None:

@@ -24,6 +24,10 @@ from tests.backends.batch_helpers import (
 )
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
+# isort: split
+# Collected last: their waits must not idle the suite's executor (`ex`) between its tests.
+from tests.backends.waiting_suite import *  # noqa: F403 - jobs that wait
+
 pytestmark = [pytest.mark.pbs, pytest.mark.timeout(300)]
 
 #: Written by ci/pbs.sh: the directory of the PBS wrappers.
@@ -47,6 +51,13 @@ def batch():
             job_id_variable="SLURM_JOB_ID",  # real PBS: PBS_JOBID
             cancel_command="qdel",
             queued_job_ids=pbs_queued_job_ids,
+            # The wrapper's qsub runs sbatch, which refuses these requests at once.
+            never_starts_texts={"cores": "CPU count per node can not be satisfied",
+                                "memory": "Memory specification can not be satisfied"},
+            hold_directive="-h",
+            # The wrapper's qstat shows a held job as Q and gives no comment (reason).
+            held_state="Q",
+            release_command="qrls",
         )
 
 

@@ -16,6 +16,10 @@ from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import BatchSystem, run, sge_queued_job_ids
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
+# isort: split
+# Collected last: their waits must not idle the suite's executor (`ex`) between its tests.
+from tests.backends.waiting_suite import *  # noqa: F403 - jobs that wait
+
 pytestmark = [pytest.mark.sge, pytest.mark.timeout(300)]
 
 #: Written by ci/sge.sh: the environment Grid Engine's commands need.
@@ -48,6 +52,12 @@ def batch():
             job_id_variable="JOB_ID",
             cancel_command="qdel",
             queued_job_ids=sge_queued_job_ids,
+            never_starts_texts=dict.fromkeys(("cores", "memory"),
+                                             "verification: no suitable queues"),
+            hold_directive="-h",
+            held_state="hqw",
+            held_reason="Job is in hold state",
+            release_command="qrls",
         )
 
 

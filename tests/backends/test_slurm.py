@@ -6,6 +6,7 @@ Workers are real SLURM jobs; the tests read SLURM's own view of them (squeue, sc
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 from conftest import require
 from futures_hpc import LocalExecutor
 from futures_hpc.backends.jobqueue import SLURMExecutor
+from futures_hpc.errors import JobSubmissionError
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (
     QUEUE_EMPTY_WITHIN_SECONDS,
@@ -29,6 +31,7 @@ from tests.backends.batch_helpers import (
     run,
     scontrol_job,
     slurm_queued_job_ids,
+    wait_for,
     wait_for_workers,
     wait_until_no_jobs,
     wait_until_no_processes,
@@ -40,6 +43,11 @@ from tests.security_helpers import (
     run_child_until_result,
     wait_until_gone,
 )
+
+# isort: split
+# Collected last: their waits must not idle the suite's executor (`ex`) between its tests.
+from tests.backends.waiting_suite import *  # noqa: F403 - jobs that wait
+from tests.backends.waiting_suite import NEVER_STARTS_WITHIN_SECONDS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -65,6 +73,12 @@ def batch():
         job_id_variable="SLURM_JOB_ID",
         cancel_command="scancel",
         queued_job_ids=slurm_queued_job_ids,
+        never_starts_texts={"cores": "reason: PartitionConfig",
+                            "memory": "Memory specification can not be satisfied"},
+        hold_directive="--hold",
+        held_state="PENDING",
+        held_reason="JobHeldUser",
+        release_command="scontrol release",
     )
 
 
@@ -254,3 +268,56 @@ def test_no_process_of_the_run_outlives_the_executor(batch, tmp_path, workers_wh
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert left == {}, f"processes of {run_name} alive {within:.0f} s after shutdown: {left}"
+
+
+def failed_job(batch) -> str:
+    """The id of a SLURM job that has failed (for dependencies that can never be satisfied)."""
+    failed = run(["sbatch", "--parsable", "-p", batch.queue, "-t", "00:01:00",
+                  "--job-name=fhpc-test-failing-dependency", "--output=/dev/null",
+                  "--wrap", "exit 3"])
+    assert failed.returncode == 0, failed.stderr
+    failed_job_id = failed.stdout.strip().split(";")[0]
+    assert wait_for(lambda: scontrol_job(failed_job_id)["JobState"] == "FAILED", 60), (
+        scontrol_job(failed_job_id))
+    return failed_job_id
+
+
+def test_a_dependency_that_can_never_be_satisfied_fails_the_run(batch):
+    """afterok on a job that failed: SLURM says DependencyNeverSatisfied, which never clears."""
+    failed_job_id = failed_job(batch)
+    started = time.monotonic()
+    with batch.executor(max_workers=1,
+                        job_extra=[f"--dependency=afterok:{failed_job_id}"]) as executor:
+        with pytest.raises(JobSubmissionError, match="reason: DependencyNeverSatisfied"):
+            executor.submit(sum, [1, 2]).result(timeout=60)
+    assert time.monotonic() - started < NEVER_STARTS_WITHIN_SECONDS
+    assert wait_until_no_jobs(batch, executor.run_name) == []
+
+
+def test_never_start_verdict_is_doubted_once_the_same_script_has_started(batch, caplog):
+    """A job of a run whose other job runs is said never to start: the run keeps working.
+
+    Both jobs are submitted on hold; the first is released and its worker connects; the second
+    gets a dependency on a failed job before release (DependencyNeverSatisfied). The request
+    evidently can start, so the executor warns and waits instead of failing the run.
+    """
+    caplog.set_level(logging.INFO, logger="futures_hpc")
+    failed_job_id = failed_job(batch)
+    with batch.executor(max_workers=2, adaptive=False, job_extra=["--hold"]) as executor:
+        first, second = executor.job_ids()
+        assert run(["scontrol", "release", first]).returncode == 0
+        wait_for_workers(executor, 1)
+        updated = run(["scontrol", "update", f"JobId={second}",
+                       f"Dependency=afterok:{failed_job_id}"])
+        assert updated.returncode == 0, updated.stdout + updated.stderr
+        assert run(["scontrol", "release", second]).returncode == 0
+        assert wait_for(lambda: executor.status().pending_reasons.get(second)
+                        == "PENDING: DependencyNeverSatisfied", 60), executor.status()
+        time.sleep(3)  # more looks at the queue: still no failure
+        assert executor.submit(sum, [1, 2]).result(timeout=60) == 3
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING and f"job {second} " in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "DependencyNeverSatisfied" in warnings[0]
+    assert "but jobs of this run with the same script did: waiting" in warnings[0]
+    assert wait_until_no_jobs(batch, executor.run_name) == []
