@@ -786,7 +786,7 @@ class JobQueueExecutor(HPCExecutor):
     def _fail_outstanding(self, message: str) -> None:
         self._fatal_error = message
         failed = 0
-        for future in self._bridge.outstanding() if self._bridge is not None else []:
+        for future in self._outstanding():
             failed += _set_exception(future, JobFailedError(message))
         logger.error("%s (%d outstanding calls failed)", message, failed)
 
