@@ -152,10 +152,6 @@ class FutureBridge:
         with self._lock:
             return [record.future for record in self._records.values()]
 
-    def cancel_pending(self) -> int:
-        """Cancel every future that has not started running; return how many were cancelled."""
-        return sum(future.cancel() for future in self.outstanding())
-
     def close(self) -> None:
         """Stop the collector thread and release every tracked task."""
         self._deliveries.put(None)

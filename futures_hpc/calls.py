@@ -63,13 +63,6 @@ class PlaceholderArgument:
         self.index = index
 
 
-def pack_call(
-    function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
-) -> bytes:
-    """Pickle one call into an opaque payload."""
-    return cloudpickle.dumps((function, tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def pack_function(function: Callable[..., Any]) -> bytes:
     """Pickle a function once for every chunk of a map."""
     return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
@@ -106,17 +99,60 @@ def _substitute(value: Any, dependencies: Sequence[Any]) -> Any:
     return dependencies[value.index] if isinstance(value, PlaceholderArgument) else value
 
 
-def run_call(payload: bytes, *dependencies: Any) -> bytes:
-    """Run one packed call on the worker; return its packed outcome (never raises)."""
+def _pack_outcomes(outcomes: list[tuple[str, Any]], seconds: float | None) -> bytes:
+    """Pack a batch's outcomes; an outcome that cannot be pickled fails its call alone."""
     try:
-        function, args, kwargs = pickle.loads(payload)
-        if dependencies:
-            args = tuple(_substitute(value, dependencies) for value in args)
-            kwargs = {key: _substitute(value, dependencies) for key, value in kwargs.items()}
-        result = function(*args, **kwargs)
-    except BaseException as error:  # noqa: BLE001 - every exception goes back to the caller
-        return _pack_outcome(("error", _ExceptionWithTraceback(error)))
-    return _pack_outcome(("ok", result))
+        return cloudpickle.dumps(("calls", outcomes, seconds), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # find the unpicklable ones
+        checked = []
+        for outcome in outcomes:
+            try:
+                cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as error:
+                outcome = ("error", _ExceptionWithTraceback(UnpicklableRemoteError(
+                    f"the call's outcome could not be pickled ({error!r}); outcome: "
+                    f"{outcome!r:.2000}"
+                )))
+            checked.append(outcome)
+        return cloudpickle.dumps(("calls", checked, seconds), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def run_calls(payload: bytes, *dependencies: Any) -> bytes:
+    """Run a packed batch of calls of one function on the worker, each on its own.
+
+    Parameters
+    ----------
+    payload : bytes
+        ``pickle.dumps((packed_function, [packed (args, kwargs) per call]))``.
+    *dependencies
+        Values of the ``distributed.Future`` arguments (batches of one call only), put where
+        :class:`PlaceholderArgument` stands.
+
+    Returns
+    -------
+    bytes
+        The packed ``("calls", outcomes, seconds)``: ``("ok", result)`` or ``("error",
+        exception)`` per call, and the seconds the calls took (for :mod:`futures_hpc.chunking`).
+
+    """
+    outcomes: list[tuple[str, Any]] = []
+    packed_function, packed_calls = pickle.loads(payload)
+    try:
+        function = pickle.loads(packed_function)
+    except BaseException as error:  # noqa: BLE001 - every call fails with it
+        failed = ("error", _ExceptionWithTraceback(error))
+        return _pack_outcomes([failed] * len(packed_calls), None)
+    started = time.perf_counter()
+    for packed in packed_calls:
+        try:
+            args, kwargs = pickle.loads(packed)
+            if dependencies:
+                args = tuple(_substitute(value, dependencies) for value in args)
+                kwargs = {key: _substitute(value, dependencies) for key, value in kwargs.items()}
+            outcomes.append(("ok", function(*args, **kwargs)))
+        except BaseException as error:  # noqa: BLE001 - every exception goes back to the caller
+            outcomes.append(("error", _ExceptionWithTraceback(error)))
+    return _pack_outcomes(outcomes, time.perf_counter() - started)
 
 
 def run_chunk(payload: bytes) -> bytes:
@@ -149,5 +185,5 @@ def run_chunk(payload: bytes) -> bytes:
 
 
 def unpack_outcome(packed: bytes) -> tuple[Any, ...]:
-    """Unpickle an outcome made by :func:`run_call` or :func:`run_chunk`."""
+    """Unpickle an outcome made by :func:`run_calls` or :func:`run_chunk`."""
     return pickle.loads(packed)

@@ -39,5 +39,9 @@ class CallSerializationError(FuturesHPCError, TypeError):
     """A call (its function or an argument) cannot be pickled to be sent to the workers."""
 
 
+class CallDependencyError(FuturesHPCError, RuntimeError):
+    """A call did not run because a future among its arguments failed (its ``__cause__``)."""
+
+
 class ExecutorShutdownError(FuturesHPCError, RuntimeError):
     """Work was submitted to an executor that has been shut down."""

@@ -33,12 +33,10 @@ from distributed.security import Security
 from . import cleanup
 from . import config as _config  # noqa: F401 - registers the default configuration
 from .bridge import FutureBridge
+from .call_queue import CallQueue
 from .calls import (
-    PlaceholderArgument,
-    pack_call,
     pack_chunk,
     pack_function,
-    run_call,
     run_chunk,
 )
 from .chunking import CallCosts, automatic_chunksize, function_key
@@ -63,8 +61,6 @@ MAX_GROWING_CHUNKSIZE = 256
 #: :class:`~futures_hpc.errors.WorkerLostError` (dask's ``allowed-failures`` is one less).
 DEFAULT_MAX_CALL_RETRIES = 3
 
-#: Payloads larger than this are scattered to a worker instead of sent inside the task graph.
-LARGE_PAYLOAD_BYTES = 1024 * 1024
 
 _live_executors: weakref.WeakSet[HPCExecutor] = weakref.WeakSet()
 
@@ -275,10 +271,13 @@ class HPCExecutor(Executor):
         self._cluster: Cluster | None = None
         self._client: distributed.Client | None = None
         self._bridge: FutureBridge | None = None
+        self._queue: CallQueue | None = None
         try:
             self._cluster = self._create_cluster()
             self._client = self._connect_client(self._cluster)
             self._bridge = FutureBridge(self._client, self.run_name)
+            self._queue = CallQueue(self._client, self._bridge, self._call_costs,
+                                    self._dispatch_slots, self.run_name)
             self._client.run_on_scheduler(
                 _set_allowed_failures, self.max_call_retries - 1
             )
@@ -440,6 +439,18 @@ class HPCExecutor(Executor):
             return self.worker_slots()
         return connected
 
+    def _dispatch_slots(self) -> int:
+        """Worker threads the call queue sends tasks for: connected ones, or the planned ones.
+
+        The planned count (every job of a batch executor, adaptive or not) keeps enough work in
+        the scheduler for the scaling policy to ask for the workers it needs.
+        """
+        return max(self._recent_worker_slots(), self._planned_worker_slots())
+
+    def _outstanding(self) -> list[Future]:
+        """Every future of this executor that is not done (waiting, or running)."""
+        return [] if self._queue is None else self._queue.outstanding()
+
     def status(self) -> ScalingStatus:
         """What the executor holds now: workers, jobs pending/running, resubmissions, lost calls.
 
@@ -517,52 +528,24 @@ class HPCExecutor(Executor):
             After :meth:`shutdown`.
 
         """
-        dependencies: list[distributed.Future] = []
-
-        def placeholder(value: Any) -> Any:
-            if isinstance(value, distributed.Future):
-                dependencies.append(value)
-                return PlaceholderArgument(len(dependencies) - 1)
-            return value
-
-        args = tuple(placeholder(value) for value in args)
-        kwargs = {key: placeholder(value) for key, value in kwargs.items()}
-        payload: bytes | distributed.Future = _pickled(
-            lambda: pack_call(fn, args, kwargs), lambda: _describe_call(fn, args, kwargs)
-        )
         with self._shutdown_lock:
             self._check_open()
-            if len(payload) > LARGE_PAYLOAD_BYTES:
-                # Straight to a worker, not through the task graph.
-                payload = self._client.scatter(payload, hash=False)
-            dask_future = self._client.submit(
-                run_call,
-                payload,
-                *dependencies,
-                key=f"{_function_name(fn)}-{self.run_name}-{uuid.uuid4().hex}",
-                pure=False,
-            )
-            return self._bridge.track(
-                dask_future, description=_describe_call(fn, args, kwargs)
-            )
+            return self._queue.submit(fn, args, kwargs, lambda: _describe_call(fn, args, kwargs))
 
     def _submit_chunk(
-        self, fn: Callable[..., Any], packed_function: bytes, columns: list[Sequence[Any]]
+        self, fn: Callable[..., Any], packed_function: bytes, columns: list[Sequence[Any]],
+        key: bytes | None = None,
     ) -> Future:
-        return self._submit_chunks(fn, packed_function, [columns])[0]
+        return self._submit_chunks(fn, packed_function, [columns], key)[0]
 
     def _submit_chunks(
         self,
         fn: Callable[..., Any],
         packed_function: bytes,
         chunks: Iterable[list[Sequence[Any]]],
+        key: bytes | None = None,
     ) -> list[Future]:
-        """Submit chunks of calls together, in one message to the scheduler.
-
-        The scheduler then places them all at once, across the workers. Sent one at a time, a
-        worker that has already finished the first chunk may get the next one too, and the
-        chunks run one after the other.
-        """
+        """Queue chunks of calls of ``fn``, one task each (see :mod:`futures_hpc.call_queue`)."""
         chunks = list(chunks)
         if not chunks:
             return []
@@ -574,19 +557,21 @@ class HPCExecutor(Executor):
             )
             for columns in chunks
         ]
-        name = _function_name(fn)
-        keys = [f"{name}-map-{self.run_name}-{uuid.uuid4().hex}" for _ in chunks]
+        name = f"{_function_name(fn)}-map"
         with self._shutdown_lock:
             self._check_open()
-            dask_futures = self._client.map(run_chunk, payloads, key=keys, pure=False)
             futures = []
-            for dask_future, columns in zip(dask_futures, chunks, strict=True):
+            for payload, columns in zip(payloads, chunks, strict=True):
                 count = min((len(column) for column in columns), default=0)
                 first = tuple(column[0] for column in columns) if count else ()
-                description = f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)"
-                futures.append(
-                    self._bridge.track(dask_future, decode=_decode_chunk, description=description)
-                )
+                futures.append(self._queue.submit_task(
+                    run_chunk, payload, _decode_chunk, name,
+                    lambda first=first, count=count: (
+                        f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)"
+                    ),
+                    key, count,
+                ))
+            self._queue.pump()
             return futures
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
@@ -670,6 +655,7 @@ class HPCExecutor(Executor):
                 fn,
                 packed_function,
                 chunks if buffersize is None else itertools.islice(chunks, buffersize),
+                key,
             )
         )
         refill = None if buffersize is None else chunks
@@ -689,17 +675,19 @@ class HPCExecutor(Executor):
     ) -> Iterator[Any]:
         try:
             while pending:
-                future = pending.popleft()
                 remaining = None if end_time is None else end_time - time.monotonic()
-                results, error, seconds = future.result(remaining)
-                del future
+                results, error, seconds = pending[0].result(remaining)
+                pending.popleft()
                 if seconds is not None:
                     self._call_costs.record(key, len(results) + (error is not None), seconds)
                 if refill is not None:
                     chunk = next(refill, None)
                     if chunk is not None:
-                        pending.append(self._submit_chunk(fn, packed_function, chunk))
-                yield from results
+                        pending.append(self._submit_chunk(fn, packed_function, chunk, key))
+                # Hand out each result and drop it: the caller alone decides how long it lives.
+                results.reverse()
+                while results:
+                    yield results.pop()
                 del results
                 if error is not None:
                     raise error
@@ -787,8 +775,8 @@ class HPCExecutor(Executor):
         """
         with self._shutdown_lock:
             self._shutdown = True
-        if self._bridge is not None and cancel_futures:
-            self._bridge.cancel_pending()
+        if self._queue is not None and cancel_futures:
+            self._queue.cancel_waiting()
         if wait:
             self._wait_and_close()
         else:
@@ -797,8 +785,8 @@ class HPCExecutor(Executor):
             ).start()
 
     def _wait_and_close(self) -> None:
-        if self._bridge is not None:
-            wait_for_futures(self._bridge.outstanding())
+        if self._queue is not None:
+            wait_for_futures(self._queue.outstanding())
         self._close_cluster()
 
     def _abort(self) -> None:
@@ -818,6 +806,7 @@ class HPCExecutor(Executor):
         unregister_from_discovery(self)
         try:
             for step, closer in (
+                ("call queue", self._queue and self._queue.close),
                 ("results bridge", self._bridge and self._bridge.close),
                 ("client", self._client and self._client.close),
                 ("cluster", self._cluster and self._cluster.close),

@@ -900,10 +900,8 @@ class JobQueueExecutor(HPCExecutor):
 
     def _fail_late_calls(self) -> None:
         """Fail calls submitted while the run was failing (they passed the check just before)."""
-        if self._bridge is None:
-            return
         error_class = self._fatal_error_class
-        for future in self._bridge.outstanding():
+        for future in self._outstanding():
             _set_exception(future, error_class(self._fatal_error))
 
     def _handle_ended_jobs(self, ended: list[BatchJob]) -> None:
@@ -1044,7 +1042,7 @@ class JobQueueExecutor(HPCExecutor):
         self._fatal_error = message
         self._fatal_error_class = error_class
         failed = 0
-        for future in self._bridge.outstanding() if self._bridge is not None else []:
+        for future in self._outstanding():
             failed += _set_exception(future, error_class(message))
         logger.error("%s (%d outstanding calls failed)", message, failed)
 

@@ -165,10 +165,7 @@ class ECSExecutor(HPCExecutor):
 
     def _fail_outstanding(self, error: JobFailedError) -> None:
         """Fail every outstanding future with the run's error: no worker is left to run it."""
-        bridge = self._bridge
-        if bridge is None:
-            return
-        for future in bridge.outstanding():
+        for future in self._outstanding():
             if not future.done():
                 with contextlib.suppress(Exception):  # completed by another thread meanwhile
                     future.set_exception(error)

@@ -1,0 +1,595 @@
+"""The call queue: calls wait in the client until a worker slot is free, then go to the cluster.
+
+As :class:`concurrent.futures.ProcessPoolExecutor` keeps its calls in the client and hands a
+worker the next one when it is free, the executor keeps every call (``submit``, the chunks of
+``map``, joblib's batches, the tiles runner's groups) here, and decides *when* a call is handed
+to dask and *with which others*. dask still runs, places, retries and moves the data.
+
+- **Slots.** A task is sent only while the cluster has a worker thread for it: one task per
+  thread for a call that is slow or not measured yet (so no call waits behind a long one while
+  a worker sits idle), two per thread for short tasks (the second waits on the worker, so that
+  a worker never starves for a round trip between two short tasks).
+- **Packing.** The executor learns each function's cost per call (:mod:`futures_hpc.chunking`,
+  timed on the workers). Calls of a function measured as quick that wait next to each other are
+  packed into one task, each with its own future, result or exception. The first call of a
+  function, or a slow one, runs alone. A batch never holds a call back: it is formed only when
+  a slot is free, from the calls waiting then.
+- **States.** A call is PENDING while it waits here, and is cancelled at once and locally. It
+  becomes RUNNING when it is handed to the cluster, as a call of ``ProcessPoolExecutor`` does
+  when it moves to the call queue; ``shutdown(cancel_futures=True)`` therefore cancels what
+  waits and lets what runs finish.
+- **Dependencies.** A :class:`~concurrent.futures.Future` among a call's arguments (at the top
+  level or inside lists, tuples, sets and dicts) makes the call wait until it is done; the call
+  then gets its value. A failed dependency fails the call (:class:`CallDependencyError`, the
+  dependency's exception as its cause); a cancelled one cancels it.
+- **Lost workers.** A packed task whose worker died too often is split: each of its calls is
+  queued again alone, so that only the call that kills its worker fails
+  (:class:`~futures_hpc.errors.WorkerLostError`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import pickle
+import threading
+import types
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import distributed
+
+from .bridge import FutureBridge
+from .calls import PlaceholderArgument, run_calls
+from .chunking import CallCosts, function_key
+from .errors import CallDependencyError, CallSerializationError, WorkerLostError
+
+logger = logging.getLogger("futures_hpc")
+
+#: A call measured at or above this many seconds runs alone; quicker ones may share a task.
+QUICK_CALL_SECONDS = 0.05
+#: A packed task holds about this many seconds of calls, at most.
+BATCH_SECONDS = 0.1
+#: The most calls in one packed task.
+MAX_BATCH_CALLS = 10_000
+#: A task expected to run shorter than this may wait on a busy worker (two per worker thread).
+SHORT_TASK_SECONDS = 0.5
+#: Arguments pickled larger than this go to a worker with ``scatter``, not in the task graph.
+LARGE_PAYLOAD_BYTES = 1024 * 1024
+
+
+def function_name(function: Callable[..., Any]) -> str:
+    """A name for task keys: letters, digits and ``_`` only, at most 40 characters."""
+    name = getattr(function, "__name__", None) or type(function).__name__
+    return "".join(character if character.isalnum() else "_" for character in name)[:40]
+
+
+@dataclass(eq=False)
+class QueuedCall:
+    """One entry of the queue: a call of ``submit``, or a prepared task (a chunk of ``map``).
+
+    Attributes
+    ----------
+    future : concurrent.futures.Future
+        What the caller holds.
+    name : str
+        The function's name, for the task key.
+    describe : callable
+        Names the call in errors (built only when needed).
+    cost_key : bytes or None
+        The function's key in the executor's :class:`~futures_hpc.chunking.CallCosts`.
+    packed_function, packed_arguments : bytes or None
+        For a call: the pickled function and ``(args, kwargs)``.
+    task : tuple or None
+        For a prepared task: ``(worker function, payload, decode)``; the future gets the decoded
+        outcome of the whole task.
+    calls : int
+        Calls in the entry (a chunk has many).
+    dask_dependencies : list of distributed.Future
+        Top-level ``distributed.Future`` arguments, passed to the task by dask.
+    alone : bool
+        Never packed with others (dask dependencies, a large payload, or split from a lost task).
+
+    """
+
+    future: Future
+    name: str
+    describe: Callable[[], str]
+    cost_key: bytes | None = None
+    packed_function: bytes | None = None
+    packed_arguments: bytes | None = None
+    task: tuple[Callable[..., Any], Any, Callable[[Any], Any]] | None = None
+    calls: int = 1
+    dask_dependencies: list[distributed.Future] = field(default_factory=list)
+    alone: bool = False
+
+
+@dataclass(eq=False)
+class _SentTask:
+    entries: list[QueuedCall]
+    short: bool
+
+
+#: Argument types that the standard pickle module pickles exactly as cloudpickle would.
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+def pack_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle ``(args, kwargs)``: with the C pickler for plain values, else with cloudpickle."""
+    if all(type(value) in _PLAIN_TYPES for value in args) and all(
+        type(value) in _PLAIN_TYPES for value in kwargs.values()
+    ):
+        return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    return cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def find_futures(value: Any, found: list[Future]) -> None:
+    """Collect the standard futures in ``value``: itself, or inside lists, tuples, sets, dicts."""
+    kind = type(value)
+    if kind is Future or isinstance(value, Future):
+        found.append(value)
+    elif kind in (list, tuple, set, frozenset):
+        for item in value:
+            find_futures(item, found)
+    elif kind is dict:
+        for item in value.values():
+            find_futures(item, found)
+
+
+def substitute_futures(value: Any) -> Any:
+    """``value`` with every standard future replaced by its result (the futures are done)."""
+    kind = type(value)
+    if kind is Future or isinstance(value, Future):
+        return value.result()
+    if kind in (list, tuple, set, frozenset):
+        return kind(substitute_futures(item) for item in value)
+    if kind is dict:
+        return {key: substitute_futures(item) for key, item in value.items()}
+    return value
+
+
+class CallQueue:
+    """The executor's queue of calls, and its dispatcher.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Where tasks are submitted.
+    bridge : FutureBridge
+        Completes a standard future per task.
+    call_costs : CallCosts
+        The executor's memory of each function's cost per call.
+    worker_slots : callable
+        Returns the worker threads the cluster has, or will have (at least 1).
+    run_name : str
+        Goes into every task key (the workers report only the executor's own tasks).
+    max_call_retries : int
+        How many times a call may run on a worker that dies (for the message of split tasks).
+
+    """
+
+    def __init__(self, client: distributed.Client, bridge: FutureBridge, call_costs: CallCosts,
+                 worker_slots: Callable[[], int], run_name: str) -> None:
+        self._client = client
+        self._bridge = bridge
+        self._costs = call_costs
+        self._worker_slots = worker_slots
+        self._run_name = run_name
+        self._lock = threading.RLock()
+        self._waiting: collections.deque[QueuedCall] = collections.deque()
+        self._blocked = 0
+        self._long_in_flight = 0
+        self._short_in_flight = 0
+        self._unfinished: set[Future] = set()
+        self._packed_functions: weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._closed = False
+        self._task_numbers = itertools.count()
+
+    # -- putting calls in -------------------------------------------------------------------
+
+    def submit(self, function: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any], describe: Callable[[], str]) -> Future:
+        """Queue ``function(*args, **kwargs)``; return its future."""
+        future: Future = Future()
+        entry = QueuedCall(future, function_name(function), describe)
+        dependencies: list[Future] = []
+        for value in args:
+            find_futures(value, dependencies)
+        for value in kwargs.values():
+            find_futures(value, dependencies)
+        if dependencies:
+            self._track(future)
+            self._wait_for_dependencies(entry, function, args, kwargs, dependencies)
+        else:
+            self._prepare(entry, function, args, kwargs)
+            with self._lock:
+                self._unfinished.add(future)
+                self._waiting.append(entry)
+            self.pump()
+        return future
+
+    def submit_task(self, worker_function: Callable[..., Any], payload: Any,
+                    decode: Callable[[Any], Any], name: str, describe: Callable[[], str],
+                    cost_key: bytes | None, calls: int) -> Future:
+        """Queue a prepared task (a chunk of ``map``); its future gets the decoded outcome."""
+        future: Future = Future()
+        entry = QueuedCall(future, name, describe, cost_key=cost_key,
+                           task=(worker_function, payload, decode), calls=calls)
+        self._track(future)
+        self._enqueue([entry])
+        return future
+
+    def _track(self, future: Future) -> None:
+        """Count ``future`` as unfinished until it is done (however it gets done)."""
+        with self._lock:
+            self._unfinished.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._unfinished.discard(future)
+
+    def _packed_function(self, function: Callable[..., Any]) -> tuple[bytes, bytes]:
+        """The pickled function and its cost key, remembered while the function lives.
+
+        Only plain functions are remembered (by identity, as distributed remembers pickled
+        functions): a bound method or a callable object is pickled at each call, so that the
+        queue never keeps its object alive.
+        """
+        remembered = type(function) in (types.FunctionType, types.BuiltinFunctionType)
+        if remembered:
+            known = self._packed_functions.get(function)
+            if known is not None:
+                return known
+        packed = cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
+        known = (packed, function_key(packed))
+        if remembered:
+            self._packed_functions[function] = known
+        return known
+
+    def _prepare(self, entry: QueuedCall, function: Callable[..., Any],
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Pickle the call (raises :class:`CallSerializationError` naming it)."""
+        dask_dependencies: list[distributed.Future] = []
+
+        def placeholder(value: Any) -> Any:
+            if isinstance(value, distributed.Future):
+                dask_dependencies.append(value)
+                return PlaceholderArgument(len(dask_dependencies) - 1)
+            return value
+
+        if any(isinstance(value, distributed.Future) for value in (*args, *kwargs.values())):
+            args = tuple(placeholder(value) for value in args)
+            kwargs = {key: placeholder(value) for key, value in kwargs.items()}
+        try:
+            entry.packed_function, entry.cost_key = self._packed_function(function)
+            entry.packed_arguments = pack_arguments(args, kwargs)
+        except Exception as error:
+            raise CallSerializationError(
+                f"cannot send {entry.describe()} to the workers: it cannot be pickled "
+                f"({type(error).__name__}: {error}). Functions and arguments must be picklable "
+                "by cloudpickle: define them at module level or pass plain data instead of open "
+                "files, locks, connections or generators."
+            ) from error
+        entry.dask_dependencies = dask_dependencies
+        entry.alone = bool(dask_dependencies) or (
+            len(entry.packed_arguments) + len(entry.packed_function) > LARGE_PAYLOAD_BYTES
+        )
+
+    def _wait_for_dependencies(self, entry: QueuedCall, function: Callable[..., Any],
+                               args: tuple[Any, ...], kwargs: dict[str, Any],
+                               dependencies: list[Future]) -> None:
+        remaining = [len(dependencies)]
+        lock = threading.Lock()
+        with self._lock:
+            self._blocked += 1
+
+        def on_dependency_done(dependency: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            with self._lock:
+                self._blocked -= 1
+            self._release(entry, function, args, kwargs, dependencies)
+
+        for dependency in dependencies:
+            dependency.add_done_callback(on_dependency_done)
+
+    def _release(self, entry: QueuedCall, function: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], dependencies: list[Future]) -> None:
+        """All dependencies are done: queue the call with their values, or fail or cancel it."""
+        future = entry.future
+        if future.done():
+            return
+        for dependency in dependencies:
+            if dependency.cancelled():
+                future.cancel()
+                _notify_if_cancelled(future)
+                return
+            error = dependency.exception()
+            if error is not None:
+                failure = CallDependencyError(
+                    f"{entry.describe()} did not run: one of its arguments is a future that "
+                    f"failed with {type(error).__name__}: {error}"
+                )
+                failure.__cause__ = error
+                _set_exception(future, failure)
+                return
+        try:
+            self._prepare(entry, function, substitute_futures(args),
+                          {key: substitute_futures(value) for key, value in kwargs.items()})
+        except CallSerializationError as error:
+            _set_exception(future, error)
+            return
+        self._enqueue([entry])
+
+    def _enqueue(self, entries: Iterable[QueuedCall], front: bool = False) -> None:
+        with self._lock:
+            if front:
+                self._waiting.extendleft(reversed(list(entries)))
+            else:
+                self._waiting.extend(entries)
+        self.pump()
+
+    # -- sending tasks --------------------------------------------------------------------------
+
+    def _seconds_per_call(self, entry: QueuedCall) -> float | None:
+        return None if entry.cost_key is None else self._costs.seconds_per_call(entry.cost_key)
+
+    def pump(self) -> None:
+        """Send as many tasks as there are free worker slots for, in one message."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                taken = []
+                while (task := self._take_task()) is not None:
+                    taken.append(task)
+            if not taken:
+                return
+            self._send(taken)
+
+    def _take_task(self) -> tuple[list[QueuedCall], bool] | None:
+        """The next task's entries and whether it is short, if a slot is free (lock held).
+
+        A short task may go to a slot that is idle, or wait on a busy one as its look-ahead;
+        a look-ahead task goes only once a full batch waits, else the calls wait for the next
+        slot that frees (a task's end pumps the queue again).
+        """
+        waiting = self._waiting
+        while waiting and waiting[0].future.done():  # cancelled while waiting
+            _notify_if_cancelled(waiting[0].future)
+            self._unfinished.discard(waiting.popleft().future)
+        if not waiting:
+            return None
+        slots = max(1, self._worker_slots())
+        free = slots - self._long_in_flight  # slots not held by long tasks
+        head = waiting[0]
+        cost = self._seconds_per_call(head)
+        packable = head.task is None and not head.alone
+        full_batch = 1
+        if cost is not None and cost < QUICK_CALL_SECONDS and packable:
+            full_batch = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(cost, 1e-9))))
+        short = cost is not None and cost * head.calls * full_batch <= max(
+            SHORT_TASK_SECONDS, BATCH_SECONDS)
+        if short:
+            if self._short_in_flight >= 2 * free:
+                return None
+            idle = self._short_in_flight < free
+            if not idle and len(waiting) < full_batch:
+                return None
+            limit = full_batch if not idle else min(
+                full_batch, max(1, math.ceil(len(waiting) / max(1, 2 * free))))
+        elif self._long_in_flight + math.ceil(self._short_in_flight / 2) >= slots:
+            return None
+        else:
+            limit = 1
+        entries = [waiting.popleft()]
+        while len(entries) < limit and waiting:
+            entry = waiting[0]
+            if entry.cost_key != head.cost_key or entry.task is not None or entry.alone:
+                break
+            entries.append(waiting.popleft())
+        started = [entry for entry in entries if _mark_running(entry)]
+        if not started:
+            return self._take_task()
+        if short:
+            self._short_in_flight += 1
+        else:
+            self._long_in_flight += 1
+        return started, short
+
+    def _task_of(self, entries: list[QueuedCall]) -> tuple[Callable[..., Any], Any,
+                                                           Callable[[Any], Any], str]:
+        """The worker function, payload, decoder and description of a task."""
+        head = entries[0]
+        if head.task is not None:
+            worker_function, payload, decode = head.task
+            return worker_function, payload, decode, head.describe()
+        payload = pickle.dumps(
+            (head.packed_function, [entry.packed_arguments for entry in entries]),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+        if head.alone and len(payload) > LARGE_PAYLOAD_BYTES:
+            payload = self._client.scatter(payload, hash=False)  # not through the graph
+        description = head.describe() if len(entries) == 1 else (
+            f"{head.describe()} (first of {len(entries)} calls packed in one task)"
+        )
+        return run_calls, payload, _decode_calls, description
+
+    def _send(self, taken: list[tuple[list[QueuedCall], bool]]) -> None:
+        """Submit the tasks; those without dask dependencies in one ``client.map`` each kind."""
+        sent = [_SentTask(entries, short) for entries, short in taken]
+        try:
+            tasks = [self._task_of(task.entries) for task in sent]
+            keys = [f"{task.entries[0].name}-{self._run_name}-{next(self._task_numbers)}-"
+                    f"{uuid.uuid4().hex[:12]}" for task in sent]
+            dask_futures: list[distributed.Future | None] = [None] * len(sent)
+            together: dict[Callable[..., Any], list[int]] = {}
+            for index, task in enumerate(sent):
+                dependencies = task.entries[0].dask_dependencies
+                if dependencies:
+                    dask_futures[index] = self._client.submit(
+                        tasks[index][0], tasks[index][1], *dependencies, key=keys[index],
+                        pure=False,
+                    )
+                else:
+                    together.setdefault(tasks[index][0], []).append(index)
+            for worker_function, indexes in together.items():
+                mapped = self._client.map(
+                    worker_function, [tasks[index][1] for index in indexes],
+                    key=[keys[index] for index in indexes], pure=False,
+                )
+                for index, dask_future in zip(indexes, mapped, strict=True):
+                    dask_futures[index] = dask_future
+        except BaseException as error:  # the client is closing: fail these calls, free slots
+            for task in sent:
+                self._task_done(task, error=error)
+            return
+        for task, (_, _, decode, description), dask_future in zip(
+                sent, tasks, dask_futures, strict=True):
+            task_future = self._bridge.track(dask_future, decode=decode,
+                                             description=description)
+            task_future.add_done_callback(lambda done, task=task: self._task_done(task, done))
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _task_done(self, sent: _SentTask, task_future: Future | None = None,
+                   error: BaseException | None = None) -> None:
+        with self._lock:
+            if sent.short:
+                self._short_in_flight -= 1
+            else:
+                self._long_in_flight -= 1
+        try:
+            self._deliver(sent, task_future, error)
+        finally:
+            self.pump()
+
+    def _deliver(self, sent: _SentTask, task_future: Future | None,
+                 error: BaseException | None) -> None:
+        entries = sent.entries
+        with self._lock:
+            for entry in entries:
+                self._unfinished.discard(entry.future)
+        if error is None and task_future is not None:
+            if task_future.cancelled():
+                error = CancelledError("the task was cancelled in the dask cluster")
+            else:
+                error = task_future.exception()
+        head = entries[0]
+        if error is not None:
+            if (isinstance(error, WorkerLostError) and len(entries) > 1
+                    and not self._closed):
+                # Split: each call again alone, so that only the one that kills fails.
+                again = [entry for entry in entries if not entry.future.done()]
+                for entry in again:
+                    entry.alone = True  # stays RUNNING: to the caller it is one long run
+                with self._lock:
+                    self._unfinished.update(entry.future for entry in again)
+                self._enqueue(again, front=True)
+                return
+            for entry in entries:
+                _set_exception(entry.future, error)
+            return
+        outcome = task_future.result()
+        if head.task is not None:
+            _set_result(head.future, outcome)
+            return
+        outcomes, seconds = outcome
+        if seconds is not None and head.cost_key is not None:
+            self._costs.record(head.cost_key, len(outcomes), seconds)
+        for entry, (kind, value) in zip(entries, outcomes, strict=True):
+            if kind == "ok":
+                _set_result(entry.future, value)
+            else:
+                _set_exception(entry.future, value)
+
+    # -- the executor's view ----------------------------------------------------------------
+
+    def outstanding(self) -> list[Future]:
+        """Every future of the queue not done yet: waiting, waiting on others, or running."""
+        with self._lock:
+            return list(self._unfinished)
+
+    def waiting_count(self) -> int:
+        """Calls waiting in the client (for a free slot, or for their dependencies)."""
+        with self._lock:
+            return sum(entry.calls for entry in self._waiting) + self._blocked
+
+    def cancel_waiting(self) -> int:
+        """Cancel every call that waits in the client; return how many were cancelled."""
+        with self._lock:
+            self._waiting.clear()
+            pending = [future for future in self._unfinished if not future.running()]
+            self._unfinished.difference_update(pending)
+        cancelled = 0
+        for future in pending:
+            if future.cancel():
+                cancelled += 1
+            _notify_if_cancelled(future)
+        return cancelled
+
+    def close(self) -> None:
+        """Stop sending; cancel what waits and fail what nobody will complete."""
+        with self._lock:
+            self._closed = True
+            self._waiting.clear()
+            unfinished = list(self._unfinished)
+            self._unfinished.clear()
+        for future in unfinished:
+            if not future.cancel():
+                _set_exception(future, CancelledError("the executor's cluster was closed"))
+            _notify_if_cancelled(future)
+
+
+def _decode_calls(outcome: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], float | None]:
+    return outcome[1], outcome[2]
+
+
+def _notify_if_cancelled(future: Future) -> None:
+    """Move a cancelled future on to CANCELLED_AND_NOTIFIED, which ``wait()`` counts as done.
+
+    The standard library's executors do this when their queue reaches a cancelled call. The
+    queue calls it once per future: where it does, it also forgets the future.
+    """
+    if future.cancelled():
+        try:
+            future.set_running_or_notify_cancel()
+        except RuntimeError:  # notified already
+            pass
+
+
+def _mark_running(entry: QueuedCall) -> bool:
+    if entry.future.running():  # queued again after its task was lost
+        return True
+    try:
+        return entry.future.set_running_or_notify_cancel()
+    except RuntimeError:  # already finished (failed by the executor while waiting)
+        return False
+
+
+def _set_result(future: Future, value: Any) -> None:
+    try:
+        future.set_result(value)
+    except Exception:  # cancelled or completed in between
+        pass
+
+
+def _set_exception(future: Future, error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except Exception:  # cancelled or completed in between
+        pass
+
+
