@@ -467,7 +467,8 @@ class HPCExecutor(Executor):
             workers = len(self._client.scheduler_info(n_workers=-1)["workers"])
         except Exception:
             workers = 0
-        return ScalingStatus(workers=workers)
+        waiting = 0 if self._queue is None else self._queue.waiting_count()
+        return ScalingStatus(workers=workers, waiting_calls=waiting)
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"

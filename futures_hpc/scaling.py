@@ -376,6 +376,9 @@ class ScalingStatus:
         Why each job that waits in the batch queue has not started, as the batch system last
         said: job id -> state and reason (``{"3517": "PENDING: Priority"}``). Jobs whose
         reason is not known yet (or that the batch system gives none for) are left out.
+    waiting_calls : int
+        Calls waiting in the executor's call queue for a free worker slot or for their
+        dependencies (not yet handed to the cluster).
 
     """
 
@@ -389,6 +392,7 @@ class ScalingStatus:
     retired_jobs: int = 0
     job_ids: list[str] = field(default_factory=list)
     pending_reasons: dict[str, str] = field(default_factory=dict)
+    waiting_calls: int = 0
 
 
 # -- carrying it out -----------------------------------------------------------------------------

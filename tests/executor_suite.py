@@ -381,3 +381,12 @@ def test_functions_of_a_user_module_in_the_working_directory_run(make_executor, 
     finally:
         sys.modules.pop(name, None)
         sys.modules.pop(library_name, None)
+
+
+def test_status_counts_the_calls_waiting_in_the_client(ex):
+    blockers = occupy(ex, 1.5)
+    waiting = [ex.submit(add, number, 1) for number in range(5)]
+    assert ex.status().waiting_calls == 5
+    assert [future.result(timeout=60) for future in waiting] == [1, 2, 3, 4, 5]
+    assert ex.status().waiting_calls == 0
+    assert [blocker.result(timeout=60) for blocker in blockers] == [None] * len(blockers)
