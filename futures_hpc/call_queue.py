@@ -96,6 +96,10 @@ class QueuedCall:
         Top-level ``distributed.Future`` arguments, passed to the task by dask.
     alone : bool
         Never packed with others (dask dependencies, a large payload, or split from a lost task).
+    isolated : bool
+        Split from a task whose worker died: sent only to a free worker thread, never as a
+        look-ahead behind another task, so that a call that kills its worker takes no other
+        call with it.
 
     """
 
@@ -109,6 +113,7 @@ class QueuedCall:
     calls: int = 1
     dask_dependencies: list[distributed.Future] = field(default_factory=list)
     alone: bool = False
+    isolated: bool = False
 
 
 @dataclass(eq=False)
@@ -380,7 +385,7 @@ class CallQueue:
         full_batch = 1
         if cost is not None and cost < QUICK_CALL_SECONDS and packable:
             full_batch = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(cost, 1e-9))))
-        short = cost is not None and cost * head.calls * full_batch <= max(
+        short = not head.isolated and cost is not None and cost * head.calls * full_batch <= max(
             SHORT_TASK_SECONDS, BATCH_SECONDS)
         if short:
             if self._short_in_flight >= 2 * free:
@@ -493,8 +498,8 @@ class CallQueue:
                     and not self._closed):
                 # Split: each call again alone, so that only the one that kills fails.
                 again = [entry for entry in entries if not entry.future.done()]
-                for entry in again:
-                    entry.alone = True  # stays RUNNING: to the caller it is one long run
+                for entry in again:  # each stays RUNNING: to the caller it is one long run
+                    entry.alone = entry.isolated = True
                 with self._lock:
                     self._unfinished.update(entry.future for entry in again)
                 self._enqueue(again, front=True)

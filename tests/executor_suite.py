@@ -390,3 +390,4 @@ def test_status_counts_the_calls_waiting_in_the_client(ex):
     assert [future.result(timeout=60) for future in waiting] == [1, 2, 3, 4, 5]
     assert ex.status().waiting_calls == 0
     assert [blocker.result(timeout=60) for blocker in blockers] == [None] * len(blockers)
+

@@ -93,3 +93,4 @@ def test_a_call_that_kills_its_worker_fails_with_worker_lost_error_naming_it():
 def test_bad_max_call_retries_is_refused_before_start():
     with pytest.raises(ValueError, match="max_call_retries=0"):
         LocalExecutor(max_workers=1, max_call_retries=0)
+
