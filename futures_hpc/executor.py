@@ -255,10 +255,12 @@ class HPCExecutor(Executor):
             dashboard_address or dask.config.get("futures_hpc.dashboard-address", "localhost:0")
         )
         self._log_dir: Path | None = None
-        if self.resources.log_dir is not None:
-            self.log_dir  # noqa: B018 - made now, so that a bad log_dir fails before any start
         self._check_scaling_options()
         self._validate_options()
+        if self.resources.log_dir is not None:
+            # Made now, after every other check, so that a bad log_dir fails before any start
+            # and a run refused for another option leaves no directory behind.
+            self.log_dir  # noqa: B018
         _sweep_stale_runs()
         self.credentials: RunCredentials | None = None
         self.security: Security | None = self._make_security(security)
