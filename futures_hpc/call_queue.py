@@ -532,6 +532,10 @@ class CallQueue:
         with self._lock:
             return sum(entry.calls for entry in self._waiting) + self._blocked
 
+    def waiting_entries(self) -> int:
+        """Entries waiting in the client, without the lock (for the scaling policy's loop)."""
+        return len(self._waiting) + self._blocked
+
     def cancel_waiting(self) -> int:
         """Cancel every call that waits in the client; return how many were cancelled."""
         with self._lock:

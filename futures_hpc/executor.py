@@ -449,6 +449,10 @@ class HPCExecutor(Executor):
         """
         return max(self._recent_worker_slots(), self._planned_worker_slots())
 
+    def _waiting_in_client(self) -> int:
+        """Calls and chunks the call queue holds back: work the scaling policy counts too."""
+        return 0 if self._queue is None else self._queue.waiting_entries()
+
     def _outstanding(self) -> list[Future]:
         """Every future of this executor that is not done (waiting, or running)."""
         return [] if self._queue is None else self._queue.outstanding()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -418,6 +418,9 @@ class FairShareAdaptive(Adaptive):
         Seconds between two decisions.
     target_duration : float
         Seconds of queued work per worker that scale-up aims for.
+    client_waiting : callable, optional
+        Returns how many calls or chunks wait in the executor's call queue, in the client: work
+        the scheduler does not see yet, which counts as tasks to scale for.
     **kwargs
         Passed to :class:`distributed.deploy.Adaptive`.
 
@@ -427,8 +430,10 @@ class FairShareAdaptive(Adaptive):
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
                  walltime: float | None = None, interval: float = DEFAULT_INTERVAL,
-                 target_duration: float = DEFAULT_TARGET_DURATION, **kwargs: Any) -> None:
+                 target_duration: float = DEFAULT_TARGET_DURATION,
+                 client_waiting: Callable[[], int] | None = None, **kwargs: Any) -> None:
         kwargs.pop("worker_key", None)  # whole jobs are this class's own business
+        self._client_waiting = client_waiting
         self.idle_timeout = float(idle_timeout)
         self.max_pending_jobs = int(max_pending_jobs)
         self.walltime = walltime
@@ -518,6 +523,10 @@ class FairShareAdaptive(Adaptive):
         threads_per_worker = (round(sum(threads) / len(threads)) if threads
                               else self._threads_per_worker())
         target = scheduler.adaptive_target(target_duration=self.target_duration)
+        waiting = self._client_waiting() if self._client_waiting is not None else 0
+        if waiting:  # calls the executor holds back until a worker slot frees
+            runnable += waiting
+            target = max(target, math.ceil(runnable / max(1, threads_per_worker)))
         return ClusterSnapshot(
             now=now,
             wanted_workers=wanted_workers(target, runnable, threads_per_worker),

@@ -623,6 +623,7 @@ class JobQueueExecutor(HPCExecutor):
             idle_timeout=self.scaling.idle_timeout,
             max_pending_jobs=self.scaling.max_pending_jobs,
             walltime=self.resources.walltime_seconds,
+            client_waiting=self._waiting_in_client,
         )
         logger.info("%s: %s scaling, %d to %d worker(s) (%d to %d job(s) of %d worker "
                     "process(es)), at most %d pending job(s), idle timeout %.0f s, start "

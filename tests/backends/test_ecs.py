@@ -635,7 +635,10 @@ def test_cleanup_stale_removes_what_a_crashed_run_left(private, fargate, emulato
             print("RUN", cluster.run_name, flush=True)
             time.sleep(600)
     """
-    options = _json_options(private(log_group=True, execution_role_arn=EXECUTION_ROLE))
+    # The crashed run's worker outlives its scheduler until the test is done (on a loaded
+    # machine the checks below can take longer than the default 60 s death timeout).
+    options = _json_options(private(log_group=True, execution_role_arn=EXECUTION_ROLE,
+                                    worker_death_timeout=900))
     process = _run_script(tmp_path, script, options)
     line = process.stdout.readline()
     while line and not line.startswith("RUN "):

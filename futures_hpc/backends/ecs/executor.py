@@ -144,7 +144,8 @@ class ECSExecutor(HPCExecutor):
             self._adaptive = self.cluster.adapt(
                 Adaptive=FairShareAdaptive, minimum=self.scaling.min_workers,
                 maximum=self.max_workers or 1, idle_timeout=self.scaling.idle_timeout,
-                max_pending_jobs=self.scaling.max_pending_jobs)
+                max_pending_jobs=self.scaling.max_pending_jobs,
+                client_waiting=self._waiting_in_client)
             logger.info("%s: fair-share scaling, %d to %d worker task(s), at most %d pending, "
                         "idle timeout %.0f s", self.run_name, self.scaling.min_workers,
                         self.max_workers or 1, self.scaling.max_pending_jobs,
