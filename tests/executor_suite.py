@@ -391,3 +391,81 @@ def test_status_counts_the_calls_waiting_in_the_client(ex):
     assert ex.status().waiting_calls == 0
     assert [blocker.result(timeout=60) for blocker in blockers] == [None] * len(blockers)
 
+
+# -- the call queue: dependencies, head-of-line, cancellation, memory ----------------------------
+
+
+def test_futures_as_arguments_chain_and_diamond(ex):
+    first = ex.submit(add, 1, 2)
+    chained = ex.submit(add, ex.submit(add, first, 10), 100)
+    assert chained.result(timeout=120) == 113
+    top = ex.submit(sleep_return, 0.2, 5)
+    left, right = ex.submit(add, top, 1), ex.submit(add, top, 2)
+    bottom = ex.submit(echo_keywords, pair=[left, right], named={"top": top}, alone=(top,))
+    assert bottom.result(timeout=120) == {"pair": [6, 7], "named": {"top": 5}, "alone": (5,)}
+
+
+def test_a_failed_dependency_fails_the_call_with_it_as_the_cause(ex):
+    from futures_hpc.errors import CallDependencyError
+
+    failing = ex.submit(raise_custom)
+    dependent = ex.submit(add, failing, 1)
+    with pytest.raises(CallDependencyError) as raised:
+        dependent.result(timeout=120)
+    assert isinstance(raised.value.__cause__, CustomError)
+    assert "raised on the worker" in str(raised.value)
+
+
+def test_cancelling_a_dependency_cancels_what_waits_on_it(ex):
+    blockers = occupy(ex, 1.5)
+    waiting = ex.submit(add, 1, 1)  # no free slot: waits in the client
+    dependent = ex.submit(add, waiting, 1)
+    assert waiting.cancel()
+    with pytest.raises(CancelledError):
+        dependent.result(timeout=60)
+    assert [blocker.result(timeout=60) for blocker in blockers] == [None] * len(blockers)
+
+
+def test_a_quick_call_does_not_wait_behind_a_long_one(ex):
+    """One worker busy with a long call, the other idle: quick calls use the idle one."""
+    wait_until_idle(ex)
+    slots = ex.worker_slots()
+    long_calls = [ex.submit(sleep_return, 4.0, "long") for _ in range(slots - 1)]
+    started = time.monotonic()
+    quick = [ex.submit(pow, 2, exponent) for exponent in range(3)]
+    assert [future.result(timeout=60) for future in quick] == [1, 2, 4]
+    assert time.monotonic() - started < 3.0
+    assert not any(future.done() for future in long_calls)
+    assert [future.result(timeout=60) for future in long_calls] == ["long"] * (slots - 1)
+
+
+def test_shutdown_cancel_futures_lets_running_calls_finish_and_cancels_the_rest(make_executor):
+    executor = make_executor()
+    futures = [executor.submit(sleep_return, 0.1, number) for number in range(50)]
+    time.sleep(0.05)
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert all(future.done() for future in futures)
+    cancelled = [future for future in futures if future.cancelled()]
+    finished = [future for future in futures if not future.cancelled()]
+    assert cancelled and finished, (len(cancelled), len(finished))
+    assert all(futures.index(future) == future.result() for future in finished)
+
+
+class Bulky:
+    """A result whose lifetime the map test watches."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def make_bulky(value):
+    return Bulky(value)
+
+
+def test_map_frees_each_result_once_yielded(ex):
+    for chunksize in (None, 5):
+        for obj in ex.map(make_bulky, range(5), chunksize=chunksize):
+            reference = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert reference() is None
