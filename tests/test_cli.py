@@ -298,10 +298,17 @@ def test_check_slurm_shows_the_job_script_and_start_time(cli_env, tmp_path):
     assert re.search(r"first worker connected [\d.]+ s after submitting", output)
     assert re.search(r"^log dir:\s+\S+/fhpc-[0-9a-f]{8}$", output, re.MULTILINE)
     assert output.rstrip().endswith("OK")
-    remaining = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True,
-                               timeout=30, check=False).stdout
     run_name = re.search(r"run='(fhpc-[0-9a-f]{8})'", output).group(1)
-    assert run_name not in remaining  # its jobs were cancelled when the check ended
+    # Its jobs were cancelled when the check ended; a cancelled job stays listed (COMPLETING)
+    # until its worker has exited, at most SLURM's KillWait (5 s here) later.
+    deadline = time.monotonic() + 10
+    while True:
+        remaining = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True,
+                                   text=True, timeout=30, check=False).stdout
+        if run_name not in remaining.split():
+            break
+        assert time.monotonic() < deadline, f"{run_name} still queued 10 s after the check"
+        time.sleep(0.5)
 
 
 _LIVE_EXECUTOR_SCRIPT = """
