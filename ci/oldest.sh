@@ -89,6 +89,16 @@ EOF
 
 echo "== ci/oldest.sh: tests on the oldest versions (set-up took $(( $(date +%s) - started )) s)"
 status=0
-"$venv/bin/python" -m pytest -p no:cacheprovider "${TESTS[@]}" "$@" || status=$?
+# Deselected here only: this test counts a map's tasks through distributed's task stream, which
+# at distributed 2024.1 hands a second get_task_stream() block the records of the first one
+# (seen: the first map's 8 chunk keys in place of the second map's 2). The chunking it checks
+# runs in futures_hpc's own code, the same on every version; the main run checks it on the
+# newest versions.
+DESELECTED=(--deselect
+    "tests/backends/test_local.py::test_map_learns_that_trivial_calls_want_one_chunk_per_worker"
+    --deselect
+    "tests/backends/test_slurm.py::test_map_learns_that_trivial_calls_want_one_chunk_per_worker")
+"$venv/bin/python" -m pytest -p no:cacheprovider "${TESTS[@]}" "${DESELECTED[@]}" "$@" ||
+    status=$?
 echo "== ci/oldest.sh: done in $(( $(date +%s) - started )) s (pytest exit $status)"
 exit "$status"

@@ -196,18 +196,22 @@ def test_map_learns_that_trivial_calls_want_one_chunk_per_worker(ex):
 
     first_size = ex.automatic_chunksize(calls, trivial)
     assert first_size == -(-calls // (4 * ex.worker_slots()))
-    # Results are relayed ahead of the workers' own word that a task finished: wait until the
-    # scheduler has taken every task out of processing (so its task stream holds them all).
+    # The task stream keeps the tasks that started after it was opened, by the workers'
+    # clocks as the scheduler corrects them: open it a little before the map starts. Results
+    # are relayed ahead of the workers' own word that a task finished: wait until the scheduler
+    # has taken every task out of processing (so its task stream holds them all).
     with get_task_stream(client=ex.client) as stream:
+        time.sleep(0.2)
         assert list(ex.map(trivial, range(calls))) == list(range(calls))
         wait_until_idle(ex)
-    assert len(stream.data) == -(-calls // first_size)
+    assert len(stream.data) == -(-calls // first_size), [r["key"] for r in stream.data]
     learned_size = ex.automatic_chunksize(calls, trivial)
     assert learned_size == -(-calls // ex.worker_slots())
     with get_task_stream(client=ex.client) as stream:
+        time.sleep(0.2)
         assert list(ex.map(trivial, range(calls))) == list(range(calls))
         wait_until_idle(ex)
-    assert len(stream.data) == -(-calls // learned_size)
+    assert len(stream.data) == -(-calls // learned_size), [r["key"] for r in stream.data]
     assert ex.automatic_chunksize(calls) == first_size  # without the function: unknown cost
 
 
