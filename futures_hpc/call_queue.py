@@ -71,6 +71,19 @@ def function_name(function: Callable[..., Any]) -> str:
     return "".join(character if character.isalnum() else "_" for character in name)[:40]
 
 
+def pickled(pack: Callable[[], Any], describe: Callable[[], str]) -> Any:
+    """Run ``pack``; a pickling failure becomes a CallSerializationError naming the call."""
+    try:
+        return pack()
+    except Exception as error:
+        raise CallSerializationError(
+            f"cannot send {describe()} to the workers: it cannot be pickled "
+            f"({type(error).__name__}: {error}). Functions and arguments must be picklable by "
+            "cloudpickle: define them at module level or pass plain data instead of open "
+            "files, locks, connections or generators."
+        ) from error
+
+
 @dataclass(eq=False)
 class QueuedCall:
     """One entry of the queue: a call of ``submit``, or a prepared task (a chunk of ``map``).
@@ -275,16 +288,9 @@ class CallQueue:
         if any(isinstance(value, distributed.Future) for value in (*args, *kwargs.values())):
             args = tuple(placeholder(value) for value in args)
             kwargs = {key: placeholder(value) for key, value in kwargs.items()}
-        try:
-            entry.packed_function, entry.cost_key = self._packed_function(function)
-            entry.packed_arguments = pack_arguments(args, kwargs)
-        except Exception as error:
-            raise CallSerializationError(
-                f"cannot send {entry.describe()} to the workers: it cannot be pickled "
-                f"({type(error).__name__}: {error}). Functions and arguments must be picklable "
-                "by cloudpickle: define them at module level or pass plain data instead of open "
-                "files, locks, connections or generators."
-            ) from error
+        entry.packed_function, entry.cost_key = pickled(
+            lambda: self._packed_function(function), entry.describe)
+        entry.packed_arguments = pickled(lambda: pack_arguments(args, kwargs), entry.describe)
         entry.dask_dependencies = dask_dependencies
         entry.alone = bool(dask_dependencies) or (
             len(entry.packed_arguments) + len(entry.packed_function) > LARGE_PAYLOAD_BYTES

@@ -33,7 +33,7 @@ from distributed.security import Security
 from . import cleanup
 from . import config as _config  # noqa: F401 - registers the default configuration
 from .bridge import FutureBridge
-from .call_queue import CallQueue
+from .call_queue import CallQueue, function_name, pickled
 from .calls import (
     pack_chunk,
     pack_function,
@@ -41,7 +41,7 @@ from .calls import (
 )
 from .chunking import CallCosts, automatic_chunksize, function_key
 from .cleanup import undo_foreign_interrupt_handler
-from .errors import CallSerializationError, ExecutorShutdownError, OptionError
+from .errors import ExecutorShutdownError, OptionError
 from .import_path import ImportPathPlugin, import_path_option
 from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
 from .progress import track
@@ -108,11 +108,6 @@ def _checked_dashboard_address(value: Any) -> str:
     return value.strip()
 
 
-def _function_name(function: Callable[..., Any]) -> str:
-    name = getattr(function, "__name__", None) or type(function).__name__
-    return "".join(character if character.isalnum() else "_" for character in name)[:40]
-
-
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 
@@ -126,7 +121,7 @@ def _short_repr(value: Any) -> str:
 
 def _describe_function(function: Callable[..., Any]) -> str:
     """The function's qualified name and module, for errors."""
-    name = getattr(function, "__qualname__", None) or _function_name(function)
+    name = getattr(function, "__qualname__", None) or function_name(function)
     module = getattr(function, "__module__", None)
     return f"{module}.{name}" if module else name
 
@@ -135,21 +130,8 @@ def _describe_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: 
     """A short text naming a call, for errors: ``name(arg, key=value)``, cut at 200 characters."""
     parts = [_short_repr(value) for value in args]
     parts += [f"{key}={_short_repr(value)}" for key, value in kwargs.items()]
-    text = f"{getattr(function, '__qualname__', _function_name(function))}({', '.join(parts)})"
+    text = f"{getattr(function, '__qualname__', function_name(function))}({', '.join(parts)})"
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _pickled(pack: Callable[[], bytes], description: Callable[[], str]) -> bytes:
-    """Run ``pack``; a pickling failure becomes a CallSerializationError naming the call."""
-    try:
-        return pack()
-    except Exception as error:
-        raise CallSerializationError(
-            f"cannot send {description()} to the workers: it cannot be pickled "
-            f"({type(error).__name__}: {error}). Functions and arguments must be picklable by "
-            "cloudpickle: define them at module level or pass plain data instead of open "
-            "files, locks, connections or generators."
-        ) from error
 
 
 def _decode_chunk(
@@ -557,14 +539,14 @@ class HPCExecutor(Executor):
         if not chunks:
             return []
         payloads = [
-            _pickled(
+            pickled(
                 lambda columns=columns: pack_chunk(packed_function, columns),
                 lambda columns=columns: f"a chunk of calls of {_describe_function(fn)} starting "
                 f"with {_describe_call(fn, tuple(column[0] for column in columns), {})}",
             )
             for columns in chunks
         ]
-        name = f"{_function_name(fn)}-map"
+        name = f"{function_name(fn)}-map"
         with self._shutdown_lock:
             self._check_open()
             futures = []
@@ -641,7 +623,7 @@ class HPCExecutor(Executor):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
         total: int | None = None
-        packed_function = _pickled(
+        packed_function = pickled(
             lambda: pack_function(fn), lambda: f"the function {_describe_function(fn)}"
         )
         key = function_key(packed_function)  # for the call-cost memory, once per map
@@ -668,7 +650,7 @@ class HPCExecutor(Executor):
         refill = None if buffersize is None else chunks
         results = self._results_in_order(fn, packed_function, key, pending, refill, end_time)
         if progress:
-            return track(results, total, description=_function_name(fn), note=self._progress_note)
+            return track(results, total, description=function_name(fn), note=self._progress_note)
         return results
 
     def _results_in_order(
