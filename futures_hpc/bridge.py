@@ -30,6 +30,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import KilledWorker
 
 from .calls import unpack_outcome
+from .engine import add_client_stream_handler, allowed_failures, future_state_waiter
 from .errors import WorkerLostError
 from .relay import RELAY_OP, CallNewsPlugin, RelayToClients
 from .streams import PromptStreams, make_client_prompt
@@ -108,10 +109,8 @@ class FutureBridge:
         return True
 
     def _install_relay(self) -> bool:
-        handlers = getattr(self._client, "_stream_handlers", None)
-        if not isinstance(handlers, dict):  # another distributed: no relay
-            return False
-        handlers[RELAY_OP] = self._on_news
+        if not add_client_stream_handler(self._client, RELAY_OP, self._on_news):
+            return False  # another distributed: no relay
         return self._register_scheduler_plugin(RelayToClients())
 
     def _subscribe_running(self) -> bool:
@@ -213,14 +212,14 @@ class FutureBridge:
 
     async def _await_done(self, dask_future: distributed.Future) -> None:
         """Wait on the event loop until ``dask_future`` is done, then queue it for gathering."""
-        state = getattr(dask_future, "_state", None)
-        if state is None or not hasattr(state, "wait"):  # another distributed: public callback
+        wait = future_state_waiter(dask_future)
+        if wait is None:  # another distributed: public callback
             dask_future.add_done_callback(
                 lambda done: self._client.loop.add_callback(self._queue_for_gathering, done)
             )
             return
         while dask_future.status == "pending":
-            await state.wait()
+            await wait()
         self._queue_for_gathering(dask_future)
 
     def _queue_for_gathering(self, dask_future: distributed.Future) -> None:
@@ -286,7 +285,7 @@ class FutureBridge:
         except KilledWorker as killed:
             lost = WorkerLostError(
                 f"the call {record.description} was running on a worker that died each of the "
-                f"{self._client.run_on_scheduler(_allowed_failures) + 1} times it was tried "
+                f"{allowed_failures(self._client) + 1} times it was tried "
                 "(max_call_retries); it was not retried again. A call that kills its worker "
                 "usually runs out of memory or crashes the interpreter: check the worker logs."
             )
@@ -316,10 +315,6 @@ class FutureBridge:
         else:
             if not record.future.done():
                 record.future.set_result(value)
-
-
-def _allowed_failures(dask_scheduler: Any) -> int:
-    return dask_scheduler.allowed_failures
 
 
 def _set_exception_once(future: Future, error: BaseException) -> None:

@@ -1,4 +1,17 @@
-"""Signals: SIGTERM cancels the executors' jobs and deletes their keys; Ctrl-C stays Ctrl-C.
+"""How executors end with the process: one path at exit, SIGTERM, Ctrl-C.
+
+Every executor registers here when it starts and unregisters when it closes. What ends them is
+here too, and only here:
+
+- :func:`close_now`: an executor that is garbage-collected while open, or is left open when the
+  interpreter exits (:func:`close_all_now`, an ``atexit`` hook; the MPI world calls it too,
+  before MPI finalizes), is closed by its own ``_abort()``: calls cancelled, cluster closed,
+  jobs cancelled, key deleted.
+- SIGTERM (below) cannot wait for a graceful close: it cancels the jobs and deletes the keys.
+- Ctrl-C stays a ``KeyboardInterrupt`` (:func:`undo_foreign_interrupt_handler`), which
+  ``__exit__`` turns into ``_abort()``.
+
+SIGTERM:
 
 Batch schedulers send SIGTERM before they kill a job (walltime, ``scancel`` of the job that runs
 the client), and so do ``kill`` and most process supervisors. By default Python then dies at
@@ -16,6 +29,7 @@ between.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -30,7 +44,10 @@ logger = logging.getLogger("futures_hpc")
 
 
 class JobCanceller(Protocol):
-    """What the handler needs of an executor."""
+    """What this module needs of an executor."""
+
+    def _abort(self) -> None:
+        """Cancel everything and close the cluster now."""
 
     def cancel_jobs_now(self) -> None:
         """Cancel all the executor's batch jobs with one command, from any thread."""
@@ -46,7 +63,7 @@ _installed = False
 
 
 def register(executor: JobCanceller) -> None:
-    """Cancel ``executor``'s jobs on SIGTERM from now on (installs the handler if needed)."""
+    """Watch ``executor`` from now on: close it at exit, cancel its jobs on SIGTERM."""
     with _lock:
         _registered[id(executor)] = weakref.ref(executor)
         _install()
@@ -58,6 +75,27 @@ def unregister(executor: JobCanceller) -> None:
         _registered.pop(id(executor), None)
         if not _live():
             _restore()
+
+
+def live_executors() -> list[Any]:
+    """The executors of this process that are registered (started and not closed)."""
+    with _lock:
+        return _live()
+
+
+def close_now(executor: JobCanceller) -> None:
+    """Close ``executor`` at once (calls cancelled, jobs cancelled, key deleted); never raises."""
+    try:
+        executor._abort()
+    except Exception as error:  # one failing executor must not keep the others open
+        logger.warning("closing %r failed: %r", executor, error)
+
+
+@atexit.register
+def close_all_now() -> None:
+    """Close every executor still open (at interpreter exit, and before MPI finalizes)."""
+    for executor in live_executors():
+        close_now(executor)
 
 
 def handler_installed() -> bool:

@@ -7,17 +7,14 @@ starts its workers (:meth:`HPCExecutor._start_workers`); everything the user cal
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import reprlib
-import socket
 import sys
 import threading
 import time
 import urllib.parse
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
@@ -41,11 +38,24 @@ from .calls import (
 )
 from .chunking import CallCosts, automatic_chunksize, function_key
 from .cleanup import undo_foreign_interrupt_handler
+from .engine import check_engine, set_allowed_failures
 from .errors import ExecutorShutdownError, OptionError
 from .import_path import ImportPathPlugin, import_path_option
-from .options import ResourceOptions, merge_with_profile, parse_resources, split_options
+from .option_table import (
+    DEFAULT_MAX_CALL_RETRIES,
+    check_options,
+    describe_ignored,
+    split_options,
+)
+from .options import (
+    ResourceOptions,
+    check_dashboard_address,
+    check_max_workers,
+    merge_with_profile,
+    parse_resources,
+)
 from .progress import track
-from .scaling import SCALING_OPTION_NAMES, ScalingStatus, validate_scaling_options
+from .scaling import ScalingStatus, validate_scaling_options
 from .security import TLS_DIRECTORY, RunCredentials, create_run_credentials
 from .streams import in_process_scheduler_address
 
@@ -57,55 +67,8 @@ WORKER_SLOTS_REFRESH_SECONDS = 1.0
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
 
-#: How many times a call may be running on a worker that dies before it fails with
-#: :class:`~futures_hpc.errors.WorkerLostError` (dask's ``allowed-failures`` is one less).
-DEFAULT_MAX_CALL_RETRIES = 3
 
 
-_live_executors: weakref.WeakSet[HPCExecutor] = weakref.WeakSet()
-
-
-def _set_allowed_failures(allowed_failures: int, dask_scheduler: Any = None) -> None:
-    dask_scheduler.allowed_failures = allowed_failures
-
-
-def _checked_max_workers(value: Any) -> int | None:
-    """``max_workers`` as given, checked: None or a positive integer.
-
-    The message for a number <= 0 is the standard library's own.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionError(
-            f"max_workers={value!r} is not allowed; max_workers must be an integer greater than 0"
-            f" (got a {type(value).__name__})"
-        )
-    if value <= 0:
-        raise OptionError("max_workers must be greater than 0")
-    return value
-
-
-def _checked_dashboard_address(value: Any) -> str:
-    """A dashboard address ``host:port``, ``:port`` or a port number, checked before any start."""
-    allowed = "'host:port', ':port' or a port number (0 picks a free port), e.g. 'localhost:8787'"
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = f":{value}"
-    if not isinstance(value, str) or not value.strip():
-        raise OptionError(f"dashboard_address={value!r} is not allowed; use {allowed}")
-    host, separator, port = value.strip().rpartition(":")
-    if not separator or not port.isdigit() or int(port) > 65535:
-        raise OptionError(f"dashboard_address={value!r} is not allowed; use {allowed}")
-    bare_host = host.strip("[]")
-    if bare_host:
-        try:
-            socket.getaddrinfo(bare_host, None)
-        except (socket.gaierror, UnicodeError) as error:
-            raise OptionError(
-                f"dashboard_address={value!r} is not allowed: the host {bare_host!r} is not "
-                f"known here ({error}); use {allowed}"
-            ) from None
-    return value.strip()
 
 
 _REPR = reprlib.Repr()
@@ -220,25 +183,25 @@ class HPCExecutor(Executor):
         executor_options, common_options, backend_options = split_options(
             merged, self.backend_option_names, self.backend_name
         )
-        self.max_workers: int | None = _checked_max_workers(
-            executor_options.pop("max_workers", None)
-        )
+        ignored = check_options(self.backend_name, merged)
+        self.max_workers: int | None = check_max_workers(executor_options.pop("max_workers", None))
         self.resources: ResourceOptions = parse_resources(common_options)
         self.backend_options: dict[str, Any] = backend_options
         self.executor_options: dict[str, Any] = executor_options
-        self.max_call_retries: int = self._positive_option(
-            "max_call_retries", DEFAULT_MAX_CALL_RETRIES
-        )
+        self.max_call_retries: int = (executor_options.get("max_call_retries")
+                                      or DEFAULT_MAX_CALL_RETRIES)
         #: Directories put at the front of the workers' ``sys.path`` (see
         #: :mod:`futures_hpc.import_path`).
         self.import_path: list[str] = import_path_option(executor_options.get("import_path"))
         self.run_name: str = f"fhpc-{uuid.uuid4().hex[:8]}"
-        self.dashboard_address: str = _checked_dashboard_address(
+        self.dashboard_address: str = check_dashboard_address(
             dashboard_address or dask.config.get("futures_hpc.dashboard-address", "localhost:0")
         )
         self._log_dir: Path | None = None
-        self._check_scaling_options()
+        validate_scaling_options(self.executor_options, self.max_workers or sys.maxsize)
         self._validate_options()
+        if ignored:
+            logger.info("%s", describe_ignored(self.backend_name, ignored))
         if self.resources.log_dir is not None:
             # Made now, after every other check, so that a bad log_dir fails before any start
             # and a run refused for another option leaves no directory behind.
@@ -257,21 +220,20 @@ class HPCExecutor(Executor):
         self._bridge: FutureBridge | None = None
         self._queue: CallQueue | None = None
         try:
+            check_engine()
             self._cluster = self._create_cluster()
             self._client = self._connect_client(self._cluster)
             self._bridge = FutureBridge(self._client, self.run_name)
             self._queue = CallQueue(self._client, self._bridge, self._call_costs,
                                     self._dispatch_slots, self.run_name)
-            self._client.run_on_scheduler(
-                _set_allowed_failures, self.max_call_retries - 1
-            )
+            set_allowed_failures(self._client, self.max_call_retries - 1)
             if self.import_path:
                 self._client.register_plugin(ImportPathPlugin(self.import_path))
             self._start_workers()
         except BaseException:
             self._close_cluster()
             raise
-        _live_executors.add(self)
+        cleanup.register(self)  # closed at exit, jobs cancelled on SIGTERM
         # Discoverable while alive, with or without ``with``: ``futures-hpc jobs/cancel`` and
         # dask-ctl read the record; closing removes it.
         from .integrations.dask import register_for_discovery
@@ -300,21 +262,6 @@ class HPCExecutor(Executor):
         )
         client.cluster = cluster  # as Client(cluster) does: dashboard link, scheduler identity
         return client
-
-    def _positive_option(self, name: str, default: int) -> int:
-        value = self.executor_options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError(f"{name}={value!r} is not allowed; {name} must be an integer >= 1")
-        return value
-
-    def _check_scaling_options(self) -> None:
-        """Check the scaling options' values on every backend; log those this one ignores."""
-        validate_scaling_options(self.executor_options, self.max_workers or sys.maxsize)
-        if not self.scales_jobs:
-            ignored = sorted(set(self.executor_options) & set(SCALING_OPTION_NAMES))
-            if ignored:
-                logger.info("the %r backend ignores the scaling options %s (its workers are "
-                            "fixed)", self.backend_name, ", ".join(ignored))
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -789,7 +736,6 @@ class HPCExecutor(Executor):
             if self._closed:
                 return
             self._closed = True
-        _live_executors.discard(self)
         from .integrations.dask import unregister_from_discovery
 
         unregister_from_discovery(self)
@@ -833,11 +779,8 @@ class HPCExecutor(Executor):
         return False
 
     def __del__(self) -> None:
-        try:
-            if not getattr(self, "_closed", True):
-                self._abort()
-        except Exception:
-            pass
+        if not getattr(self, "_closed", True):
+            cleanup.close_now(self)
 
 
 def _sweep_stale_runs() -> None:
@@ -886,12 +829,3 @@ def _chunks_of_calls(
         if not chunk:
             return
         yield [list(column) for column in zip(*chunk, strict=True)]
-
-
-@atexit.register
-def _close_live_executors() -> None:
-    for executor in list(_live_executors):
-        try:
-            executor._abort()
-        except Exception:
-            pass

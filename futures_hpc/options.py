@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -21,37 +22,6 @@ import dask.config
 from dask.utils import parse_bytes
 
 from .errors import OptionError
-
-#: Options that every backend understands (batch backends map all of them onto their jobs).
-COMMON_OPTION_NAMES = (
-    "cores",
-    "memory",
-    "walltime",
-    "queue",
-    "account",
-    "processes",
-    "job_extra",
-    "prologue",
-    "env",
-    "python",
-    "log_dir",
-)
-
-#: Options of the executor itself, the same on every backend.
-EXECUTOR_OPTION_NAMES = (
-    "max_workers",
-    "profile",
-    "security",
-    "dashboard_address",
-    "adaptive",
-    "min_workers",
-    "idle_timeout",
-    "max_pending_jobs",
-    "max_resubmissions",
-    "max_call_retries",
-    "import_path",
-    "start_timeout",
-)
 
 _CLOCK_PATTERN = re.compile(r"^(?:(?P<days>\d+)-)?(?P<fields>\d+(?::\d{1,2}){0,2})$")
 
@@ -198,19 +168,41 @@ def format_walltime(seconds: int) -> str:
     return f"{hours:02d}:{minutes:02d}:{seconds:02d}"
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise OptionError(f"{name}={value!r} is not allowed; {name} must be an integer >= 1")
+def _refused(name: str, value: Any, allowed: str) -> OptionError:
+    return OptionError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
+
+
+def check_whole_number(name: str, value: Any, smallest: int) -> int:
+    """``value`` if it is an integer of at least ``smallest``, else an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+        raise _refused(name, value, f"an integer >= {smallest}")
     return value
 
 
-def _non_empty_text(name: str, value: Any) -> str:
+def check_boolean(name: str, value: Any) -> bool:
+    """``value`` if it is True or False."""
+    if not isinstance(value, bool):
+        raise _refused(name, value, "True or False")
+    return value
+
+
+def check_number(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number of seconds > 0."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise _refused(name, value, "a number of seconds > 0")
+    return float(value)
+
+
+def check_text(name: str, value: Any) -> str:
+    """``value`` stripped, if it is a non-empty string."""
     if not isinstance(value, str) or not value.strip():
-        raise OptionError(f"{name}={value!r} is not allowed; {name} must be a non-empty string")
+        raise _refused(name, value, "a non-empty string")
     return value.strip()
 
 
-def _text_list(name: str, value: Any) -> list[str]:
+def check_text_list(name: str, value: Any) -> list[str]:
+    """``value`` as a list, if it is a list or tuple of strings (one line each)."""
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise OptionError(
             f"{name}={value!r} is not allowed; {name} must be a list of strings, one per line "
@@ -224,9 +216,10 @@ def _text_list(name: str, value: Any) -> list[str]:
     return list(value)
 
 
-def _environment(name: str, value: Any) -> dict[str, str]:
+def check_environment(name: str, value: Any) -> dict[str, str]:
+    """``value`` as environment variables: names to strings (numbers become strings)."""
     if not isinstance(value, Mapping):
-        raise OptionError(f"{name}={value!r} is not allowed; {name} must be a dict of str to str")
+        raise _refused(name, value, "a dict of str to str")
     environment = {}
     for key, item in value.items():
         if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
@@ -239,6 +232,52 @@ def _environment(name: str, value: Any) -> dict[str, str]:
             )
         environment[key] = str(item)
     return environment
+
+
+def check_log_dir(value: Any) -> Path:
+    """``log_dir`` as a path (the directory is made later, after every other check)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise _refused("log_dir", value, "a path")
+    return Path(value).expanduser()
+
+
+def check_max_workers(value: Any) -> int | None:
+    """``max_workers`` as given, checked: None or a positive integer.
+
+    The message for a number <= 0 is the standard library's own.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(
+            f"max_workers={value!r} is not allowed; max_workers must be an integer greater than 0"
+            f" (got a {type(value).__name__})"
+        )
+    if value <= 0:
+        raise OptionError("max_workers must be greater than 0")
+    return value
+
+
+def check_dashboard_address(value: Any) -> str:
+    """A dashboard address ``host:port``, ``:port`` or a port number, checked before any start."""
+    allowed = "'host:port', ':port' or a port number (0 picks a free port), e.g. 'localhost:8787'"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f":{value}"
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"dashboard_address={value!r} is not allowed; use {allowed}")
+    host, separator, port = value.strip().rpartition(":")
+    if not separator or not port.isdigit() or int(port) > 65535:
+        raise OptionError(f"dashboard_address={value!r} is not allowed; use {allowed}")
+    bare_host = host.strip("[]")
+    if bare_host:
+        try:
+            socket.getaddrinfo(bare_host, None)
+        except (socket.gaierror, UnicodeError) as error:
+            raise OptionError(
+                f"dashboard_address={value!r} is not allowed: the host {bare_host!r} is not "
+                f"known here ({error}); use {allowed}"
+            ) from None
+    return value.strip()
 
 
 @dataclass(frozen=True)
@@ -306,9 +345,9 @@ def parse_resources(options: Mapping[str, Any]) -> ResourceOptions:
     """
     values: dict[str, Any] = {}
     if options.get("cores") is not None:
-        values["cores"] = _positive_int("cores", options["cores"])
+        values["cores"] = check_whole_number("cores", options["cores"], 1)
     if options.get("processes") is not None:
-        values["processes"] = _positive_int("processes", options["processes"])
+        values["processes"] = check_whole_number("processes", options["processes"], 1)
         if values.get("cores") and values["processes"] > values["cores"]:
             raise OptionError(
                 f"processes={values['processes']} is not allowed with cores={values['cores']}; "
@@ -323,17 +362,14 @@ def parse_resources(options: Mapping[str, Any]) -> ResourceOptions:
         values["walltime"] = format_walltime(values["walltime_seconds"])
     for name in ("queue", "account", "python"):
         if options.get(name) is not None:
-            values[name] = _non_empty_text(name, options[name])
+            values[name] = check_text(name, options[name])
     for name in ("job_extra", "prologue"):
         if options.get(name) is not None:
-            values[name] = _text_list(name, options[name])
+            values[name] = check_text_list(name, options[name])
     if options.get("env") is not None:
-        values["env"] = _environment("env", options["env"])
+        values["env"] = check_environment("env", options["env"])
     if options.get("log_dir") is not None:
-        log_dir = options["log_dir"]
-        if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir).strip():
-            raise OptionError(f"log_dir={log_dir!r} is not allowed; log_dir must be a path")
-        values["log_dir"] = Path(log_dir).expanduser()
+        values["log_dir"] = check_log_dir(options["log_dir"])
     return ResourceOptions(**values)
 
 
@@ -372,38 +408,3 @@ def merge_with_profile(profile: str | None, explicit: Mapping[str, Any]) -> dict
     merged.pop("backend", None)
     merged.update({key: value for key, value in explicit.items() if value is not None})
     return merged
-
-
-def split_options(
-    options: Mapping[str, Any], backend_option_names: Iterable[str] | None, backend: str
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Split merged options into executor, common-resource and backend-specific ones.
-
-    Parameters
-    ----------
-    options : mapping
-        All options after merging the profile.
-    backend_option_names : iterable of str or None
-        The backend's own option names; ``None`` means the backend takes anything else.
-    backend : str
-        For the error message.
-
-    Raises
-    ------
-    OptionError
-        For a name that neither the executor, the common vocabulary nor the backend knows.
-
-    """
-    executor_options, common_options, backend_options = {}, {}, {}
-    backend_names = None if backend_option_names is None else set(backend_option_names)
-    for name, value in options.items():
-        if name in EXECUTOR_OPTION_NAMES:
-            executor_options[name] = value
-        elif name in COMMON_OPTION_NAMES:
-            common_options[name] = value
-        elif backend_names is None or name in backend_names:
-            backend_options[name] = value
-        else:
-            allowed = set(EXECUTOR_OPTION_NAMES) | set(COMMON_OPTION_NAMES) | backend_names
-            raise unknown_option_error(name, value, allowed, f"the {backend!r} backend")
-    return executor_options, common_options, backend_options

@@ -24,6 +24,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
+from .engine import add_scheduler_stream_handler, send_from_worker, send_to_client, stored_result
 from .streams import make_worker_prompt
 
 #: The message operation the workers, the scheduler and the client use for relayed news.
@@ -45,15 +46,13 @@ class RelayToClients(SchedulerPlugin):
     async def start(self, scheduler: Any) -> None:
         """Install the stream handler for :data:`RELAY_OP` messages from workers."""
         self.scheduler = scheduler
-        scheduler.stream_handlers[RELAY_OP] = self.relay
+        add_scheduler_stream_handler(scheduler, RELAY_OP, self.relay)
 
     def relay(
         self, client: str, key: str, outcome: bytes | None = None, worker: str | None = None
     ) -> None:
         """Send one worker's news of ``key`` to ``client``, if it is still connected."""
-        stream = self.scheduler.client_comms.get(client)
-        if stream is not None:
-            stream.send({"op": RELAY_OP, "key": key, "outcome": outcome})
+        send_to_client(self.scheduler, client, {"op": RELAY_OP, "key": key, "outcome": outcome})
 
 
 class CallNewsPlugin(WorkerPlugin):
@@ -98,13 +97,13 @@ class CallNewsPlugin(WorkerPlugin):
                 self._send(key, None)
         elif finish == "memory" and start == "executing" and self.client_id is not None:
             try:
-                outcome = self.worker.data[key]
+                outcome = stored_result(self.worker, key)
             except Exception:  # spilled or gone: the client gathers it
                 return
             if isinstance(outcome, bytes) and len(outcome) <= OUTCOME_PUSH_LIMIT:
                 self._send(key, outcome)
 
     def _send(self, key: str, outcome: bytes | None) -> None:
-        self.worker.batched_stream.send(
-            {"op": RELAY_OP, "client": self.client_id, "key": key, "outcome": outcome}
+        send_from_worker(
+            self.worker, {"op": RELAY_OP, "client": self.client_id, "key": key, "outcome": outcome}
         )

@@ -24,11 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 
+from . import engine
+from .engine import correct_cluster_state, pause_worker
 from .errors import OptionError
-from .options import parse_timeout
+from .options import check_boolean, check_number, check_whole_number, parse_timeout
 
 logger = logging.getLogger("futures_hpc")
 
@@ -84,24 +85,9 @@ class ScalingOptions:
     start_timeout: float | None = None
 
 
-def _option_error(name: str, value: Any, allowed: str) -> OptionError:
-    return OptionError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
-
-
 def _whole_number(options: Mapping[str, Any], name: str, default: int, smallest: int) -> int:
-    value = options.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-        raise _option_error(name, value, f"an integer >= {smallest}")
-    return value
-
-
-#: The options :func:`validate_scaling_options` reads.
-SCALING_OPTION_NAMES = (
-    "adaptive", "min_workers", "idle_timeout", "max_pending_jobs", "max_resubmissions",
-    "start_timeout",
-)
+    value = options.get(name)
+    return default if value is None else check_whole_number(name, value, smallest)
 
 
 def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> ScalingOptions:
@@ -120,26 +106,19 @@ def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> Sc
     ScalingOptions
 
     """
-    adaptive = options.get("adaptive", True)
-    if adaptive is None:
-        adaptive = True
-    if not isinstance(adaptive, bool):
-        raise _option_error("adaptive", adaptive, "True or False")
+    adaptive = options.get("adaptive")
+    adaptive = True if adaptive is None else check_boolean("adaptive", adaptive)
     min_workers = _whole_number(options, "min_workers", 0, 0)
     if min_workers > max_workers:
-        raise _option_error("min_workers", min_workers,
-                            f"at most max_workers ({max_workers})")
-    idle_timeout = options.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
-    if idle_timeout is None:
-        idle_timeout = DEFAULT_IDLE_TIMEOUT
-    if (isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float))
-            or not math.isfinite(idle_timeout) or idle_timeout <= 0):
-        raise _option_error("idle_timeout", idle_timeout, "a number of seconds > 0")
+        raise OptionError(f"min_workers={min_workers!r} is not allowed; min_workers must be "
+                          f"at most max_workers ({max_workers})")
+    idle_timeout = options.get("idle_timeout")
     return ScalingOptions(
         adaptive=adaptive,
         min_workers=min_workers,
         max_workers=max_workers,
-        idle_timeout=float(idle_timeout),
+        idle_timeout=(DEFAULT_IDLE_TIMEOUT if idle_timeout is None
+                      else check_number("idle_timeout", idle_timeout)),
         max_pending_jobs=_whole_number(options, "max_pending_jobs",
                                        DEFAULT_MAX_PENDING_JOBS, 1),
         max_resubmissions=_whole_number(options, "max_resubmissions",
@@ -521,7 +500,7 @@ class FairShareAdaptive(Adaptive):
                     + sum(len(ws.processing) for ws in scheduler.workers.values()))
         threads = [ws.nthreads for ws in scheduler.workers.values()]
         threads_per_worker = (round(sum(threads) / len(threads)) if threads
-                              else self._threads_per_worker())
+                              else engine.threads_per_worker(self.cluster))
         target = scheduler.adaptive_target(target_duration=self.target_duration)
         waiting = self._client_waiting() if self._client_waiting is not None else 0
         if waiting:  # calls the executor holds back until a worker slot frees
@@ -535,13 +514,6 @@ class FairShareAdaptive(Adaptive):
             startup=self._startup or DEFAULT_STARTUP_SECONDS,
         )
 
-    def _threads_per_worker(self) -> int:
-        method = getattr(self.cluster, "_threads_per_worker", None)
-        try:
-            return max(1, int(method())) if method else 1
-        except Exception:
-            return 1
-
     # -- the periodic step -------------------------------------------------------------------
 
     async def adapt(self) -> None:
@@ -550,9 +522,9 @@ class FairShareAdaptive(Adaptive):
         if not hasattr(scheduler, "adaptive_target"):  # remote scheduler: dask's own policy
             await super().adapt()
             return
-        if self._adapting:
+        if self._step_running:
             return
-        self._adapting = True
+        self._step_running = True
         try:
             snapshot = self._observe()
             decision = decide(self.limits(), snapshot)
@@ -561,7 +533,7 @@ class FairShareAdaptive(Adaptive):
                 self.log.append((time.time(), decision))
                 await self._act(decision, snapshot)
         finally:
-            self._adapting = False
+            self._step_running = False
 
     async def _act(self, decision: ScalingDecision, snapshot: ClusterSnapshot) -> None:
         scheduler = self.cluster.scheduler
@@ -570,9 +542,7 @@ class FairShareAdaptive(Adaptive):
             for name in self._worker_names_of(job_name):
                 for ws in list(scheduler.workers.values()):
                     if str(ws.name) == name:
-                        scheduler.handle_worker_status_change(
-                            Status.paused, ws, stimulus_id=f"futures_hpc-walltime-{time.time()}"
-                        )
+                        pause_worker(scheduler, ws, f"futures_hpc-walltime-{time.time()}")
             logger.info("job %s is near its walltime: its workers take no new calls, and it "
                         "is retired once its running calls end", job_name)
         if decision.retire:
@@ -583,7 +553,7 @@ class FairShareAdaptive(Adaptive):
             wanted = snapshot.wanted_workers
             logger.info("submitting %d job(s) for %d wanted worker(s) (%d job(s) held)",
                         decision.submit, wanted, len(snapshot.jobs))
-            await self.cluster._correct_state()
+            await correct_cluster_state(self.cluster)
 
     async def _retire(self, job_names: list[str]) -> None:
         # A job whose submission has not returned yet has no id to cancel: leave it for later.
@@ -610,7 +580,7 @@ class FairShareAdaptive(Adaptive):
             self._submitted_at.pop(job, None)
             self._started_at.pop(job, None)
         self.retired_jobs += len(job_names)
-        await self.cluster._correct_state()
+        await correct_cluster_state(self.cluster)
 
     def forget_job(self, job_name: str) -> None:
         """Forget a job that the batch system ended (its spec is gone; a replacement may come)."""

@@ -20,22 +20,20 @@ import distributed
 from distributed.deploy import Cluster
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from .engine import set_scheduler_stream_intervals, set_stream_interval
+
 #: The batching delay, in seconds, of every stream of an executor's cluster.
 STREAM_INTERVAL = 0.0
 
 
 def make_worker_prompt(worker: distributed.Worker) -> None:
     """Make a worker's stream to the scheduler send without waiting."""
-    stream = getattr(worker, "batched_stream", None)
-    if stream is not None:
-        stream.interval = STREAM_INTERVAL
+    set_stream_interval(worker, STREAM_INTERVAL)
 
 
 def make_client_prompt(client: distributed.Client) -> None:
     """Make a client's stream to the scheduler send without waiting."""
-    stream = getattr(client, "scheduler_comm", None)
-    if hasattr(stream, "interval"):
-        stream.interval = STREAM_INTERVAL
+    set_stream_interval(client, STREAM_INTERVAL)
 
 
 class PromptStreams(SchedulerPlugin):
@@ -47,14 +45,11 @@ class PromptStreams(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         """Make the streams that exist already prompt."""
-        for stream in list(scheduler.stream_comms.values()) + list(scheduler.client_comms.values()):
-            stream.interval = STREAM_INTERVAL
+        set_scheduler_stream_intervals(scheduler, STREAM_INTERVAL)
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         """Make the stream to a new worker prompt (it exists when this is called)."""
-        stream = scheduler.stream_comms.get(worker)
-        if stream is not None:
-            stream.interval = STREAM_INTERVAL
+        set_scheduler_stream_intervals(scheduler, STREAM_INTERVAL, worker=worker)
 
     def add_client(self, scheduler: Any, client: str) -> None:
         """Make the stream to a new client prompt, once the scheduler has opened it."""
@@ -62,9 +57,7 @@ class PromptStreams(SchedulerPlugin):
 
 
 def _tune_client_stream(scheduler: Any, client: str) -> None:
-    stream = scheduler.client_comms.get(client)
-    if stream is not None:
-        stream.interval = STREAM_INTERVAL
+    set_scheduler_stream_intervals(scheduler, STREAM_INTERVAL, client=client)
 
 
 def in_process_scheduler_address(cluster: Cluster) -> str | None:

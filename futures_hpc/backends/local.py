@@ -21,7 +21,6 @@ from ..executor import HPCExecutor
 logger = logging.getLogger("futures_hpc")
 
 #: Common options that mean nothing on one machine; accepted (a profile may set them) and logged.
-_IGNORED_OPTIONS = ("walltime", "queue", "account", "job_extra", "prologue", "python")
 
 
 #: Where each local worker's HTTP server listens.
@@ -71,9 +70,6 @@ class LocalExecutor(HPCExecutor):
         return (self.max_workers or local_core_count()) * (self.resources.cores or 1)
 
     def _create_cluster(self) -> LocalCluster:
-        ignored = sorted(set(self.resources.given()) & set(_IGNORED_OPTIONS))
-        if ignored:
-            logger.info("the local backend ignores the options %s", ", ".join(ignored))
         options = dict(
             n_workers=self.max_workers or local_core_count(),
             threads_per_worker=self.resources.cores or 1,

@@ -42,7 +42,6 @@ logger = logging.getLogger("futures_hpc")
 DEFAULT_STARTUP_TIMEOUT = 60.0
 
 #: Common options that mean nothing for MPI ranks; accepted (a profile may set them) and logged.
-_IGNORED_OPTIONS = ("walltime", "queue", "account", "processes", "job_extra", "prologue")
 
 #: Variables by which a process launched by mpirun/srun knows its job; a nested launcher must
 #: not inherit them.
@@ -113,8 +112,6 @@ class MPIExecutor(HPCExecutor):
         if mpi_world_size() > 1:
             self.world = join_world()  # on ranks other than 0, serves and exits the process
         super().__init__(backend, **options)
-        if self.world is not None:
-            self.world.executors.add(self)
 
     # -- what a backend provides -----------------------------------------------------------------
 
@@ -154,9 +151,6 @@ class MPIExecutor(HPCExecutor):
             raise OptionError(
                 f"startup_timeout={timeout!r} is not allowed; give a number of seconds > 0"
             )
-        ignored = sorted(set(self.resources.given()) & set(_IGNORED_OPTIONS))
-        if ignored:
-            logger.info("the mpi backend ignores the options %s", ", ".join(ignored))
         if self.world is not None:
             available = self.world.worker_rank_count
             if self.max_workers is not None and self.max_workers > available:

@@ -22,6 +22,7 @@ from distributed.deploy import Cluster
 from distributed.security import Security
 from distributed.utils import silence_logging_cmgr
 
+from ..engine import ClusterHooks
 from ..errors import BackendUnavailableError
 from ..streams import PromptStreams
 from .mpi_world import STOP_TIMEOUT
@@ -31,7 +32,7 @@ logger = logging.getLogger("futures_hpc")
 # -- the cluster -------------------------------------------------------------------------------
 
 
-class MPICluster(Cluster):
+class MPICluster(ClusterHooks, Cluster):
     """A fixed set of dask workers on MPI ranks.
 
     Either connected to a scheduler on another rank (under mpirun), or with the scheduler in this
@@ -79,14 +80,15 @@ class MPICluster(Cluster):
         self._quiet_logs = contextlib.ExitStack()
         if scheduler_options is not None:  # the scheduler's INFO lines would flood this process
             self._quiet_logs.enter_context(silence_logging_cmgr(logging.WARNING))
-        self._loop_runner.start()
+        self.start_event_loop()
         try:
-            self.sync(self._start)
+            self.sync(self.start_cluster)
         except BaseException:
             self.close()
             raise
 
-    async def _start(self) -> None:
+    async def start_cluster(self) -> None:
+        """Start the in-process scheduler (or connect to the given one)."""
         if self._scheduler_options is not None:
             self.scheduler = distributed.Scheduler(
                 security=self.security, plugins=[PromptStreams()], **self._scheduler_options
@@ -98,12 +100,13 @@ class MPICluster(Cluster):
         self.scheduler_comm = rpc(
             address, connection_args=self.security.get_connection_args("client")
         )
-        await super()._start()
+        await super().start_cluster()
 
-    async def _close(self) -> None:
+    async def close_cluster(self) -> None:
+        """Close the cluster, then its in-process scheduler."""
         if self.status == Status.closed:
             return
-        await super()._close()
+        await super().close_cluster()
         if self.scheduler is not None:
             await self.scheduler.close(reason="futures_hpc: the executor was shut down")
 
@@ -112,7 +115,7 @@ class MPICluster(Cluster):
         try:
             super().close(timeout)
         finally:
-            self._loop_runner.stop()
+            self.stop_event_loop()
             self._finish()
             self._quiet_logs.close()
 

@@ -13,10 +13,10 @@ import logging
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .. import cleanup
 from ..errors import BackendUnavailableError
 from . import mpi_world_size
 from .mpi_worker import (
@@ -36,8 +36,6 @@ from .mpi_worker import (
 
 if TYPE_CHECKING:
     from mpi4py import MPI
-
-    from .mpi import MPIExecutor
 
 logger = logging.getLogger("futures_hpc")
 
@@ -77,7 +75,6 @@ class MPIWorld:
         self._failures: dict[int, list[str]] = {}
         self._answers: dict[int, tuple[str, int, str]] = {}  # scheduler answers, by cluster id
         self._finished = False
-        self.executors: weakref.WeakSet[MPIExecutor] = weakref.WeakSet()
         atexit.register(self.finish)
         self._finish_before_mpi_finalize()
 
@@ -200,11 +197,7 @@ class MPIWorld:
         """Tell every rank to exit with this process's status (run at exit; once)."""
         if self._finished:
             return
-        for executor in list(self.executors):
-            try:
-                executor._abort()
-            except Exception as error:
-                logger.warning("closing %r at exit failed: %r", executor, error)
+        cleanup.close_all_now()  # the executors first: their ranks are still serving
         status = 1 if getattr(sys, "last_value", None) is not None else self.exit_status
         with self._lock:
             self._finished = True

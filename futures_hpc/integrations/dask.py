@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import dask.config
 import distributed
@@ -38,10 +38,32 @@ from distributed.deploy.cluster import SchedulerInfo
 from distributed.security import Security
 
 from ..cleanup import process_alive
+from ..engine import ClusterHooks, drop_default_client, make_default_client
 from ..security import remove_run_credentials
 
-if TYPE_CHECKING:
-    from ..executor import HPCExecutor
+
+class DiscoverableExecutor(Protocol):
+    """What this module needs of an executor (HPCExecutor has it; no import of it here)."""
+
+    run_name: str
+    backend_name: str
+    security: Security | None
+
+    @property
+    def client(self) -> distributed.Client: ...  # noqa: D102
+
+    @property
+    def cluster(self) -> Cluster: ...  # noqa: D102
+
+    @property
+    def dashboard_link(self) -> str | None: ...  # noqa: D102
+
+    @property
+    def credentials(self) -> Any: ...  # noqa: D102
+
+
+#: Run name -> Security of the executors of this process with a discovery record.
+_registered_security: dict[str, Security] = {}
 
 logger = logging.getLogger("futures_hpc")
 
@@ -64,23 +86,6 @@ _activations: list[_Activation] = []
 _activations_lock = threading.Lock()
 
 
-def _make_default_client(client: distributed.Client) -> None:
-    # distributed keeps its default clients in a process-wide registry in which the most
-    # recently added one wins; Client(set_as_default=True) adds itself there the same way.
-    # Process-wide (unlike Client.as_current, which is per thread) so that collections
-    # computed from any thread of the block use the executor. The config cannot hold the
-    # Client itself: worker processes started later receive a pickled copy of the config.
-    from distributed.client import _set_global_client
-
-    _set_global_client(client)
-
-
-def _drop_default_client(client: distributed.Client) -> None:
-    from distributed.client import _del_global_client
-
-    _del_global_client(client)
-
-
 def _restore_scheduler_config(value: Any) -> None:
     if value is _NOT_SET:
         with dask.config.config_lock:
@@ -89,7 +94,7 @@ def _restore_scheduler_config(value: Any) -> None:
         dask.config.set(scheduler=value)
 
 
-def use_as_dask_scheduler(executor: HPCExecutor) -> None:
+def use_as_dask_scheduler(executor: DiscoverableExecutor) -> None:
     """Make ``executor``'s cluster the scheduler of dask collections until restored.
 
     Called by ``HPCExecutor.__enter__``: ``executor.client`` becomes distributed's default
@@ -100,14 +105,17 @@ def use_as_dask_scheduler(executor: HPCExecutor) -> None:
     with _activations_lock:
         previous = dask.config.get("scheduler", default=_NOT_SET)
         _activations.append(_Activation(id(executor), client, previous))
-        was_default = getattr(client, "_set_as_default", False)
-        _make_default_client(client)
-        client._set_as_default = was_default  # noqa: SLF001 - closing must not touch the config
+        # distributed keeps its default clients in a process-wide registry in which the most
+        # recently added one wins; Client(set_as_default=True) adds itself there the same way.
+        # Process-wide (unlike Client.as_current, which is per thread) so that collections
+        # computed from any thread of the block use the executor. The config cannot hold the
+        # Client itself: worker processes started later receive a pickled copy of the config.
+        make_default_client(client)
         dask.config.set(scheduler="dask.distributed")
     logger.debug("dask collections compute on %r", executor)
 
 
-def restore_dask_scheduler(executor: HPCExecutor) -> None:
+def restore_dask_scheduler(executor: DiscoverableExecutor) -> None:
     """Undo :func:`use_as_dask_scheduler` for ``executor`` (no-op if it is not active).
 
     Called by ``HPCExecutor.__exit__``. When ``executor`` is the most recently entered one, the
@@ -125,7 +133,7 @@ def restore_dask_scheduler(executor: HPCExecutor) -> None:
             return
         index = positions[-1]
         activation = _activations.pop(index)
-        _drop_default_client(activation.client)
+        drop_default_client(activation.client)
         if index == len(_activations):
             _restore_scheduler_config(activation.previous_scheduler)
         else:
@@ -163,7 +171,7 @@ def _record_path(name: str) -> Path:
     return discovery_directory() / f"{name}.json"
 
 
-def register_for_discovery(executor: HPCExecutor) -> Path | None:
+def register_for_discovery(executor: DiscoverableExecutor) -> Path | None:
     """Write ``executor``'s discovery record; return its path (None if it could not be written).
 
     Never raises: discovery is a convenience, and a read-only home must not stop a run.
@@ -189,6 +197,8 @@ def register_for_discovery(executor: HPCExecutor) -> Path | None:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(record, handle)
         os.replace(temporary, path)
+        if executor.security is not None:
+            _registered_security[executor.run_name] = executor.security
         return path
     except Exception as error:  # noqa: BLE001
         logger.info("no discovery record for %r: %r", executor, error)
@@ -199,8 +209,9 @@ def _path_text(path: Path | None) -> str | None:
     return str(path) if path else None
 
 
-def unregister_from_discovery(executor: HPCExecutor) -> None:
+def unregister_from_discovery(executor: DiscoverableExecutor) -> None:
     """Remove ``executor``'s discovery record (never raises)."""
+    _registered_security.pop(executor.run_name, None)
     with contextlib.suppress(Exception):
         _record_path(executor.run_name).unlink(missing_ok=True)
 
@@ -283,11 +294,9 @@ def _in_process_security(record: dict[str, Any]) -> Security:
         From any other process: no file holds the key, so nothing else can connect.
 
     """
-    from ..executor import _live_executors
-
-    for executor in list(_live_executors):
-        if executor.run_name == record["name"] and executor.security is not None:
-            return executor.security
+    security = _registered_security.get(record["name"])
+    if security is not None:
+        return security
     raise LookupError(
         f"{record['name']} keeps its TLS key in the memory of process {record.get('pid')} on "
         f"{record.get('host')} (no key file is written), so only that process can connect to "
@@ -296,7 +305,7 @@ def _in_process_security(record: dict[str, Any]) -> Security:
     )
 
 
-class DiscoveredCluster(Cluster):
+class DiscoveredCluster(ClusterHooks, Cluster):
     """A handle on a running executor's cluster, made from its discovery record.
 
     It shows the cluster's workers and dashboard and lets a :class:`distributed.Client` connect
@@ -327,14 +336,15 @@ class DiscoveredCluster(Cluster):
         """Connect to the running executor's cluster called ``name`` (its run name)."""
         cluster = cls(read_discovery_record(name), asynchronous=asynchronous, loop=loop)
         if not asynchronous:
-            cluster._loop_runner.start()
+            cluster.start_event_loop()
         cluster.status = Status.starting
         if asynchronous:
             return cluster._start_and_return()
-        cluster.sync(cluster._start)
+        cluster.sync(cluster.start_cluster)
         return cluster
 
-    async def _start(self) -> None:
+    async def start_cluster(self) -> None:
+        """Ask the scheduler who is there (a read-only handle subscribes to nothing)."""
         # Cluster._start would subscribe to worker status (a scheduler plugin of a fixed name,
         # which would replace the owning cluster's) and write this handle's name into the
         # scheduler's metadata: a read-only handle only asks who is there.
@@ -342,12 +352,12 @@ class DiscoveredCluster(Cluster):
         self.status = Status.running
 
     async def _start_and_return(self) -> DiscoveredCluster:
-        await self._start()
+        await self.start_cluster()
         return self
 
     def refresh(self) -> None:
         """Fetch the current workers from the scheduler into :attr:`scheduler_info`."""
-        self.sync(self._start)
+        self.sync(self.start_cluster)
 
     def scale(self, *args: Any, **kwargs: Any) -> None:
         """Not allowed: the executor that owns the cluster decides its size."""
@@ -363,8 +373,8 @@ class DiscoveredCluster(Cluster):
     def close(self, timeout: float | None = None) -> Any:
         """Disconnect this handle; the executor's cluster keeps running."""
         result = super().close(timeout=timeout)
-        if self._loop_runner.is_started() and not self.asynchronous:
-            self._loop_runner.stop()
+        if not self.asynchronous:
+            self.stop_event_loop()
         return result
 
 

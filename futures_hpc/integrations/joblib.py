@@ -34,8 +34,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from joblib import parallel as joblib_parallel
-from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
+from ..engine import ParallelBackendBase, configured_joblib_backend
 from ..executor import HPCExecutor
 
 logger = logging.getLogger("futures_hpc")
@@ -69,7 +69,7 @@ def _shut_down_owned_executor(executor: HPCExecutor) -> None:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
-class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
+class FuturesHPCBackend(ParallelBackendBase):
     """joblib parallel backend that runs joblib's batches of calls on an :class:`HPCExecutor`.
 
     Parameters
@@ -139,6 +139,8 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
         self._finalizer: weakref.finalize | None = None
         self._measured_seconds = 0.0
         self._measured_calls = 0.0
+        self._batch_size = 1
+        self._batch_duration = 0.0  # smoothed, from dispatch to result, of _batch_size batches
 
     # -- the executor --------------------------------------------------------------------------
 
@@ -172,8 +174,7 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
         _shut_down_owned_executor(executor)
 
     def _is_the_configured_backend(self) -> bool:
-        config = getattr(joblib_parallel._backend, "config", None) or {}
-        return config.get("backend") is self
+        return configured_joblib_backend() is self
 
     # -- joblib's backend interface ------------------------------------------------------------
 
@@ -212,29 +213,35 @@ class FuturesHPCBackend(AutoBatchingMixin, ParallelBackendBase):
         dask's latency out of the estimate: trivial calls reach large batches after the first
         result instead of growing step by step through a dozen round trips.
         """
-        current = self._effective_batch_size
+        current = self._batch_size
         new_size = current
         if self._measured_calls > 0:
             seconds_per_call = max(self._measured_seconds / self._measured_calls, 1e-9)
             ideal = int(self.TARGET_BATCH_SECONDS / seconds_per_call)
             new_size = max(1, min(self.MAX_BATCH_CALLS, ideal))
-        duration = self._smoothed_batch_duration
+        duration = self._batch_duration
         if duration > self.MAX_IDEAL_BATCH_DURATION and current >= 2:
             # Slow from dispatch to result (e.g. large results to transfer): joblib's rule.
             shrunk = 2 * int(current * self.TARGET_BATCH_SECONDS / duration)
             new_size = min(new_size, max(1, shrunk))
         if new_size != current:
-            self._effective_batch_size = new_size
-            # Measure the new size's duration afresh.
-            self._smoothed_batch_duration = self._DEFAULT_SMOOTHED_BATCH_DURATION
+            self._batch_size = new_size
+            self._batch_duration = 0.0  # measure the new size's duration afresh
             logger.debug("joblib batches: %d calls", new_size)
         return new_size
 
     def reset_batch_stats(self) -> None:
         """Forget batch sizes and call costs (at the end of each ``Parallel`` call)."""
-        super().reset_batch_stats()
+        self._batch_size = 1
+        self._batch_duration = 0.0
         self._measured_seconds = 0.0
         self._measured_calls = 0.0
+
+    def batch_completed(self, batch_size: int, duration: float) -> None:
+        """Record a batch's time from dispatch to result (smoothed, as joblib does)."""
+        if batch_size == self._batch_size:
+            old = self._batch_duration
+            self._batch_duration = duration if old == 0.0 else 0.8 * old + 0.2 * duration
 
     def _record_batch_cost(self, calls: int, seconds: float) -> None:
         memory = self.COST_MEMORY

@@ -19,6 +19,7 @@ from distributed.scheduler import Scheduler
 from distributed.security import Security
 from tornado.ioloop import PeriodicCallback
 
+from futures_hpc.engine import ClusterHooks
 from futures_hpc.errors import JobFailedError, JobSubmissionError, OptionError
 from futures_hpc.scaling import FairShareAdaptive
 from futures_hpc.security import RunCredentials, create_run_credentials
@@ -35,7 +36,7 @@ from .worker import ECSWorkerTask
 logger = logging.getLogger("futures_hpc")
 
 
-class ECSCluster(SpecCluster):
+class ECSCluster(ClusterHooks, SpecCluster):
     """A dask cluster whose workers are AWS ECS tasks (Fargate, private EC2, or existing).
 
     Parameters
@@ -226,7 +227,7 @@ class ECSCluster(SpecCluster):
             "protocol": "tls" if credentials else "tcp",
             "security": credentials.security if credentials else None}}
         worker_spec = {"cls": ECSWorkerTask, "options": {"run": self._run}}
-        workers = {self._new_worker_name(number): worker_spec for number in range(n_workers)}
+        workers = {self.worker_name(number): worker_spec for number in range(n_workers)}
         try:
             super().__init__(workers=workers, scheduler=scheduler_spec, worker=worker_spec,
                              security=credentials.security if credentials else Security(),
@@ -234,7 +235,7 @@ class ECSCluster(SpecCluster):
         except BaseException:
             self.delete_resources()
             with contextlib.suppress(Exception):
-                self._loop_runner.stop()
+                self.stop_event_loop()
             raise
 
     @classmethod
@@ -280,21 +281,23 @@ class ECSCluster(SpecCluster):
         self._tls_directory = tempfile.mkdtemp(prefix=f"{self.run_name}-tls-")
         return create_run_credentials(self._tls_directory)
 
-    def _threads_per_worker(self) -> int:
+    def threads_of_each_worker(self) -> int:
         """Threads of each worker (for the fair-share policy's sizing)."""
         return self.options.nthreads
 
-    def _new_worker_name(self, worker_number: int) -> str:
+    def worker_name(self, worker_number: int) -> str:
+        """Worker tasks are named after the run: ``<run name>-<number>``."""
         return f"{self.run_name}-{worker_number}"
 
-    async def _start(self) -> None:
+    async def start_cluster(self) -> None:
+        """Prepare the AWS resources once, start the scheduler and the first worker tasks."""
         if self.status == Status.created and self._run.task_definition_arn is None:
             try:
                 await asyncio.to_thread(self._prepare_aws)
             except BaseException:
                 await asyncio.to_thread(self.delete_resources)
                 raise
-        await super()._start()
+        await super().start_cluster()
         if self._watcher is None and self.status == Status.running:
             self._watcher = PeriodicCallback(self._check_tasks,
                                              self.options.poll_interval * 1000)
@@ -308,11 +311,12 @@ class ECSCluster(SpecCluster):
                 logger.warning("ECS: could not look for stale resources: %s", error)
         self._run.prepare()
 
-    async def _close(self) -> None:
+    async def close_cluster(self) -> None:
+        """Stop the worker tasks and the scheduler, then delete the run's AWS resources."""
         if self._watcher is not None:
             self._watcher.stop()
         try:
-            await super()._close()
+            await super().close_cluster()
         finally:
             await asyncio.to_thread(self.delete_resources)
             self._finalizer.detach()
@@ -358,7 +362,7 @@ class ECSCluster(SpecCluster):
             raise self.job_failure
         while len(self.worker_spec) < n:
             self.worker_spec.update(self.new_worker_spec())
-        await self._correct_state_internal()
+        await self.correct_state()
 
     def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
         """Ask for ``n`` workers (see :meth:`SpecCluster.scale`).
@@ -373,16 +377,17 @@ class ECSCluster(SpecCluster):
             raise self.job_failure
         return super().scale(n, memory=memory, cores=cores)
 
-    async def _correct_state_internal(self) -> None:
+    async def correct_state(self) -> None:
+        """Start and stop worker tasks to match ``worker_spec``; forget tasks that never started."""
         try:
-            await super()._correct_state_internal()
+            await super().correct_state()
         except JobSubmissionError as error:
             await self._forget_failed_starts(error)
             raise
 
     async def _forget_failed_starts(self, error: JobSubmissionError) -> None:
         """Drop workers whose task never started, and stop asking for them."""
-        async with self._lock:
+        async with self.spec_lock:
             for worker_name, worker in list(self.workers.items()):
                 if worker.status == Status.failed:
                     del self.workers[worker_name]
@@ -447,11 +452,11 @@ class ECSCluster(SpecCluster):
         worker.stop_requested = True
         worker.status = Status.closed
         logger.warning("ECS run %s: %s", self.run_name, failure.describe())
-        async with self._lock:
+        async with self.spec_lock:
             if self.workers.get(worker.name) is worker:
                 del self.workers[worker.name]
             wanted = self.worker_spec.pop(worker.name, None) is not None
-            adaptive = getattr(self, "_adaptive", None)
+            adaptive = self.adaptive_policy()
             if isinstance(adaptive, FairShareAdaptive):
                 adaptive.forget_job(worker.name)
             if self.job_failure is None and wanted:
@@ -461,7 +466,7 @@ class ECSCluster(SpecCluster):
                     self.job_failure = self._job_failed_error()
                     logger.error("%s", self.job_failure)
         self._report_if_hopeless()
-        self._correct_state()
+        self.request_correct_state()
 
     def _job_failed_error(self) -> JobFailedError:
         details = "\n".join(f"  - {failure.describe()}" for failure in self.failures)

@@ -24,7 +24,6 @@ logger = logging.getLogger("futures_hpc")
 
 
 #: Common options that mean nothing to an ECS task; accepted (a profile may set them) and logged.
-_IGNORED_COMMON_OPTIONS = ("walltime", "queue", "account", "processes", "job_extra")
 
 
 def _memory_option(resources: Any) -> int:
@@ -113,9 +112,6 @@ class ECSExecutor(HPCExecutor):
         if self.security is not None and self.credentials is None:
             raise OptionError("the ecs backend needs security=True (credentials it creates and "
                               "sends to the tasks) or security=False, not a Security object")
-        ignored = sorted(set(self.resources.given()) & set(_IGNORED_COMMON_OPTIONS))
-        if ignored:
-            logger.info("the ecs backend ignores the options %s", ", ".join(ignored))
         cleanup.register(self)
         cluster = ECSCluster(**self._cluster_arguments(),
                              security=self.credentials if self.credentials else False,
