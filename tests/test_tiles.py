@@ -21,8 +21,7 @@ import scipy.ndimage as ndi
 from conftest import require
 from futures_hpc import HPCExecutor
 from futures_hpc.errors import OptionError
-from futures_hpc.raster_io import ImageSource
-from futures_hpc.tiles import BlockError, TileGrid, map_blocks, reduce_blocks
+from futures_hpc.tiles import BlockError, ImageSource, TileGrid, map_blocks, reduce_blocks
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -116,7 +115,8 @@ def test_block_info_georeferences_the_received_block():
     pytest.importorskip("rasterio")
     from affine import Affine
 
-    from futures_hpc.tiles import BlockInfo, _core_in_block
+    from futures_hpc.tiles import BlockInfo
+    from futures_hpc.tiles.grid import _core_in_block
 
     transform = Affine(10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)
     window = TileGrid((100, 100), block=32, overlap=2).window(1, 2)
@@ -197,8 +197,8 @@ class StubExecutor:
 
 def test_task_groups_avoid_decoding_neighbouring_chunks():
     zarr = pytest.importorskip("zarr")
-    from futures_hpc.raster_io import ZarrSource
-    from futures_hpc.tiles import _choose_blocks_per_task, _read_amplification
+    from futures_hpc.tiles import ZarrSource
+    from futures_hpc.tiles.plan import _choose_blocks_per_task, _read_amplification
 
     image = zarr.create_array(store={}, shape=(16384, 16384), chunks=(1024, 1024), dtype="f4")
     grid = TileGrid(image.shape, block=2048, overlap=1)
