@@ -8,10 +8,12 @@ on it. Functions defined here are pickled by value, so workers need not import t
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import shutil
 import sys
 import time
+import types
 
 import cloudpickle
 import numpy as np
@@ -22,6 +24,7 @@ from conftest import require
 from futures_hpc import HPCExecutor
 from futures_hpc.errors import OptionError
 from futures_hpc.tiles import BlockError, ImageSource, TileGrid, map_blocks, reduce_blocks
+from futures_hpc.tiles.worker import held_jobs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -585,3 +588,27 @@ def test_max_in_flight_bounds_concurrent_blocks(executor, tmp_path):
     assert len(intervals) == 16
     pairs = zip(intervals, intervals[1:], strict=False)
     assert all(end <= next_start for (_, end), (next_start, _) in pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a finished run leaves on the workers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_finished_run_is_dropped_from_the_workers(executor, caplog):
+    before = executor.client.run(held_jobs)
+    image = np.arange(64 * 48).reshape(64, 48) % 256
+    table = types.SimpleNamespace(table=np.arange(256) * 7)
+    with caplog.at_level(logging.DEBUG, logger="futures_hpc"):
+        result = map_blocks(executor, apply_table, image, block=8, blocks_per_task=1,
+                            otherargs=table)
+    assert result[1, 2] == (48 + 2) * 7
+    assert "Combination not supported" not in caplog.text
+    deadline = time.monotonic() + 10  # the workers drop the job in the background
+    while True:
+        left = {worker: set(tokens) - set(before.get(worker, ()))
+                for worker, tokens in executor.client.run(held_jobs).items()}
+        if not any(left.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not any(left.values()), f"the workers still hold the finished run's job: {left}"

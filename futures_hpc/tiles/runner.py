@@ -16,11 +16,11 @@ from futures_hpc.tiles.shared_memory import SharedMemoryStage, _remove
 from futures_hpc.tiles.worker import (
     WINDOW_ATTRIBUTE,
     _BlockJob,
-    _forget_job,
     _NotVisible,
     _Outcome,
     _run_group,
     _SharedJob,
+    forget_job,
 )
 
 logger = logging.getLogger("futures_hpc")
@@ -106,7 +106,7 @@ class _Runner:
         if self.job_future is not None:
             self.job_future.release()
             try:
-                self.executor.client.run(_forget_job, self.shared_job.token, wait=False)
+                self.executor.client.run(forget_job, self.shared_job.token, wait=False)
             except Exception:  # noqa: BLE001 - a closing cluster forgets everything anyway
                 logger.debug("could not drop job %s from the workers", self.shared_job.token,
                              exc_info=True)

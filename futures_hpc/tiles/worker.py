@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 import threading
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,6 +195,9 @@ def _place(output: np.ndarray | None, core: np.ndarray, group: _Group,
 _UNPICKLED_JOBS: OrderedDict[str, _BlockJob] = OrderedDict()
 _UNPICKLED_JOBS_LOCK = threading.Lock()
 UNPICKLED_JOBS_KEPT = 4
+# Runs already over: a task of theirs still running (cancelled by a failure) must not put the
+# job back in the cache once it has been dropped.
+_FORGOTTEN_JOBS: deque[str] = deque(maxlen=64)
 
 
 @dataclass(frozen=True)
@@ -211,20 +214,40 @@ class _SharedJob:
     def resolve(self) -> _BlockJob:
         with _UNPICKLED_JOBS_LOCK:
             job = _UNPICKLED_JOBS.get(self.token)
-            if job is None:
-                job = pickle.loads(self.payload)
+            if job is not None:
+                _UNPICKLED_JOBS.move_to_end(self.token)
+                return job
+            job = pickle.loads(self.payload)
+            if self.token not in _FORGOTTEN_JOBS:
                 _UNPICKLED_JOBS[self.token] = job
                 while len(_UNPICKLED_JOBS) > UNPICKLED_JOBS_KEPT:
                     _UNPICKLED_JOBS.popitem(last=False)
-            else:
-                _UNPICKLED_JOBS.move_to_end(self.token)
             return job
 
 
-def _forget_job(token: str) -> None:
-    """Drop a finished run's job from this worker process (run through ``client.run``)."""
+async def forget_job(token: str) -> None:
+    """Drop a finished run's job from this worker process.
+
+    Run through ``client.run(forget_job, token, wait=False)``, which takes coroutine functions
+    only: each worker runs it in the background, so the client waits for no worker.
+
+    Parameters
+    ----------
+    token : str
+        The token of the run's broadcast job.
+    """
     with _UNPICKLED_JOBS_LOCK:
+        _FORGOTTEN_JOBS.append(token)
         _UNPICKLED_JOBS.pop(token, None)
+
+
+def held_jobs() -> list[str]:
+    """Return the tokens of the runs whose job this worker process holds, oldest first.
+
+    For tests and debugging: ``ex.client.run(held_jobs)`` asks every worker.
+    """
+    with _UNPICKLED_JOBS_LOCK:
+        return list(_UNPICKLED_JOBS)
 
 
 def _run_group(shared: _SharedJob, group: _Group, sink: ImageSink | None,
