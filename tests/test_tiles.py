@@ -8,6 +8,7 @@ on it. Functions defined here are pickled by value, so workers need not import t
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import os
 import shutil
@@ -130,6 +131,26 @@ def test_block_info_georeferences_the_received_block():
     assert (x[0, 0], y[0, 0]) == (1000.0 + 10 * 62.5, 5000.0 - 10 * 30.5)
     unclipped = BlockInfo(window, _core_in_block(window, None), None, transform)
     assert unclipped.core == _core_in_block(window, "edge")  # interior: same margin either way
+
+
+@pytest.mark.parametrize("function", [map_blocks, reduce_blocks])
+def test_executor_methods_take_the_functions_keywords(function):
+    """HPCExecutor.map_blocks/reduce_blocks write the keywords out again for help()."""
+    method = getattr(HPCExecutor, function.__name__)
+
+    def keywords(callable_):
+        return [parameter for parameter in inspect.signature(callable_).parameters.values()
+                if parameter.kind is parameter.KEYWORD_ONLY]
+
+    assert keywords(method) == keywords(function)
+
+
+def test_executor_methods_run_the_functions(executor):
+    image = rng_image((40, 24))
+    np.testing.assert_allclose(executor.map_blocks(mean3, image, block=16, overlap=1),
+                               mean3(image))
+    total = executor.reduce_blocks(np.sum, image, combine=lambda a, b: a + b, block=16)
+    assert total == pytest.approx(image.sum(dtype=np.float64), rel=1e-5)
 
 
 @pytest.mark.parametrize("shape, block, overlap", [
