@@ -50,6 +50,24 @@ class _ExceptionWithTraceback:
         return _rebuild_exception, (self.exception, self.text)
 
 
+def with_remote_traceback(exception: BaseException) -> Any:
+    """Wrap an exception raised on a worker for its trip back to the client.
+
+    Parameters
+    ----------
+    exception : BaseException
+        The exception, caught on the worker (its ``__traceback__`` is formatted now).
+
+    Returns
+    -------
+    object
+        A picklable wrapper that unpickles as ``exception`` itself, with the remote traceback
+        attached as its ``__cause__`` (a :class:`RemoteTraceback`).
+
+    """
+    return _ExceptionWithTraceback(exception)
+
+
 class UnpicklableRemoteError(RuntimeError):
     """A remote exception (or result) that could not be pickled, described by its text."""
 

@@ -633,36 +633,43 @@ class HPCExecutor(Executor):
 
     # -- tiles ---------------------------------------------------------------------------------
 
+    # The keywords are those of futures_hpc.tiles.map_blocks / reduce_blocks, written out again
+    # so that help() and editors show them; tests/test_tiles.py checks the two stay the same,
+    # and every keyword is forwarded through locals(), so none can be left behind.
+
     def map_blocks(
         self,
         func: Callable[..., Any],
         /,
         *inputs: Any,
-        block: tuple[int, int] = (512, 512),
-        overlap: int = 0,
-        boundary: str | None = "edge",
+        block: int | tuple[int, int] = (512, 512),
+        overlap: int | tuple[int, int] = 0,
+        boundary: str | float | None = "edge",
         out: Any = None,
         dtype: Any = None,
         otherargs: Any = None,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
         fill_value: float = 0,
         on_error: str = "raise",
         max_in_flight: int | None = None,
-        blocks_per_task: Any = None,
+        blocks_per_task: int | tuple[int, int] | None = None,
         shared_memory: bool | None = None,
     ) -> Any:
         """Apply ``func`` block by block, with margins, over images far larger than memory.
 
-        See :func:`futures_hpc.tiles.map_blocks`, which this calls with ``self``.
-        """
-        from .tiles import map_blocks
+        :func:`futures_hpc.tiles.map_blocks` run on this executor; its keywords are documented
+        there and in ``docs/tiles.md``.
 
-        return map_blocks(
-            self, func, *inputs, block=block, overlap=overlap, boundary=boundary, out=out,
-            dtype=dtype, otherargs=otherargs, progress=progress, fill_value=fill_value,
-            on_error=on_error, max_in_flight=max_in_flight, blocks_per_task=blocks_per_task,
-            shared_memory=shared_memory,
-        )
+        Returns
+        -------
+        numpy.ndarray or the ``out`` given
+
+        """
+        keywords = dict(locals())  # the keywords above, before anything else is bound
+        del keywords["self"], keywords["func"], keywords["inputs"]
+        from . import tiles
+
+        return tiles.map_blocks(self, func, *inputs, **keywords)
 
     def reduce_blocks(
         self,
@@ -671,29 +678,33 @@ class HPCExecutor(Executor):
         *inputs: Any,
         combine: Callable[[Any, Any], Any],
         initial: Any = None,
-        block: tuple[int, int] = (512, 512),
-        overlap: int = 0,
-        boundary: str | None = "edge",
+        block: int | tuple[int, int] = (512, 512),
+        overlap: int | tuple[int, int] = 0,
+        boundary: str | float | None = "edge",
         otherargs: Any = None,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
         fill_value: float = 0,
         on_error: str = "raise",
         max_in_flight: int | None = None,
-        blocks_per_task: Any = None,
+        blocks_per_task: int | tuple[int, int] | None = None,
         shared_memory: bool | None = None,
     ) -> Any:
         """Compute a statistic per block in the workers and combine them into one value.
 
-        See :func:`futures_hpc.tiles.reduce_blocks`, which this calls with ``self``.
-        """
-        from .tiles import reduce_blocks
+        :func:`futures_hpc.tiles.reduce_blocks` run on this executor; its keywords are
+        documented there and in ``docs/tiles.md``.
 
-        return reduce_blocks(
-            self, func, *inputs, combine=combine, initial=initial, block=block, overlap=overlap,
-            boundary=boundary, otherargs=otherargs, progress=progress, fill_value=fill_value,
-            on_error=on_error, max_in_flight=max_in_flight, blocks_per_task=blocks_per_task,
-            shared_memory=shared_memory,
-        )
+        Returns
+        -------
+        object
+            The combined value.
+
+        """
+        keywords = dict(locals())  # the keywords above, before anything else is bound
+        del keywords["self"], keywords["func"], keywords["inputs"]
+        from . import tiles
+
+        return tiles.reduce_blocks(self, func, *inputs, **keywords)
 
     # -- shutting down ------------------------------------------------------------------------
 

@@ -8,10 +8,13 @@ on it. Functions defined here are pickled by value, so workers need not import t
 from __future__ import annotations
 
 import collections
+import inspect
+import logging
 import os
 import shutil
 import sys
 import time
+import types
 
 import cloudpickle
 import numpy as np
@@ -21,8 +24,8 @@ import scipy.ndimage as ndi
 from conftest import require
 from futures_hpc import HPCExecutor
 from futures_hpc.errors import OptionError
-from futures_hpc.raster_io import ImageSource
-from futures_hpc.tiles import BlockError, TileGrid, map_blocks, reduce_blocks
+from futures_hpc.tiles import BlockError, ImageSource, TileGrid, map_blocks, reduce_blocks
+from futures_hpc.tiles.worker import held_jobs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -116,7 +119,8 @@ def test_block_info_georeferences_the_received_block():
     pytest.importorskip("rasterio")
     from affine import Affine
 
-    from futures_hpc.tiles import BlockInfo, _core_in_block
+    from futures_hpc.tiles import BlockInfo
+    from futures_hpc.tiles.grid import _core_in_block
 
     transform = Affine(10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)
     window = TileGrid((100, 100), block=32, overlap=2).window(1, 2)
@@ -127,6 +131,26 @@ def test_block_info_georeferences_the_received_block():
     assert (x[0, 0], y[0, 0]) == (1000.0 + 10 * 62.5, 5000.0 - 10 * 30.5)
     unclipped = BlockInfo(window, _core_in_block(window, None), None, transform)
     assert unclipped.core == _core_in_block(window, "edge")  # interior: same margin either way
+
+
+@pytest.mark.parametrize("function", [map_blocks, reduce_blocks])
+def test_executor_methods_take_the_functions_keywords(function):
+    """HPCExecutor.map_blocks/reduce_blocks write the keywords out again for help()."""
+    method = getattr(HPCExecutor, function.__name__)
+
+    def keywords(callable_):
+        return [parameter for parameter in inspect.signature(callable_).parameters.values()
+                if parameter.kind is parameter.KEYWORD_ONLY]
+
+    assert keywords(method) == keywords(function)
+
+
+def test_executor_methods_run_the_functions(executor):
+    image = rng_image((40, 24))
+    np.testing.assert_allclose(executor.map_blocks(mean3, image, block=16, overlap=1),
+                               mean3(image))
+    total = executor.reduce_blocks(np.sum, image, combine=lambda a, b: a + b, block=16)
+    assert total == pytest.approx(image.sum(dtype=np.float64), rel=1e-5)
 
 
 @pytest.mark.parametrize("shape, block, overlap", [
@@ -197,8 +221,8 @@ class StubExecutor:
 
 def test_task_groups_avoid_decoding_neighbouring_chunks():
     zarr = pytest.importorskip("zarr")
-    from futures_hpc.raster_io import ZarrSource
-    from futures_hpc.tiles import _choose_blocks_per_task, _read_amplification
+    from futures_hpc.tiles import ZarrSource
+    from futures_hpc.tiles.plan import _choose_blocks_per_task, _read_amplification
 
     image = zarr.create_array(store={}, shape=(16384, 16384), chunks=(1024, 1024), dtype="f4")
     grid = TileGrid(image.shape, block=2048, overlap=1)
@@ -585,3 +609,27 @@ def test_max_in_flight_bounds_concurrent_blocks(executor, tmp_path):
     assert len(intervals) == 16
     pairs = zip(intervals, intervals[1:], strict=False)
     assert all(end <= next_start for (_, end), (next_start, _) in pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a finished run leaves on the workers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_finished_run_is_dropped_from_the_workers(executor, caplog):
+    before = executor.client.run(held_jobs)
+    image = np.arange(64 * 48).reshape(64, 48) % 256
+    table = types.SimpleNamespace(table=np.arange(256) * 7)
+    with caplog.at_level(logging.DEBUG, logger="futures_hpc"):
+        result = map_blocks(executor, apply_table, image, block=8, blocks_per_task=1,
+                            otherargs=table)
+    assert result[1, 2] == (48 + 2) * 7
+    assert "Combination not supported" not in caplog.text
+    deadline = time.monotonic() + 10  # the workers drop the job in the background
+    while True:
+        left = {worker: set(tokens) - set(before.get(worker, ()))
+                for worker, tokens in executor.client.run(held_jobs).items()}
+        if not any(left.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not any(left.values()), f"the workers still hold the finished run's job: {left}"

@@ -1,4 +1,4 @@
-"""Window readers and writers for :mod:`futures_hpc.tiles`.
+"""Window readers and writers of arrays: in memory, raw files (``.npy``, memmaps) and zarr.
 
 A *source* reads a rectangular window (all bands) of an image, a *sink* writes one. Both are small
 picklable objects: what crosses the network is a path, a zarr store or a file offset, never the
@@ -9,30 +9,19 @@ Images are 2-D ``(rows, cols)`` or 3-D ``(bands, rows, cols)``; windows always c
 
 Sources and sinks that live on disk raise :class:`FileNotFoundError` on a worker that cannot see
 their file; :mod:`futures_hpc.tiles` then moves that block's data through the client instead.
+GeoTIFF and other rasters are in :mod:`futures_hpc.tiles.raster`.
 """
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
-import shutil
 import threading
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger("futures_hpc")
-
-NPY_SUFFIX = ".npy"
-ZARR_SUFFIX = ".zarr"
-GEOTIFF_SUFFIXES = (".tif", ".tiff")
-SHARED_MEMORY_DIR = "/dev/shm"
-GEOTIFF_TILE = 256
-ZARR_CHUNK_RANGE = (256, 1024)
 _HAVE_POSITIONAL_IO = hasattr(os, "preadv") and hasattr(os, "pwritev")
 
 
@@ -52,7 +41,6 @@ def image_shape_of(shape: tuple[int, ...]) -> tuple[int, int]:
 
 def _leading(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return (slice(None),) * (len(shape) - 2)
-
 
 # --------------------------------------------------------------------------------------------
 # positional reads and writes of raw (C-ordered) image files
@@ -233,57 +221,6 @@ class ZarrSource(ImageSource):
         return np.asarray(self.array[_leading(self.shape) + (rows, cols)])
 
 
-class RasterioSource(ImageSource):
-    """Any raster GDAL reads, through rasterio; one dataset handle per thread."""
-
-    def __init__(self, path: str, name: str):
-        rasterio = import_rasterio()
-        self.path = str(path)
-        self.name = name
-        with rasterio.open(self.path) as dataset:
-            bands = dataset.count
-            self.shape = (dataset.height, dataset.width) if bands == 1 else (
-                bands, dataset.height, dataset.width)
-            self.dtype = np.result_type(*dataset.dtypes)
-            self.georeference = Georeference(dataset.transform, dataset.crs, dataset.nodata)
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_local": None}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _dataset(self) -> Any:
-        dataset = getattr(self._local, "dataset", None)
-        if dataset is None:
-            if not os.path.exists(self.path) and "://" not in self.path:
-                raise FileNotFoundError(self.path)
-            dataset = import_rasterio().open(self.path)
-            self._local.dataset = dataset
-        return dataset
-
-    def read(self, rows: slice, cols: slice) -> np.ndarray:
-        """Read the window of every band."""
-        from rasterio.windows import Window as RasterioWindow
-
-        window = RasterioWindow(cols.start, rows.start, cols.stop - cols.start,
-                                rows.stop - rows.start)
-        data = self._dataset().read(window=window)
-        return data[0] if len(self.shape) == 2 else data
-
-
-def import_rasterio() -> Any:
-    """Import rasterio or say how to install it."""
-    try:
-        import rasterio
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading or writing rasters other than .npy and zarr needs rasterio: "
-                          "pip install 'futures_hpc[geo]'") from exc
-    return rasterio
-
-
 def _is_memory_store(store: Any) -> bool:
     if isinstance(store, dict):
         return True
@@ -323,52 +260,6 @@ def is_file_backed(array: Any) -> bool:
 def _is_zarr_array(obj: Any) -> bool:
     module = type(obj).__module__ or ""
     return module.startswith("zarr") and hasattr(obj, "chunks") and hasattr(obj, "store")
-
-
-def _is_zarr_path(path: Path) -> bool:
-    return path.suffix == ZARR_SUFFIX or (path.is_dir() and any(
-        (path / marker).exists() for marker in ("zarr.json", ".zarray")))
-
-
-def _npy_source(path: Path, name: str) -> RawFileSource:
-    image = np.load(path, mmap_mode="r")
-    if not image.flags.c_contiguous:
-        return ArraySource(image, name)
-    return RawFileSource(str(path.resolve()), image.offset, image.shape, image.dtype, name)
-
-
-def open_source(obj: Any, position: int) -> ImageSource:
-    """Return the source for one ``map_blocks`` input (array, memmap, zarr array or path).
-
-    An :class:`ImageSource` is used as it is: subclass it to read a format of your own.
-    """
-    name = f"input {position}"
-    if isinstance(obj, ImageSource):
-        return obj
-    if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        name = f"input {position} ({path})"
-        if "://" not in str(obj) and not path.exists():
-            raise FileNotFoundError(f"{name}: no such file or directory")
-        if path.suffix == NPY_SUFFIX:
-            return _npy_source(path, name)
-        if _is_zarr_path(path):
-            import zarr
-
-            return ZarrSource(zarr.open_array(str(path), mode="r"), name)
-        return RasterioSource(str(obj), name)
-    if _is_zarr_array(obj):
-        return ZarrSource(obj, name)
-    if is_file_backed(obj):
-        if obj.mode != "r":
-            obj.flush()
-        return RawFileSource(str(Path(obj.filename).resolve()), obj.offset, obj.shape,
-                             obj.dtype, name)
-    if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
-        return ArraySource(obj, name)
-    raise TypeError(f"{name}: expected a numpy array, a zarr array or a path, "
-                    f"got {type(obj).__name__}")
-
 
 # --------------------------------------------------------------------------------------------
 # sinks
@@ -473,236 +364,3 @@ class ZarrSink(ImageSink):
                 if block_len < image_len and block_len % chunk_len]
 
 
-class GeoTiffSink(ImageSink):
-    """A GeoTIFF written by workers in turn, under a lock file beside it."""
-
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: Any):
-        self.path = str(path)
-        self.lock_path = self.path + ".lock"
-        self.shape = tuple(int(n) for n in shape)
-        self.dtype = np.dtype(dtype)
-        self.worker_writable = _have_file_locks()
-
-    def write(self, rows: slice, cols: slice, data: np.ndarray) -> None:
-        """Open, write the window and close, holding the lock (GDAL is not safe otherwise)."""
-        from rasterio.windows import Window as RasterioWindow
-
-        data = np.asarray(self.fit(data, rows, cols), dtype=self.dtype)
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(self.path)
-        window = RasterioWindow(cols.start, rows.start, cols.stop - cols.start,
-                                rows.stop - rows.start)
-        with _file_lock(self.lock_path), import_rasterio().open(self.path, "r+") as dataset:
-            if data.ndim == 2:
-                dataset.write(data, 1, window=window)
-            else:
-                dataset.write(data, window=window)
-
-    def remove_lock(self) -> None:
-        """Delete the lock file once every block is written."""
-        Path(self.lock_path).unlink(missing_ok=True)
-
-
-def _have_file_locks() -> bool:
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:  # pragma: no cover - Windows
-        return False
-    return True
-
-
-class _file_lock:  # noqa: N801 - used as a context manager
-    def __init__(self, path: str):
-        self.path = path
-        self.handle = None
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        self.handle = open(self.path, "a")  # noqa: SIM115
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc_info: object) -> None:
-        import fcntl
-
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-
-def existing_sink(out: Any) -> ImageSink | None:
-    """Return the sink for an ``out`` that already exists, or None for a path (created later)."""
-    if out is None or isinstance(out, (str, os.PathLike)):
-        return None
-    if _is_zarr_array(out):
-        return ZarrSink(out)
-    if is_file_backed(out) and out.mode != "r":
-        return RawFileSink(str(Path(out.filename).resolve()), out.offset, out.shape, out.dtype)
-    if isinstance(out, np.ndarray):
-        if not out.flags.writeable:
-            raise ValueError("out is read-only")
-        return ArraySink(out)
-    raise TypeError(f"out must be None, a numpy array, a zarr array or a path, "
-                    f"got {type(out).__name__}")
-
-
-def _chunk_length(block_len: int, image_len: int) -> int:
-    block_len = min(block_len, image_len)
-    low, high = ZARR_CHUNK_RANGE
-    if block_len <= high:
-        return block_len
-    divisors = [d for d in range(high, low - 1, -1) if block_len % d == 0]
-    return divisors[0] if divisors else block_len
-
-
-def output_format(path: str | os.PathLike) -> str:
-    """Return ``"npy"``, ``"zarr"`` or ``"geotiff"`` from an output path's suffix, or raise."""
-    suffix = Path(path).suffix.lower()
-    if suffix == NPY_SUFFIX:
-        return "npy"
-    if suffix == ZARR_SUFFIX:
-        return "zarr"
-    if suffix in GEOTIFF_SUFFIXES:
-        import_rasterio()
-        return "geotiff"
-    raise ValueError(f"out={str(path)!r}: the output format comes from the suffix, one of "
-                     f"{NPY_SUFFIX}, {ZARR_SUFFIX}, {', '.join(GEOTIFF_SUFFIXES)}")
-
-
-def create_sink(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any,
-                block: tuple[int, int], georeference: Georeference | None) -> ImageSink:
-    """Create the output file ``path`` (``.npy``, zarr or GeoTIFF), overwriting it."""
-    kind = output_format(path)
-    path = Path(path)
-    dtype = np.dtype(dtype)
-    if kind == "npy":
-        image = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        offset = image.offset
-        del image
-        return RawFileSink(str(path.resolve()), offset, shape, dtype)
-    if kind == "zarr":
-        return ZarrSink(_create_zarr(str(path), shape, dtype, block))
-    _create_geotiff(str(path), shape, dtype, georeference)
-    return GeoTiffSink(str(path.resolve()), shape, dtype)
-
-
-def _create_zarr(path: str, shape: tuple[int, ...], dtype: np.dtype,
-                 block: tuple[int, int]) -> Any:
-    import zarr
-
-    image = image_shape_of(shape)
-    chunks = tuple(shape[:-2]) + tuple(
-        _chunk_length(block_len, image_len) for block_len, image_len in zip(block, image,
-                                                                            strict=True))
-    if hasattr(zarr, "create_array"):
-        return zarr.create_array(store=path, shape=shape, chunks=chunks, dtype=dtype,
-                                 overwrite=True)
-    return zarr.open_array(path, mode="w", shape=shape, chunks=chunks, dtype=dtype)
-
-
-def _create_geotiff(path: str, shape: tuple[int, ...], dtype: np.dtype,
-                    georeference: Georeference | None) -> None:
-    rasterio = import_rasterio()
-    rows, cols = image_shape_of(shape)
-    profile = {
-        "driver": "GTiff", "height": rows, "width": cols,
-        "count": 1 if len(shape) == 2 else shape[0], "dtype": dtype.name,
-        "tiled": True, "blockxsize": GEOTIFF_TILE, "blockysize": GEOTIFF_TILE,
-        "BIGTIFF": "IF_SAFER", "SPARSE_OK": "TRUE",
-    }
-    if georeference is not None:
-        profile.update(transform=georeference.transform, crs=georeference.crs)
-    with rasterio.open(path, "w", **profile):
-        pass
-
-
-# --------------------------------------------------------------------------------------------
-# shared memory on the client's host
-# --------------------------------------------------------------------------------------------
-
-
-def shared_memory_available() -> bool:
-    """Tell whether this host has a writable ``/dev/shm``."""
-    return os.path.isdir(SHARED_MEMORY_DIR) and os.access(SHARED_MEMORY_DIR, os.W_OK)
-
-
-def new_shared_path(label: str) -> str:
-    """Return a fresh file name in ``/dev/shm``."""
-    return os.path.join(SHARED_MEMORY_DIR,
-                        f"futures_hpc-{os.getpid()}-{uuid.uuid4().hex[:12]}-{label}")
-
-
-def shared_memory_free() -> int:
-    """Bytes free in ``/dev/shm``."""
-    return shutil.disk_usage(SHARED_MEMORY_DIR).free
-
-
-def _create_sparse(path: str, nbytes: int) -> int:
-    # Sparse: pages are allocated by the writers themselves, in parallel, as they write.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.ftruncate(fd, nbytes)
-    return fd
-
-
-class SharedMemoryStage:
-    """A copy of an in-memory image in ``/dev/shm``, made strip by strip as blocks need it.
-
-    Workers on the client's host read ``source`` (a :class:`RawFileSource`) directly, so the
-    image never goes through sockets; copying lazily lets the first blocks start at once.
-    """
-
-    STRIP_BYTES = 32 << 20
-
-    def __init__(self, array: Any, name: str):
-        self.array = array
-        self.shape = tuple(int(n) for n in array.shape)
-        self.dtype = np.dtype(array.dtype)
-        self.path = new_shared_path("input")
-        self.copied_rows = 0
-        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self._fd = _create_sparse(self.path, nbytes)
-        row_bytes = nbytes // max(1, self.shape[-2])
-        self.strip_rows = max(1, self.STRIP_BYTES // max(1, row_bytes))
-        self.source = RawFileSource(self.path, 0, self.shape, self.dtype, name, mapped=True)
-
-    def ensure_rows(self, stop: int) -> None:
-        """Copy image rows up to ``stop`` (rounded up to whole strips) if not done yet."""
-        rows = self.shape[-2]
-        while self.copied_rows < min(stop, rows):
-            window = slice(self.copied_rows, min(rows, self.copied_rows + self.strip_rows))
-            strip = np.asarray(self.array[_leading(self.shape) + (window, slice(None))])
-            write_raw_window(self._fd, 0, self.shape, self.dtype, window,
-                             slice(0, self.shape[-1]), strip)
-            self.copied_rows = window.stop
-        if self.copied_rows >= rows:
-            self.close()
-
-    def close(self) -> None:
-        """Close the file (its name stays until :func:`remove_shared`)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def create_shared_output(shape: tuple[int, ...], dtype: Any) -> RawFileSink:
-    """Create a zero-filled (sparse) raw image in ``/dev/shm`` for workers to write."""
-    path = new_shared_path("output")
-    dtype = np.dtype(dtype)
-    os.close(_create_sparse(path, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))
-    return RawFileSink(path, 0, shape, dtype)
-
-
-def map_shared_output(sink: RawFileSink) -> np.ndarray:
-    """Map a shared-memory output as a numpy array, then remove its name.
-
-    The memory stays valid as long as the array (which owns the mapping) lives.
-    """
-    nbytes = int(np.prod(sink.shape, dtype=np.int64)) * sink.dtype.itemsize
-    if nbytes == 0:
-        return np.zeros(sink.shape, sink.dtype)
-    fd = os.open(sink.path, os.O_RDWR)
-    try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(fd, nbytes, flags=flags)
-    finally:
-        os.close(fd)
-    return np.frombuffer(mapping, sink.dtype).reshape(sink.shape)

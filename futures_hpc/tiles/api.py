@@ -1,0 +1,280 @@
+"""The public functions: :func:`map_blocks` produces an image, :func:`reduce_blocks` a statistic."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from futures_hpc.errors import OptionError
+from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFileSink
+from futures_hpc.tiles.formats import create_sink, existing_sink
+from futures_hpc.tiles.grid import TileGrid, Window, _Group
+from futures_hpc.tiles.plan import _check_out, _groups, _Plan, _plan, _start
+from futures_hpc.tiles.raster import GeoTiffSink
+from futures_hpc.tiles.runner import _Runner
+from futures_hpc.tiles.shared_memory import (
+    _decide_shared_memory,
+    _output_bytes,
+    _shared_bytes_needed,
+    create_shared_output,
+    map_shared_output,
+    shared_memory_free,
+)
+from futures_hpc.tiles.worker import _Outcome
+
+logger = logging.getLogger("futures_hpc")
+
+def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
+               block: int | tuple[int, int] = (512, 512), overlap: int | tuple[int, int] = 0,
+               boundary: str | float | None = "edge", out: Any = None, dtype: Any = None,
+               otherargs: Any = None, progress: bool | Callable[[int, int], None] = False,
+               fill_value: float = 0, on_error: str = "raise",
+               max_in_flight: int | None = None,
+               blocks_per_task: int | tuple[int, int] | None = None,
+               shared_memory: bool | None = None) -> Any:
+    """Apply ``func`` to every block of the inputs (with margins) and assemble the result.
+
+    Parameters
+    ----------
+    executor : HPCExecutor
+        Any futures_hpc executor (only ``submit`` and ``client`` are used).
+    func : callable
+        ``func(*blocks, [info=BlockInfo], [otherargs=...])`` gets one block per input, each with
+        ``overlap`` pixels of margin on every side, and returns an array ``(rows, cols)`` or
+        ``(bands, rows, cols)`` of the received block's image shape; the margin is trimmed.
+        The blocks are read-only views: copy one before changing it in place.
+    *inputs : array, numpy.memmap, zarr array, or path
+        2-D ``(rows, cols)`` or 3-D ``(bands, rows, cols)`` images sharing ``(rows, cols)``.
+        Paths: ``.npy``, a zarr store, or anything rasterio reads (GeoTIFF...). Files, memmaps
+        and zarr stores are read by the workers themselves.
+    block : int or (int, int)
+        Rows and columns of a block.
+    overlap : int or (int, int)
+        Margin in pixels.
+    boundary : {"edge", "reflect", "symmetric", "constant"}, number or None
+        How a margin beyond the image edge is filled, as ``numpy.pad(mode=boundary)``;
+        "constant" uses ``fill_value`` (a number means "constant" with that value). None leaves
+        the margin out at the edge, so edge blocks are smaller.
+    out : None, array, numpy.memmap, zarr array or path
+        Where the result goes. None: a new numpy array is returned. A memmap, a zarr array on
+        disk or a path (``.npy``, ``.zarr``, ``.tif``; created, overwriting) is written by the
+        workers themselves. A GeoTIFF gets the first input's georeferencing. Unless ``out``
+        exists, func is first called once on a small window to learn the output's bands and
+        type.
+    dtype : numpy dtype, optional
+        The output's type; by default the type func returns.
+    otherargs : object, optional
+        Passed to func as ``otherargs=``; sent once to each worker, not once per block.
+    progress : bool or callable
+        True shows a tqdm bar; a callable gets ``(blocks_done, blocks_total)``.
+    fill_value : float
+        The margin's value beyond the edge with ``boundary="constant"``.
+    on_error : {"raise", "continue"}
+        "raise" stops at the first failed block; "continue" runs every block, then raises one
+        :class:`BlockError` naming every failed window, with the output in ``.output``.
+    max_in_flight : int, optional
+        Tasks submitted but not finished; default twice the workers' threads (at least 2).
+    blocks_per_task : int or (int, int), optional
+        Blocks (rows, cols of them) one task runs, reading their inputs as one region; by
+        default chosen from the workers' memory and the inputs' chunks (see docs/tiles.md).
+    shared_memory : bool, optional
+        Pass in-memory inputs and a returned array through ``/dev/shm`` when every worker runs
+        on the client's host. None (default) decides by asking the workers.
+
+    Returns
+    -------
+    numpy.ndarray or the ``out`` given
+
+    Raises
+    ------
+    futures_hpc.errors.OptionError
+        Bad arguments, or inputs whose images differ in shape (a ValueError), before any work.
+    BlockError
+        A block failed; its message names the window.
+    """
+    plan = _plan(func, inputs, block, overlap, boundary, fill_value, otherargs, on_error,
+                 max_in_flight, blocks_per_task)
+    sink = existing_sink(out)
+    _check_out(out, sink, plan.grid.image_shape, plan.grid.block)
+    shared = _decide_shared_memory(
+        executor, shared_memory,
+        _shared_bytes_needed(plan.sources, _output_bytes(sink, out, plan.grid)))
+    runner = _start(executor, plan, func, shared, on_error, max_in_flight, progress, otherargs,
+                    dtype, combine=None)
+    with runner:
+        return _map_all(runner, plan, sink, out, shared)
+
+
+def _map_all(runner: _Runner, plan: _Plan, sink: ImageSink | None, out: Any,
+             shared: bool) -> Any:
+    user_array = sink.array if isinstance(sink, ArraySink) else None
+    if user_array is not None and shared and shared_memory_free() > user_array.nbytes:
+        sink = create_shared_output(sink.shape, sink.dtype)
+        runner.shared_paths.append(sink.path)
+    groups: Iterable[_Group] = _groups(plan.grid, plan.blocks_per_task)
+    if sink is None:
+        sink, groups = _create_output(runner, plan, out, shared)
+    runner.run(groups, sink, _write_on_client(sink))
+    if isinstance(sink, GeoTiffSink):
+        sink.remove_lock()
+    result = _result_of(sink, out, user_array)
+    runner.raise_failures(result)
+    return result
+
+
+def _write_on_client(sink: ImageSink) -> Callable[[_Group, _Outcome], None]:
+    def write(group: _Group, outcome: _Outcome) -> None:
+        if outcome.data is not None:
+            sink.write(group.window.rows, group.window.cols, outcome.data)
+
+    return write
+
+
+PROBE_SIZE = 16
+
+
+def _probe_group(grid: TileGrid) -> _Group:
+    """A small window at the image's top-left corner, to learn the output's bands and dtype."""
+    size = [min(image, PROBE_SIZE) for image in grid.image_shape]
+    window = TileGrid(grid.image_shape, size, grid.overlap).window(0, 0)
+    return _Group.of([Window(window.index, window.rows, window.cols, window.read_rows,
+                             window.read_cols, window.overlap, grid.shape, grid.image_shape)])
+
+
+def _create_output(runner: _Runner, plan: _Plan, out: Any,
+                   shared: bool) -> tuple[ImageSink, Iterable[_Group]]:
+    """Learn the output's bands and dtype from func, then create the output.
+
+    func first runs on a small window; if that fails (a func may need whole blocks), the first
+    group that succeeds is used instead and written by the client.
+    """
+    grid = plan.grid
+    probed = _run_alone(runner, _probe_group(grid), probing=True)
+    written = None
+    if probed is None:
+        for group in _groups(grid, plan.blocks_per_task):
+            probed = _run_alone(runner, group, probing=False)
+            if probed is not None:
+                written = group
+                break
+        else:
+            runner.raise_failures(None)
+    shape = tuple(probed.shape[:-2]) + grid.image_shape
+    sink = _new_sink(out, shape, probed.dtype, shared, grid, runner.job.georeference)
+    if isinstance(sink, RawFileSink) and out is None:
+        runner.shared_paths.append(sink.path)
+    groups = _groups(grid, plan.blocks_per_task)
+    if written is None:
+        return sink, groups
+    sink.write(written.window.rows, written.window.cols, probed)
+    done = written.window.index
+    return sink, (group for group in groups if group.window.index > done)
+
+
+def _run_alone(runner: _Runner, group: _Group, probing: bool) -> np.ndarray | None:
+    """Run one group, returning its output (None if a block failed).
+
+    A probe neither counts as progress nor as a failure.
+    """
+    outcomes: list[_Outcome] = []
+    failures_before = list(runner.failures)
+    policy = runner.on_error
+    runner.on_error = "probe" if probing else policy  # probe: record failures, say nothing
+    try:
+        runner.run([group], None, lambda done, outcome: outcomes.append(outcome),
+                   counted=not probing)
+    finally:
+        runner.on_error = policy
+    failed = len(runner.failures) > len(failures_before)
+    if probing:
+        if failed:
+            logger.debug("func failed on a probe window: %s", runner.failures[-1][1])
+        runner.failures[:] = failures_before
+    if failed or not outcomes:
+        return None
+    return outcomes[0].data
+
+
+def _new_sink(out: Any, shape: tuple[int, ...], dtype: np.dtype, shared: bool,
+              grid: TileGrid, georeference: Georeference | None) -> ImageSink:
+    if out is not None:
+        return create_sink(out, shape, dtype, grid.block, georeference)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if shared and shared_memory_free() > nbytes:
+        return create_shared_output(shape, dtype)
+    return ArraySink(np.zeros(shape, dtype))
+
+
+def _result_of(sink: ImageSink, out: Any, user_array: np.ndarray | None) -> Any:
+    if user_array is not None:
+        if isinstance(sink, RawFileSink):
+            user_array[...] = map_shared_output(sink)
+        return user_array
+    if out is not None:
+        return out
+    if isinstance(sink, RawFileSink):
+        return map_shared_output(sink)
+    return sink.array
+
+
+def reduce_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
+                  combine: Callable[[Any, Any], Any], initial: Any = None,
+                  block: int | tuple[int, int] = (512, 512), overlap: int | tuple[int, int] = 0,
+                  boundary: str | float | None = "edge", otherargs: Any = None,
+                  progress: bool | Callable[[int, int], None] = False, fill_value: float = 0,
+                  on_error: str = "raise", max_in_flight: int | None = None,
+                  blocks_per_task: int | tuple[int, int] | None = None,
+                  shared_memory: bool | None = None) -> Any:
+    """Compute a statistic per block in the workers and combine the partials.
+
+    Parameters
+    ----------
+    executor : HPCExecutor
+        Any futures_hpc executor.
+    func : callable
+        ``func(*blocks, [info=BlockInfo], [otherargs=...])`` returns a picklable partial
+        result for its block. With ``overlap`` > 0 the blocks carry their margin: index them
+        with ``info.core`` to leave it out.
+    *inputs : array, numpy.memmap, zarr array, or path
+        As in :func:`map_blocks`.
+    combine : callable
+        ``combine(accumulated, partial)`` returns the new accumulated value. It runs in the
+        workers (over a task's blocks) and on the client (over tasks), in the order blocks
+        finish, so it must not depend on order (sums, histograms, min/max).
+    initial : object, optional
+        The starting value; by default the first partial.
+    block, overlap, boundary, fill_value : optional
+        As in :func:`map_blocks`.
+    otherargs, progress, on_error, max_in_flight, blocks_per_task, shared_memory : optional
+        As in :func:`map_blocks`.
+
+    Returns
+    -------
+    object
+        The combined value.
+    """
+    if not callable(combine):
+        raise OptionError("combine must be callable: combine(accumulated, partial)")
+    plan = _plan(func, inputs, block, overlap, boundary, fill_value, otherargs, on_error,
+                 max_in_flight, blocks_per_task)
+    shared = _decide_shared_memory(executor, shared_memory,
+                                   _shared_bytes_needed(plan.sources, 0))
+    runner = _start(executor, plan, func, shared, on_error, max_in_flight, progress, otherargs,
+                    None, combine=combine)
+    accumulated = [initial, initial is not None]
+
+    def accumulate(group: _Group, outcome: _Outcome) -> None:
+        if not outcome.has_partial:
+            return
+        if accumulated[1]:
+            accumulated[0] = combine(accumulated[0], outcome.partial)
+        else:
+            accumulated[:] = [outcome.partial, True]
+
+    with runner:
+        runner.run(_groups(plan.grid, plan.blocks_per_task), None, accumulate)
+    runner.raise_failures(accumulated[0])
+    return accumulated[0]

@@ -1,0 +1,258 @@
+"""What runs on a worker: a task reads a group of neighbouring blocks and runs func on each.
+
+The job (func, inputs, otherargs...) is broadcast once per run and unpickled at most once per
+worker process; :func:`forget_job` drops it when the run is over.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from futures_hpc.calls import with_remote_traceback
+from futures_hpc.tiles.arrays import Georeference, ImageSink, ImageSource, RawFileSink
+from futures_hpc.tiles.grid import (
+    BlockInfo,
+    Window,
+    _core_in_block,
+    _Group,
+    _received_shape,
+    read_padded,
+)
+
+
+class _RegionSource(ImageSource):
+    """The pixels of a group's window (clipped to the image), read as if from the image."""
+
+    def __init__(self, region: np.ndarray, window: Window):
+        self.region = region
+        self.origin = (window.read_rows.start, window.read_cols.start)
+        self.shape = region.shape[:-2] + window.image_shape
+        self.dtype = region.dtype
+        self.name = "region"
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        """Return a view (image coordinates in, region coordinates out)."""
+        top, left = self.origin
+        return self.region[..., rows.start - top:rows.stop - top,
+                           cols.start - left:cols.stop - left]
+
+
+class _NotVisible:
+    """Returned by a worker that cannot see a file or store the task needs."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+@dataclass
+class _Outcome:
+    """What a task returns: its output (unless written), its partial, its failed blocks."""
+
+    data: np.ndarray | None = None
+    partial: Any = None
+    has_partial: bool = False
+    # each exception arrives on the client with its remote traceback as its __cause__
+    failures: list[tuple[Window, BaseException]] = field(default_factory=list)
+
+
+WINDOW_ATTRIBUTE = "futures_hpc_window"
+
+
+@dataclass
+class _BlockJob:
+    """Everything constant across blocks; scattered once to every worker."""
+
+    func: Callable[..., Any]
+    sources: list[ImageSource]
+    boundary: str | None
+    fill_value: float
+    passes_info: bool
+    passes_otherargs: bool
+    otherargs: Any
+    georeference: Georeference | None
+    dtype: np.dtype | None
+    combine: Callable[[Any, Any], Any] | None  # None: map (trim and assemble), else reduce
+    stops_at_first_error: bool
+
+    def regions(self, window: Window, data: Sequence[np.ndarray | None] | None) -> list:
+        """Each input's pixels under a group's window and margin, clipped to the image."""
+        given = data if data is not None else [None] * len(self.sources)
+        return [source.read(window.read_rows, window.read_cols) if region is None else region
+                for source, region in zip(self.sources, given, strict=True)]
+
+    def block_of(self, region: np.ndarray, group: Window, window: Window) -> np.ndarray:
+        """``window``'s block cut from a group's region, padded at the image edge; read-only."""
+        block = read_padded(_RegionSource(region, group), window, self.boundary,
+                            self.fill_value)
+        block = block.view()
+        block.flags.writeable = False
+        return block
+
+    def info(self, window: Window) -> BlockInfo:
+        georeference = self.georeference or Georeference(None, None, None)
+        return BlockInfo(window, _core_in_block(window, self.boundary), self.boundary,
+                         georeference.transform, georeference.crs, georeference.nodata)
+
+    def call(self, blocks: list, window: Window) -> Any:
+        keywords = {}
+        if self.passes_info:
+            keywords["info"] = self.info(window)
+        if self.passes_otherargs:
+            keywords["otherargs"] = self.otherargs
+        return self.func(*blocks, **keywords)
+
+    def trim(self, result: Any, window: Window) -> np.ndarray:
+        result = np.asarray(result)
+        received = _received_shape(window, self.boundary)
+        if result.ndim not in (2, 3) or result.shape[-2:] != received:
+            raise ValueError(f"func returned shape {result.shape} for {window}; it must return "
+                             f"(rows, cols) or (bands, rows, cols) with (rows, cols) = "
+                             f"{received}, the image shape of the block it received")
+        core_rows, core_cols = _core_in_block(window, self.boundary)
+        core = result[..., core_rows, core_cols]
+        return core if self.dtype is None else core.astype(self.dtype, copy=False)
+
+    def run(self, group: _Group, sink: ImageSink | None,
+            data: Sequence[np.ndarray | None] | None) -> _Outcome | _NotVisible:
+        """Read the group's region, run every block, write (or return) the group's output."""
+        try:
+            regions = self.regions(group.window, data)
+        except FileNotFoundError as exc:
+            return _NotVisible(f"cannot read an input here: {exc}")
+        outcome = _Outcome()
+        # raw files take positional writes, safe side by side: write each block as it is done
+        block_sink = sink if isinstance(sink, RawFileSink) else None
+        for window in group.windows:
+            try:
+                blocks = [self.block_of(region, group.window, window) for region in regions]
+                result = self.call(blocks, window)
+                if self.combine is None:
+                    core = self.trim(result, window)
+                    if block_sink is not None and _written(block_sink, window, core):
+                        continue
+                    block_sink = None
+                    outcome.data = _place(outcome.data, core, group, window)
+                elif outcome.has_partial:
+                    outcome.partial = self.combine(outcome.partial, result)
+                else:
+                    outcome.partial, outcome.has_partial = result, True
+            except Exception as exc:
+                if self.stops_at_first_error:
+                    _label(exc, window)
+                    raise
+                outcome.failures.append((window, with_remote_traceback(exc)))
+        if outcome.data is not None and sink is not None:
+            try:
+                sink.write(group.window.rows, group.window.cols, outcome.data)
+                outcome.data = None
+            except FileNotFoundError:
+                pass  # the client writes it
+        return outcome
+
+
+def _written(sink: ImageSink, window: Window, core: np.ndarray) -> bool:
+    """Write one block's core; False if the sink's file is not visible here."""
+    try:
+        sink.write(window.rows, window.cols, core)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _label(exc: BaseException, window: Window) -> None:
+    try:
+        setattr(exc, WINDOW_ATTRIBUTE, window)
+    except AttributeError:  # an exception without __dict__
+        pass
+
+
+def _place(output: np.ndarray | None, core: np.ndarray, group: _Group,
+           window: Window) -> np.ndarray:
+    """Put a block's trimmed result into its group's output (created on the first block)."""
+    if output is None:
+        output = np.zeros(core.shape[:-2] + group.window.shape, core.dtype)
+    if core.shape[:-2] != output.shape[:-2]:
+        raise ValueError(f"func returned {core.shape[:-2] or 'no'} bands for {window}, but "
+                         f"{output.shape[:-2] or 'no'} bands for another block")
+    row = window.rows.start - group.window.rows.start
+    col = window.cols.start - group.window.cols.start
+    output[..., row:row + window.shape[0], col:col + window.shape[1]] = core
+    return output
+
+
+# Jobs already unpickled in this process, newest last. dask's active memory manager may drop a
+# worker's replica of the broadcast job between tasks and fetch it again later; this cache makes
+# sure the user's func and otherargs are still unpickled only once per worker process.
+_UNPICKLED_JOBS: OrderedDict[str, _BlockJob] = OrderedDict()
+_UNPICKLED_JOBS_LOCK = threading.Lock()
+UNPICKLED_JOBS_KEPT = 4
+# Runs already over: a task of theirs still running (cancelled by a failure) must not put the
+# job back in the cache once it has been dropped.
+_FORGOTTEN_JOBS: deque[str] = deque(maxlen=64)
+
+
+@dataclass(frozen=True)
+class _SharedJob:
+    """A pickled :class:`_BlockJob` with a token; unpickled at most once per process."""
+
+    token: str
+    payload: bytes
+
+    @classmethod
+    def of(cls, job: _BlockJob) -> _SharedJob:
+        return cls(uuid.uuid4().hex, cloudpickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def resolve(self) -> _BlockJob:
+        with _UNPICKLED_JOBS_LOCK:
+            job = _UNPICKLED_JOBS.get(self.token)
+            if job is not None:
+                _UNPICKLED_JOBS.move_to_end(self.token)
+                return job
+            job = pickle.loads(self.payload)
+            if self.token not in _FORGOTTEN_JOBS:
+                _UNPICKLED_JOBS[self.token] = job
+                while len(_UNPICKLED_JOBS) > UNPICKLED_JOBS_KEPT:
+                    _UNPICKLED_JOBS.popitem(last=False)
+            return job
+
+
+async def forget_job(token: str) -> None:
+    """Drop a finished run's job from this worker process.
+
+    Run through ``client.run(forget_job, token, wait=False)``, which takes coroutine functions
+    only: each worker runs it in the background, so the client waits for no worker.
+
+    Parameters
+    ----------
+    token : str
+        The token of the run's broadcast job.
+    """
+    with _UNPICKLED_JOBS_LOCK:
+        _FORGOTTEN_JOBS.append(token)
+        _UNPICKLED_JOBS.pop(token, None)
+
+
+def held_jobs() -> list[str]:
+    """Return the tokens of the runs whose job this worker process holds, oldest first.
+
+    For tests and debugging: ``ex.client.run(held_jobs)`` asks every worker.
+    """
+    with _UNPICKLED_JOBS_LOCK:
+        return list(_UNPICKLED_JOBS)
+
+
+def _run_group(shared: _SharedJob, group: _Group, sink: ImageSink | None,
+               data: Sequence[np.ndarray | None] | None) -> _Outcome | _NotVisible:
+    """The task: run one group of blocks on a worker (see :meth:`_BlockJob.run`)."""
+    return shared.resolve().run(group, sink, data)
+
+
