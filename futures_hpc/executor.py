@@ -1,15 +1,14 @@
 """HPCExecutor: a standard :class:`concurrent.futures.Executor` over a dask distributed client.
 
 ``HPCExecutor(backend=None, **options)`` gives an instance of the chosen backend's subclass. The
-subclass only creates the cluster (:meth:`HPCExecutor._create_cluster`) and, for batch systems,
-starts its workers (:meth:`HPCExecutor._start_workers`); everything the user calls lives here.
+subclass only names its provider (:class:`~futures_hpc.provider.BackendProvider`), which creates
+the cluster and starts its workers; everything else, the whole life cycle included, lives here.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import reprlib
 import sys
 import threading
 import time
@@ -31,16 +30,13 @@ from . import cleanup
 from . import config as _config  # noqa: F401 - registers the default configuration
 from .bridge import FutureBridge
 from .call_queue import CallQueue, function_name, pickled
-from .calls import (
-    pack_chunk,
-    pack_function,
-    run_chunk,
-)
+from .calls import pack_function
 from .chunking import CallCosts, automatic_chunksize, function_key
 from .cleanup import undo_foreign_interrupt_handler
 from .engine import check_engine, set_allowed_failures
 from .errors import ExecutorShutdownError, OptionError
 from .import_path import ImportPathPlugin, import_path_option
+from .mapping import describe_call, describe_function, plan_chunks, results_in_order, submit_chunks
 from .option_table import (
     DEFAULT_MAX_CALL_RETRIES,
     check_options,
@@ -55,6 +51,7 @@ from .options import (
     parse_resources,
 )
 from .progress import track
+from .provider import BackendProvider
 from .scaling import ScalingStatus, validate_scaling_options
 from .security import TLS_DIRECTORY, RunCredentials, create_run_credentials
 from .streams import in_process_scheduler_address
@@ -64,43 +61,8 @@ logger = logging.getLogger("futures_hpc")
 #: Seconds for which ``map`` reuses a count of connected worker threads to size its chunks.
 WORKER_SLOTS_REFRESH_SECONDS = 1.0
 
-#: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
-MAX_GROWING_CHUNKSIZE = 256
 
 
-
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        return _REPR.repr(value)
-    except Exception:
-        return f"<{type(value).__name__}>"
-
-
-def _describe_function(function: Callable[..., Any]) -> str:
-    """The function's qualified name and module, for errors."""
-    name = getattr(function, "__qualname__", None) or function_name(function)
-    module = getattr(function, "__module__", None)
-    return f"{module}.{name}" if module else name
-
-
-def _describe_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict) -> str:
-    """A short text naming a call, for errors: ``name(arg, key=value)``, cut at 200 characters."""
-    parts = [_short_repr(value) for value in args]
-    parts += [f"{key}={_short_repr(value)}" for key, value in kwargs.items()]
-    text = f"{getattr(function, '__qualname__', function_name(function))}({', '.join(parts)})"
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _decode_chunk(
-    outcome: tuple[Any, ...],
-) -> tuple[list[Any], BaseException | None, float | None]:
-    return outcome[1], outcome[2], outcome[3]
 
 
 class HPCExecutor(Executor):
@@ -138,18 +100,33 @@ class HPCExecutor(Executor):
 
     """
 
-    #: The backend's name in the registry.
+    #: What the backend does (a :class:`~futures_hpc.provider.BackendProvider` subclass).
+    provider: ClassVar[type[BackendProvider]] = BackendProvider
+    #: The backend's name in the registry (from the provider).
     backend_name: ClassVar[str] = ""
     #: Options the backend accepts besides the common ones; None accepts anything.
     backend_option_names: ClassVar[frozenset[str] | None] = frozenset()
     #: Whether workers connect over a network (and write logs of their own).
     networked: ClassVar[bool] = True
-    #: Whether the backend sizes its workers with the fair-share policy (``adaptive``,
-    #: ``idle_timeout``, ...); other backends check those options' values and log them as ignored.
+    #: Whether the backend sizes its workers with the fair-share policy.
     scales_jobs: ClassVar[bool] = False
-    #: Whether the run's TLS key stays in memory (workers get it from this process) instead of
-    #: being written to the run's ``tls`` directory for workers started elsewhere.
+    #: Whether the run's TLS key stays in memory instead of in the run's ``tls`` directory.
     credentials_in_memory: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Take the backend's traits from its provider, so that there is one place for them."""
+        super().__init_subclass__(**kwargs)
+        provider = cls.provider
+        cls.backend_name = provider.name
+        cls.backend_option_names = provider.option_names
+        cls.networked = provider.networked
+        cls.scales_jobs = provider.scales_jobs
+        cls.credentials_in_memory = provider.credentials_in_memory
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why this backend cannot run here, or return None if it can."""
+        return cls.provider.unavailable_reason()
 
     def __new__(cls, backend: str | None = None, **options: Any) -> HPCExecutor:
         """Give an instance of the chosen backend's subclass when called as ``HPCExecutor``.
@@ -179,6 +156,7 @@ class HPCExecutor(Executor):
                 f"{self.backend_name!r}"
             )
         undo_foreign_interrupt_handler()  # Ctrl-C must stay a KeyboardInterrupt (cleanup.py)
+        self._backend: BackendProvider = self.provider(self)
         merged = merge_with_profile(profile, dict(options, max_workers=max_workers))
         executor_options, common_options, backend_options = split_options(
             merged, self.backend_option_names, self.backend_name
@@ -199,7 +177,7 @@ class HPCExecutor(Executor):
         )
         self._log_dir: Path | None = None
         validate_scaling_options(self.executor_options, self.max_workers or sys.maxsize)
-        self._validate_options()
+        self._backend.check_options()
         if ignored:
             logger.info("%s", describe_ignored(self.backend_name, ignored))
         if self.resources.log_dir is not None:
@@ -221,7 +199,8 @@ class HPCExecutor(Executor):
         self._queue: CallQueue | None = None
         try:
             check_engine()
-            self._cluster = self._create_cluster()
+            cleanup.register(self)  # from now on: closed at exit, jobs cancelled on SIGTERM
+            self._cluster = self._backend.create_cluster()
             self._client = self._connect_client(self._cluster)
             self._bridge = FutureBridge(self._client, self.run_name)
             self._queue = CallQueue(self._client, self._bridge, self._call_costs,
@@ -229,11 +208,10 @@ class HPCExecutor(Executor):
             set_allowed_failures(self._client, self.max_call_retries - 1)
             if self.import_path:
                 self._client.register_plugin(ImportPathPlugin(self.import_path))
-            self._start_workers()
+            self._backend.start_workers()
         except BaseException:
             self._close_cluster()
             raise
-        cleanup.register(self)  # closed at exit, jobs cancelled on SIGTERM
         # Discoverable while alive, with or without ``with``: ``futures-hpc jobs/cancel`` and
         # dask-ctl read the record; closing removes it.
         from .integrations.dask import register_for_discovery
@@ -265,28 +243,9 @@ class HPCExecutor(Executor):
 
     # -- what a backend provides -------------------------------------------------------------
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """Say why this backend cannot run here, or return None if it can."""
-        return None
-
-    def _validate_options(self) -> None:
-        """Check backend-specific options; raise OptionError before anything starts."""
-
-    def _create_cluster(self) -> Cluster:
-        """Create and return the backend's dask cluster (workers may start later)."""
-        raise NotImplementedError
-
-    def _start_workers(self) -> None:
-        """Ask the cluster for its workers (fixed size or adaptive); called once."""
-
-    def _planned_worker_slots(self) -> int:
-        """Worker threads expected when none is connected yet (used to choose chunk sizes)."""
-        return max(1, (self.max_workers or 1) * (self.resources.cores or 1))
-
     def _progress_note(self) -> str | None:
         """A short text for the progress bar of ``map(progress=True)`` (e.g. why jobs wait)."""
-        return None
+        return self._backend.progress_note()
 
     # -- public attributes ---------------------------------------------------------------------
 
@@ -358,7 +317,7 @@ class HPCExecutor(Executor):
         except Exception:
             connected = 0
         self._connected_slots = (time.monotonic(), connected)
-        return connected or self._planned_worker_slots()
+        return connected or self._backend.planned_worker_slots()
 
     def _recent_worker_slots(self) -> int:
         """:meth:`worker_slots`, reusing a count up to :data:`WORKER_SLOTS_REFRESH_SECONDS` old.
@@ -376,7 +335,7 @@ class HPCExecutor(Executor):
         The planned count (every job of a batch executor, adaptive or not) keeps enough work in
         the scheduler for the scaling policy to ask for the workers it needs.
         """
-        return max(self._recent_worker_slots(), self._planned_worker_slots())
+        return max(self._recent_worker_slots(), self._backend.planned_worker_slots())
 
     def _waiting_in_client(self) -> int:
         """Calls and chunks the call queue holds back: work the scaling policy counts too."""
@@ -394,16 +353,14 @@ class HPCExecutor(Executor):
         futures_hpc.scaling.ScalingStatus
 
         """
-        return self._scaling_status()
-
-    def _scaling_status(self) -> ScalingStatus:
-        """The backend's status; the base knows only the connected workers."""
         try:
             workers = len(self._client.scheduler_info(n_workers=-1)["workers"])
         except Exception:
             workers = 0
         waiting = 0 if self._queue is None else self._queue.waiting_count()
-        return ScalingStatus(workers=workers, waiting_calls=waiting)
+        status = ScalingStatus(workers=workers, waiting_calls=waiting)
+        self._backend.report_status(status)
+        return status
 
     def __repr__(self) -> str:
         state = "shut down" if self._shutdown else "running"
@@ -443,7 +400,8 @@ class HPCExecutor(Executor):
             credentials.remove_files()
 
     def cancel_jobs_now(self) -> None:
-        """Cancel the executor's batch jobs without the event loop (none here: no jobs)."""
+        """Cancel the executor's batch jobs with one command, without the event loop (SIGTERM)."""
+        self._backend.cancel_jobs_now()
 
     # -- submitting work ----------------------------------------------------------------------
 
@@ -466,49 +424,7 @@ class HPCExecutor(Executor):
         """
         with self._shutdown_lock:
             self._check_open()
-            return self._queue.submit(fn, args, kwargs, lambda: _describe_call(fn, args, kwargs))
-
-    def _submit_chunk(
-        self, fn: Callable[..., Any], packed_function: bytes, columns: list[Sequence[Any]],
-        key: bytes | None = None,
-    ) -> Future:
-        return self._submit_chunks(fn, packed_function, [columns], key)[0]
-
-    def _submit_chunks(
-        self,
-        fn: Callable[..., Any],
-        packed_function: bytes,
-        chunks: Iterable[list[Sequence[Any]]],
-        key: bytes | None = None,
-    ) -> list[Future]:
-        """Queue chunks of calls of ``fn``, one task each (see :mod:`futures_hpc.call_queue`)."""
-        chunks = list(chunks)
-        if not chunks:
-            return []
-        payloads = [
-            pickled(
-                lambda columns=columns: pack_chunk(packed_function, columns),
-                lambda columns=columns: f"a chunk of calls of {_describe_function(fn)} starting "
-                f"with {_describe_call(fn, tuple(column[0] for column in columns), {})}",
-            )
-            for columns in chunks
-        ]
-        name = f"{function_name(fn)}-map"
-        with self._shutdown_lock:
-            self._check_open()
-            futures = []
-            for payload, columns in zip(payloads, chunks, strict=True):
-                count = min((len(column) for column in columns), default=0)
-                first = tuple(column[0] for column in columns) if count else ()
-                futures.append(self._queue.submit_task(
-                    run_chunk, payload, _decode_chunk, name,
-                    lambda first=first, count=count: (
-                        f"{_describe_call(fn, first, {})} (first of a chunk of {count} calls)"
-                    ),
-                    key, count,
-                ))
-            self._queue.pump()
-            return futures
+            return self._queue.submit(fn, args, kwargs, lambda: describe_call(fn, args, kwargs))
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
         """The chunk size ``map`` uses for ``call_count`` calls of ``fn`` when none is given.
@@ -548,7 +464,8 @@ class HPCExecutor(Executor):
         chunksize : int, optional
             Calls per dask task. Default: chosen from the input length and the workers
             (:meth:`automatic_chunksize`); for inputs of unknown length (with ``buffersize``),
-            chunks grow from 1 call by doubling up to :data:`MAX_GROWING_CHUNKSIZE`.
+            chunks grow from 1 call by doubling up to
+            :data:`~futures_hpc.mapping.MAX_GROWING_CHUNKSIZE`.
         buffersize : int, optional
             The most chunks in flight; the iterables are then read lazily, so a map over a
             huge or endless generator runs in bounded memory.
@@ -569,67 +486,31 @@ class HPCExecutor(Executor):
             ):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
-        total: int | None = None
         packed_function = pickled(
-            lambda: pack_function(fn), lambda: f"the function {_describe_function(fn)}"
+            lambda: pack_function(fn), lambda: f"the function {describe_function(fn)}"
         )
         key = function_key(packed_function)  # for the call-cost memory, once per map
-        if buffersize is not None:
-            sizes = (
-                itertools.repeat(chunksize)
-                if chunksize is not None
-                else (min(2**power, MAX_GROWING_CHUNKSIZE) for power in itertools.count())
-            )
-            chunks = _chunks_of_calls(zip(*iterables, strict=False), sizes)
-        else:
-            columns = _as_columns(iterables)
-            total = min((len(column) for column in columns), default=0)
-            chunks = _sliced_chunks(columns, total, chunksize or self._automatic_chunksize(
-                total, key))
-        pending: deque[Future] = deque(
-            self._submit_chunks(
-                fn,
-                packed_function,
-                chunks if buffersize is None else itertools.islice(chunks, buffersize),
-                key,
-            )
+        chunks, total = plan_chunks(
+            iterables, chunksize, buffersize,
+            lambda count: self._automatic_chunksize(count, key),
         )
-        refill = None if buffersize is None else chunks
-        results = self._results_in_order(fn, packed_function, key, pending, refill, end_time)
+
+        def submit(batch: Iterable[list[Sequence[Any]]]) -> list[Future]:
+            with self._shutdown_lock:
+                self._check_open()
+                return submit_chunks(self._queue, fn, packed_function, batch, key)
+
+        pending = deque(submit(chunks if buffersize is None
+                               else itertools.islice(chunks, buffersize)))
+        results = results_in_order(
+            pending, None if buffersize is None else chunks,
+            lambda chunk: submit([chunk])[0],
+            lambda count, seconds: self._call_costs.record(key, count, seconds),
+            end_time,
+        )
         if progress:
             return track(results, total, description=function_name(fn), note=self._progress_note)
         return results
-
-    def _results_in_order(
-        self,
-        fn: Callable[..., Any],
-        packed_function: bytes,
-        key: bytes,
-        pending: deque[Future],
-        refill: Iterator[list[Sequence[Any]]] | None,
-        end_time: float | None,
-    ) -> Iterator[Any]:
-        try:
-            while pending:
-                remaining = None if end_time is None else end_time - time.monotonic()
-                results, error, seconds = pending[0].result(remaining)
-                pending.popleft()
-                if seconds is not None:
-                    self._call_costs.record(key, len(results) + (error is not None), seconds)
-                if refill is not None:
-                    chunk = next(refill, None)
-                    if chunk is not None:
-                        pending.append(self._submit_chunk(fn, packed_function, chunk, key))
-                # Hand out each result and drop it: the caller alone decides how long it lives.
-                results.reverse()
-                while results:
-                    yield results.pop()
-                del results
-                if error is not None:
-                    raise error
-        finally:
-            for future in pending:
-                future.cancel()
 
     # -- tiles ---------------------------------------------------------------------------------
 
@@ -763,6 +644,11 @@ class HPCExecutor(Executor):
                     except Exception as error:
                         logger.warning("closing the %s of %r failed: %r", step, self, error)
         finally:
+            try:
+                self._backend.after_close()
+            except Exception as error:
+                logger.warning("releasing the %s backend's resources of %r failed: %r",
+                               self.backend_name, self, error)
             # However closing went (KeyboardInterrupt included), the key does not outlive it.
             self.remove_credentials()
             cleanup.unregister(self)
@@ -778,6 +664,7 @@ class HPCExecutor(Executor):
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
         from .integrations.dask import restore_dask_scheduler
 
+        self._backend.on_exit(exc_type, exc_value)
         try:
             restore_dask_scheduler(self)
         finally:
@@ -802,41 +689,3 @@ def _sweep_stale_runs() -> None:
         running_cluster_names()
     except Exception as error:  # a convenience: it must never stop a run from starting
         logger.debug("sweeping the discovery records failed: %r", error)
-
-
-def _is_sliceable(iterable: Iterable[Any]) -> bool:
-    return isinstance(iterable, (list, tuple, range, str, bytes)) or (
-        type(iterable).__name__ == "ndarray" and getattr(iterable, "ndim", 0) >= 1
-    )
-
-
-def _as_columns(iterables: tuple[Iterable[Any], ...]) -> list[Sequence[Any]]:
-    """The iterables as sequences that slice cheaply; lists, tuples, ranges, arrays as they are.
-
-    Otherwise the calls are read with ``zip`` (which stops at the shortest iterable, so an
-    endless iterator beside a finite one is fine, as with the standard library's ``map``).
-    """
-    if all(_is_sliceable(iterable) for iterable in iterables):
-        return list(iterables)
-    calls = list(zip(*iterables, strict=False))
-    if not calls:
-        return [[] for _ in iterables]
-    return [list(column) for column in zip(*calls, strict=True)]
-
-
-def _sliced_chunks(
-    columns: list[Sequence[Any]], total: int, chunksize: int
-) -> Iterator[list[Sequence[Any]]]:
-    for start in range(0, total, chunksize):
-        stop = min(start + chunksize, total)
-        yield [column[start:stop] for column in columns]
-
-
-def _chunks_of_calls(
-    calls: Iterator[tuple[Any, ...]], sizes: Iterator[int]
-) -> Iterator[list[Sequence[Any]]]:
-    for size in sizes:
-        chunk = list(itertools.islice(calls, size))
-        if not chunk:
-            return
-        yield [list(column) for column in zip(*chunk, strict=True)]

@@ -253,7 +253,7 @@ def test_batch_size_follows_the_cost_per_call_measured_on_workers():
     backend._record_batch_cost(4000, 4000 * 1e-6)  # then 1 us a call: capped
     assert backend.compute_batch_size() == backend.MAX_BATCH_CALLS
     # joblib's rule: a batch slow from dispatch to result (e.g. large results) shrinks them.
-    backend._smoothed_batch_duration = 20.0
+    backend.batch_completed(backend.MAX_BATCH_CALLS, 20.0)  # joblib's report of the batch
     assert backend.compute_batch_size() == 2 * int(backend.MAX_BATCH_CALLS * 0.2 / 20.0)
     backend.reset_batch_stats()
     assert backend.compute_batch_size() == 1

@@ -17,6 +17,7 @@ import os
 from distributed import LocalCluster, Nanny
 
 from ..executor import HPCExecutor
+from ..provider import BackendProvider
 
 logger = logging.getLogger("futures_hpc")
 
@@ -50,6 +51,51 @@ def local_core_count() -> int:
         return os.cpu_count() or 1
 
 
+class LocalProvider(BackendProvider):
+    """Worker processes of this machine: a :class:`distributed.LocalCluster`."""
+
+    name = "local"
+    # Any LocalCluster argument passes through, but for those the common options set.
+    option_names = frozenset(
+        inspect.signature(LocalCluster.__init__).parameters
+    ) - {"self", "n_workers", "threads_per_worker", "processes", "memory_limit", "kwargs"}
+    networked = False
+    credentials_in_memory = True
+
+    def planned_worker_slots(self) -> int:
+        """One slot per thread of each worker process."""
+        executor = self.executor
+        return (executor.max_workers or local_core_count()) * (executor.resources.cores or 1)
+
+    def create_cluster(self) -> LocalCluster:
+        """Start the scheduler and the worker processes, on 127.0.0.1 only."""
+        executor = self.executor
+        resources = executor.resources
+        options = dict(
+            n_workers=executor.max_workers or local_core_count(),
+            threads_per_worker=resources.cores or 1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=executor.dashboard_address,
+            memory_limit=resources.memory_bytes or "auto",
+            silence_logs=logging.WARNING,
+        )
+        if resources.env:
+            options["env"] = dict(resources.env)
+        if "worker_dashboard_address" not in executor.backend_options:
+            # Each worker's HTTP server cannot be turned off: on 127.0.0.1 (distributed 2024.1
+            # would bind every interface), without the worker's dashboard.
+            options.update(worker_dashboard_address=LOCAL_WORKER_HTTP_ADDRESS,
+                           worker_class=_NannyWithoutWorkerDashboard)
+            if executor.security is not None:
+                # It has no TLS: it serves nothing then (its routes: health, metrics, statics).
+                options["config"] = _NO_WORKER_HTTP_ROUTES
+        if executor.security is not None:
+            options.update(security=executor.security, protocol="tls")
+        options.update(executor.backend_options)
+        return LocalCluster(**options)
+
+
 class LocalExecutor(HPCExecutor):
     """Executor on worker processes of this machine (a :class:`distributed.LocalCluster`).
 
@@ -58,38 +104,4 @@ class LocalExecutor(HPCExecutor):
     keyword argument of :class:`distributed.LocalCluster` passes through.
     """
 
-    backend_name = "local"
-    # Any LocalCluster argument passes through, but for those the common options set.
-    backend_option_names = frozenset(
-        inspect.signature(LocalCluster.__init__).parameters
-    ) - {"self", "n_workers", "threads_per_worker", "processes", "memory_limit", "kwargs"}
-    networked = False
-    credentials_in_memory = True
-
-    def _planned_worker_slots(self) -> int:
-        return (self.max_workers or local_core_count()) * (self.resources.cores or 1)
-
-    def _create_cluster(self) -> LocalCluster:
-        options = dict(
-            n_workers=self.max_workers or local_core_count(),
-            threads_per_worker=self.resources.cores or 1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=self.dashboard_address,
-            memory_limit=self.resources.memory_bytes or "auto",
-            silence_logs=logging.WARNING,
-        )
-        if self.resources.env:
-            options["env"] = dict(self.resources.env)
-        if "worker_dashboard_address" not in self.backend_options:
-            # Each worker's HTTP server cannot be turned off: on 127.0.0.1 (distributed 2024.1
-            # would bind every interface), without the worker's dashboard.
-            options.update(worker_dashboard_address=LOCAL_WORKER_HTTP_ADDRESS,
-                           worker_class=_NannyWithoutWorkerDashboard)
-            if self.security is not None:
-                # It has no TLS: it serves nothing then (its routes: health, metrics, statics).
-                options["config"] = _NO_WORKER_HTTP_ROUTES
-        if self.security is not None:
-            options.update(security=self.security, protocol="tls")
-        options.update(self.backend_options)
-        return LocalCluster(**options)
+    provider = LocalProvider

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from ..errors import BackendUnavailableError, OptionError
 from ..executor import HPCExecutor
 from ..import_path import pythonpath_value
+from ..provider import BackendProvider
 from . import mpi_world_size
 from .mpi_cluster import MPICluster
 from .mpi_worker import (
@@ -52,6 +53,240 @@ _KEPT_LAUNCHER_VARIABLES = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CO
 
 def _inside_slurm_allocation() -> bool:
     return "SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None
+
+
+class MPIProvider(BackendProvider):
+    """Workers on MPI ranks: those of this ``mpirun``, or ranks this executor launches."""
+
+    name: ClassVar[str] = "mpi"
+    option_names: ClassVar[frozenset[str]] = frozenset(
+        {"launcher", "launcher_args", "interface", "startup_timeout"}
+    )
+    networked: ClassVar[bool] = True
+
+    def __init__(self, executor: Any) -> None:
+        super().__init__(executor)
+        #: The link to the other ranks under mpirun; None when this executor launches its ranks.
+        self.world: MPIWorld | None = None
+        self._cluster_id: int | None = None
+        self._worker_count = 0
+        if mpi_world_size() > 1:
+            self.world = join_world()  # on ranks other than 0, serves and exits the process
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why MPI cannot run here, or None."""
+        if importlib.util.find_spec("mpi4py") is None:
+            return "mpi4py is not installed (pip install 'futures_hpc[mpi]')"
+        if mpi_world_size() > 1:
+            return None
+        if shutil.which("mpirun") is None and not _inside_slurm_allocation():
+            return "neither mpirun on PATH nor a SLURM allocation with srun"
+        return None
+
+    @property
+    def mode(self) -> str:
+        """``"world"`` under mpirun, ``"launched"`` when this executor launched its ranks."""
+        return "world" if self.world is not None else "launched"
+
+    def check_options(self) -> None:
+        """Check the launcher options, and max_workers against the ranks there are."""
+        options = self.executor.backend_options
+        launcher = options.get("launcher")
+        if launcher not in (None, "mpirun", "srun"):
+            raise OptionError(f"launcher={launcher!r} is not allowed; use 'mpirun' or 'srun'")
+        launcher_args = options.get("launcher_args", [])
+        if isinstance(launcher_args, str) or not all(
+            isinstance(argument, str) for argument in launcher_args
+        ):
+            raise OptionError(
+                f"launcher_args={launcher_args!r} is not allowed; give a list of strings"
+            )
+        interface = options.get("interface")
+        if interface is not None and (not isinstance(interface, str) or not interface):
+            raise OptionError(f"interface={interface!r} is not allowed; give a name like 'ib0'")
+        timeout = options.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise OptionError(
+                f"startup_timeout={timeout!r} is not allowed; give a number of seconds > 0"
+            )
+        if self.world is not None:
+            available = self.world.worker_rank_count
+            if self.executor.max_workers is not None and self.executor.max_workers > available:
+                raise OptionError(
+                    f"max_workers={self.executor.max_workers} but this mpirun has {available} "
+                    f"worker ranks ({self.world.size} ranks: the client, the scheduler and "
+                    f"{available} workers)"
+                )
+            if launcher is not None or launcher_args:
+                logger.info("under mpirun the options launcher and launcher_args are ignored")
+            self._worker_count = self.executor.max_workers or available
+        else:
+            self._worker_count = self.executor.max_workers or _default_launched_workers()
+            chosen = self._launcher_name()
+            if shutil.which(chosen) is None:
+                raise BackendUnavailableError(
+                    f"the mpi backend launches its workers with {chosen!r}, which is not on PATH"
+                )
+
+    def planned_worker_slots(self) -> int:
+        """One slot per thread of each worker rank."""
+        return max(1, self._worker_count) * (self.executor.resources.cores or 1)
+
+    @property
+    def _startup_timeout(self) -> float:
+        return float(self.executor.backend_options.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
+
+    def create_cluster(self) -> MPICluster:
+        """Start the scheduler: on its rank under mpirun, else in this process."""
+        if self.world is not None:
+            return self._create_world_cluster(self.world)
+        return self._create_launched_cluster()
+
+    def start_workers(self) -> None:
+        """Launch the worker ranks if this executor launches them; wait until all connect."""
+        if self.world is None:
+            self._launch_worker_ranks()
+        self._wait_for_workers()
+
+    # -- under mpirun ------------------------------------------------------------------------------
+
+    def _create_world_cluster(self, world: MPIWorld) -> MPICluster:
+        worker_ranks = tuple(range(SCHEDULER_RANK + 1, SCHEDULER_RANK + 1 + self._worker_count))
+        rank_security = inline_security(self.executor.security)
+
+        def make_config(cluster_id: int) -> ClusterConfig:
+            return ClusterConfig(
+                cluster_id=cluster_id,
+                name=self.executor.run_name,
+                worker_ranks=worker_ranks,
+                security=rank_security,
+                nthreads=self.executor.resources.cores or 1,
+                memory_limit=self.executor.resources.memory_bytes or "auto",
+                env=dict(self.executor.resources.env or {}),
+                interface=self.executor.backend_options.get("interface"),
+                several_nodes=world.several_nodes,
+                dashboard_address=self.executor.dashboard_address,
+            )
+
+        cluster_id, address = world.start_cluster(make_config, self._startup_timeout)
+        self._cluster_id = cluster_id
+        return MPICluster(
+            security=self.executor.security,
+            scheduler_address=address,
+            on_close=lambda: world.stop_cluster(cluster_id),
+            name=self.executor.run_name,
+        )
+
+    # -- launched from an ordinary process ---------------------------------------------------------
+
+    def _launcher_name(self) -> str:
+        launcher = self.executor.backend_options.get("launcher")
+        if launcher:
+            return launcher
+        return "srun" if _inside_slurm_allocation() else "mpirun"
+
+    def _create_launched_cluster(self) -> MPICluster:
+        interface = self.executor.backend_options.get("interface")
+        several_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1 or bool(
+            self.executor.backend_options.get("launcher_args")
+        )
+        listen: dict[str, Any] = (
+            {"interface": interface} if interface else {"host": rank_host(several_nodes)}
+        )
+        return MPICluster(
+            security=self.executor.security,
+            scheduler_options=dict(
+                port=0,
+                protocol="tls" if self.executor.security is not None else "tcp",
+                dashboard_address=self.executor.dashboard_address,
+                **listen,
+            ),
+            name=self.executor.run_name,
+        )
+
+    def _launch_command(self) -> list[str]:
+        launcher = self._launcher_name()
+        count = str(self._worker_count)
+        if launcher == "srun":
+            command = [shutil.which("srun"), "-n", count, "--kill-on-bad-exit=1"]
+            if self.executor.resources.cores:
+                command.append(f"--cpus-per-task={self.executor.resources.cores}")
+        else:
+            command = [shutil.which("mpirun"), "-n", count, "--bind-to", "none"]
+            if not _inside_slurm_allocation():
+                command.append("--oversubscribe")
+            for name in self._worker_environment():
+                command += ["-x", name]
+        command += list(self.executor.backend_options.get("launcher_args", []))
+        command += [
+            self.executor.resources.python or sys.executable,
+            "-m",
+            "futures_hpc.backends.mpi_worker",
+            "--scheduler-address", self.executor.cluster.scheduler_address,
+            "--name", self.executor.run_name,
+            "--nthreads", str(self.executor.resources.cores or 1),
+            "--memory-limit", str(self.executor.resources.memory_bytes or "auto"),
+        ]
+        if self.executor.backend_options.get("interface"):
+            command += ["--interface", self.executor.backend_options["interface"]]
+        return command
+
+    def _worker_environment(self) -> dict[str, str]:
+        """Variables the launched ranks need beyond this process's environment."""
+        variables: dict[str, str] = {}
+        if self.executor.credentials is not None:
+            variables.update(self.executor.credentials.worker_environment())
+        if self.executor.import_path:  # the client's own modules (futures_hpc.import_path)
+            inherited = os.environ.get("PYTHONPATH")
+            variables["PYTHONPATH"] = pythonpath_value(
+                self.executor.import_path + ([inherited] if inherited else [])
+            )
+        environment = self.executor.resources.env or {}
+        variables.update({name: str(value) for name, value in environment.items()})
+        return variables
+
+    def _launch_worker_ranks(self) -> None:
+        environment = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(_LAUNCHER_VARIABLE_PREFIXES)
+            or name in _KEPT_LAUNCHER_VARIABLES
+        }
+        environment.update(self._worker_environment())
+        if os.geteuid() == 0:
+            environment.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        self.executor.cluster.launch_workers(
+            self._launch_command(), environment, self.executor.log_dir / "mpi-workers.log"
+        )
+
+    # -- both modes --------------------------------------------------------------------------------
+
+    def _wait_for_workers(self) -> None:
+        """Wait until every worker rank is connected, or raise with what went wrong."""
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            connected = len(self.executor.cluster.scheduler_info["workers"])
+            if connected >= self._worker_count:
+                logger.info("%d MPI workers connected", connected)
+                return
+            if self.world is not None:
+                self.world.raise_failures(self._cluster_id)
+            else:
+                self.executor.cluster.check_launcher()
+            if time.monotonic() > deadline:
+                raise BackendUnavailableError(
+                    f"only {connected} of {self._worker_count} MPI workers connected within "
+                    f"{self._startup_timeout} s (option startup_timeout)"
+                )
+            time.sleep(0.05)
+
+    def on_exit(self, exc_type: type[BaseException] | None, exc_value: Any) -> None:
+        """Under mpirun, a ``sys.exit(code)`` in the block becomes every rank's exit status."""
+        if self.world is not None and exc_type is SystemExit:
+            code = exc_value.code
+            if code not in (None, 0):
+                self.world.exit_status = code if isinstance(code, int) else 1
 
 
 class MPIExecutor(HPCExecutor):
@@ -98,232 +333,17 @@ class MPIExecutor(HPCExecutor):
 
     """
 
-    backend_name: ClassVar[str] = "mpi"
-    backend_option_names: ClassVar[frozenset[str]] = frozenset(
-        {"launcher", "launcher_args", "interface", "startup_timeout"}
-    )
-    networked: ClassVar[bool] = True
+    provider = MPIProvider
 
-    def __init__(self, backend: str | None = None, /, **options: Any) -> None:
-        #: The link to the other ranks under mpirun; None when this executor launches its ranks.
-        self.world: MPIWorld | None = None
-        self._cluster_id: int | None = None
-        self._worker_count = 0
-        if mpi_world_size() > 1:
-            self.world = join_world()  # on ranks other than 0, serves and exits the process
-        super().__init__(backend, **options)
-
-    # -- what a backend provides -----------------------------------------------------------------
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """Say why MPI cannot run here, or None."""
-        if importlib.util.find_spec("mpi4py") is None:
-            return "mpi4py is not installed (pip install 'futures_hpc[mpi]')"
-        if mpi_world_size() > 1:
-            return None
-        if shutil.which("mpirun") is None and not _inside_slurm_allocation():
-            return "neither mpirun on PATH nor a SLURM allocation with srun"
-        return None
+    @property
+    def world(self) -> MPIWorld | None:
+        """The link to the other ranks under mpirun; None when this executor launched its ranks."""
+        return self._backend.world
 
     @property
     def mode(self) -> str:
         """``"world"`` under mpirun, ``"launched"`` when this executor launched its ranks."""
-        return "world" if self.world is not None else "launched"
-
-    def _validate_options(self) -> None:
-        options = self.backend_options
-        launcher = options.get("launcher")
-        if launcher not in (None, "mpirun", "srun"):
-            raise OptionError(f"launcher={launcher!r} is not allowed; use 'mpirun' or 'srun'")
-        launcher_args = options.get("launcher_args", [])
-        if isinstance(launcher_args, str) or not all(
-            isinstance(argument, str) for argument in launcher_args
-        ):
-            raise OptionError(
-                f"launcher_args={launcher_args!r} is not allowed; give a list of strings"
-            )
-        interface = options.get("interface")
-        if interface is not None and (not isinstance(interface, str) or not interface):
-            raise OptionError(f"interface={interface!r} is not allowed; give a name like 'ib0'")
-        timeout = options.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise OptionError(
-                f"startup_timeout={timeout!r} is not allowed; give a number of seconds > 0"
-            )
-        if self.world is not None:
-            available = self.world.worker_rank_count
-            if self.max_workers is not None and self.max_workers > available:
-                raise OptionError(
-                    f"max_workers={self.max_workers} but this mpirun has {available} worker "
-                    f"ranks ({self.world.size} ranks: the client, the scheduler and "
-                    f"{available} workers)"
-                )
-            if launcher is not None or launcher_args:
-                logger.info("under mpirun the options launcher and launcher_args are ignored")
-            self._worker_count = self.max_workers or available
-        else:
-            self._worker_count = self.max_workers or _default_launched_workers()
-            chosen = self._launcher_name()
-            if shutil.which(chosen) is None:
-                raise BackendUnavailableError(
-                    f"the mpi backend launches its workers with {chosen!r}, which is not on PATH"
-                )
-
-    def _planned_worker_slots(self) -> int:
-        return max(1, self._worker_count) * (self.resources.cores or 1)
-
-    @property
-    def _startup_timeout(self) -> float:
-        return float(self.backend_options.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
-
-    def _create_cluster(self) -> MPICluster:
-        if self.world is not None:
-            return self._create_world_cluster(self.world)
-        return self._create_launched_cluster()
-
-    def _start_workers(self) -> None:
-        if self.world is None:
-            self._launch_worker_ranks()
-        self._wait_for_workers()
-
-    # -- under mpirun ------------------------------------------------------------------------------
-
-    def _create_world_cluster(self, world: MPIWorld) -> MPICluster:
-        worker_ranks = tuple(range(SCHEDULER_RANK + 1, SCHEDULER_RANK + 1 + self._worker_count))
-        rank_security = inline_security(self.security)
-
-        def make_config(cluster_id: int) -> ClusterConfig:
-            return ClusterConfig(
-                cluster_id=cluster_id,
-                name=self.run_name,
-                worker_ranks=worker_ranks,
-                security=rank_security,
-                nthreads=self.resources.cores or 1,
-                memory_limit=self.resources.memory_bytes or "auto",
-                env=dict(self.resources.env or {}),
-                interface=self.backend_options.get("interface"),
-                several_nodes=world.several_nodes,
-                dashboard_address=self.dashboard_address,
-            )
-
-        cluster_id, address = world.start_cluster(make_config, self._startup_timeout)
-        self._cluster_id = cluster_id
-        return MPICluster(
-            security=self.security,
-            scheduler_address=address,
-            on_close=lambda: world.stop_cluster(cluster_id),
-            name=self.run_name,
-        )
-
-    # -- launched from an ordinary process ---------------------------------------------------------
-
-    def _launcher_name(self) -> str:
-        launcher = self.backend_options.get("launcher")
-        if launcher:
-            return launcher
-        return "srun" if _inside_slurm_allocation() else "mpirun"
-
-    def _create_launched_cluster(self) -> MPICluster:
-        interface = self.backend_options.get("interface")
-        several_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1 or bool(
-            self.backend_options.get("launcher_args")
-        )
-        listen: dict[str, Any] = (
-            {"interface": interface} if interface else {"host": rank_host(several_nodes)}
-        )
-        return MPICluster(
-            security=self.security,
-            scheduler_options=dict(
-                port=0,
-                protocol="tls" if self.security is not None else "tcp",
-                dashboard_address=self.dashboard_address,
-                **listen,
-            ),
-            name=self.run_name,
-        )
-
-    def _launch_command(self) -> list[str]:
-        launcher = self._launcher_name()
-        count = str(self._worker_count)
-        if launcher == "srun":
-            command = [shutil.which("srun"), "-n", count, "--kill-on-bad-exit=1"]
-            if self.resources.cores:
-                command.append(f"--cpus-per-task={self.resources.cores}")
-        else:
-            command = [shutil.which("mpirun"), "-n", count, "--bind-to", "none"]
-            if not _inside_slurm_allocation():
-                command.append("--oversubscribe")
-            for name in self._worker_environment():
-                command += ["-x", name]
-        command += list(self.backend_options.get("launcher_args", []))
-        command += [
-            self.resources.python or sys.executable,
-            "-m",
-            "futures_hpc.backends.mpi_worker",
-            "--scheduler-address", self._cluster.scheduler_address,
-            "--name", self.run_name,
-            "--nthreads", str(self.resources.cores or 1),
-            "--memory-limit", str(self.resources.memory_bytes or "auto"),
-        ]
-        if self.backend_options.get("interface"):
-            command += ["--interface", self.backend_options["interface"]]
-        return command
-
-    def _worker_environment(self) -> dict[str, str]:
-        """Variables the launched ranks need beyond this process's environment."""
-        variables: dict[str, str] = {}
-        if self.credentials is not None:
-            variables.update(self.credentials.worker_environment())
-        if self.import_path:  # the client's own modules (futures_hpc.import_path)
-            inherited = os.environ.get("PYTHONPATH")
-            variables["PYTHONPATH"] = pythonpath_value(
-                self.import_path + ([inherited] if inherited else [])
-            )
-        variables.update({name: str(value) for name, value in (self.resources.env or {}).items()})
-        return variables
-
-    def _launch_worker_ranks(self) -> None:
-        environment = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(_LAUNCHER_VARIABLE_PREFIXES)
-            or name in _KEPT_LAUNCHER_VARIABLES
-        }
-        environment.update(self._worker_environment())
-        if os.geteuid() == 0:
-            environment.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        self._cluster.launch_workers(
-            self._launch_command(), environment, self.log_dir / "mpi-workers.log"
-        )
-
-    # -- both modes --------------------------------------------------------------------------------
-
-    def _wait_for_workers(self) -> None:
-        """Wait until every worker rank is connected, or raise with what went wrong."""
-        deadline = time.monotonic() + self._startup_timeout
-        while True:
-            connected = len(self._cluster.scheduler_info["workers"])
-            if connected >= self._worker_count:
-                logger.info("%d MPI workers connected", connected)
-                return
-            if self.world is not None:
-                self.world.raise_failures(self._cluster_id)
-            else:
-                self._cluster.check_launcher()
-            if time.monotonic() > deadline:
-                raise BackendUnavailableError(
-                    f"only {connected} of {self._worker_count} MPI workers connected within "
-                    f"{self._startup_timeout} s (option startup_timeout)"
-                )
-            time.sleep(0.05)
-
-    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
-        if self.world is not None and exc_type is SystemExit:
-            code = exc_value.code
-            if code not in (None, 0):
-                self.world.exit_status = code if isinstance(code, int) else 1
-        return super().__exit__(exc_type, exc_value, traceback)
+        return self._backend.mode
 
 
 def _default_launched_workers() -> int:

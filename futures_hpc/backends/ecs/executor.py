@@ -6,9 +6,9 @@ import contextlib
 import logging
 from typing import Any
 
-from futures_hpc import cleanup
 from futures_hpc.errors import JobFailedError, OptionError
 from futures_hpc.executor import HPCExecutor
+from futures_hpc.provider import BackendProvider
 from futures_hpc.scaling import (
     FairShareAdaptive,
     ScalingOptions,
@@ -23,15 +23,122 @@ from .options import FARGATE_MEMORY_BY_CPU, _option_error, _parse_memory_mib
 logger = logging.getLogger("futures_hpc")
 
 
-#: Common options that mean nothing to an ECS task; accepted (a profile may set them) and logged.
-
-
 def _memory_option(resources: Any) -> int:
     """MiB for the common ``memory`` option (``"8GB"`` means 8192 MiB, as in ECS)."""
     try:
         return _parse_memory_mib("memory", resources.memory)
     except OptionError:
         return -(-resources.memory_bytes // 2**20)
+
+
+class ECSProvider(BackendProvider):
+    """Worker tasks on AWS ECS (see :class:`ECSExecutor`)."""
+
+    name = "ecs"
+    scales_jobs = True
+    option_names = ECSCluster.option_names - {
+        "env", "python", "prologue", "memory", "nthreads", "max_resubmissions", "run_name",
+        "dashboard_address"}
+
+    def __init__(self, executor: Any) -> None:
+        super().__init__(executor)
+        self._adaptive: FairShareAdaptive | None = None
+        self.scaling: ScalingOptions = ScalingOptions()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why ECS cannot be used here (boto3 missing), or return None."""
+        if boto3 is None:
+            return "boto3 is not installed: pip install 'futures_hpc[ecs]'"
+        return None
+
+    def _cluster_arguments(self) -> dict[str, Any]:
+        resources = self.executor.resources
+        arguments = dict(self.executor.backend_options)
+        fargate = str(arguments.get("launch_type", "FARGATE")).upper() == "FARGATE"
+        if resources.cores:
+            arguments["nthreads"] = resources.cores
+            if arguments.get("cpu") is None:
+                cpu = resources.cores * 1024
+                if fargate and cpu not in FARGATE_MEMORY_BY_CPU:
+                    raise _option_error("cores", resources.cores, "Fargate tasks have 1, 2, 4, 8 "
+                                        "or 16 vCPUs (or give cpu= in CPU units: 256, 512)")
+                arguments["cpu"] = cpu
+        if resources.memory:
+            arguments["memory"] = _memory_option(resources)
+        for name in ("env", "python", "prologue"):
+            if getattr(resources, name):
+                arguments[name] = getattr(resources, name)
+        arguments["max_resubmissions"] = self.executor.executor_options.get("max_resubmissions", 3)
+        if arguments["max_resubmissions"] is None:
+            arguments["max_resubmissions"] = 3
+        arguments["run_name"] = self.executor.run_name
+        return arguments
+
+    def check_options(self) -> None:
+        """Check the ECS options; ECS runs a fixed number of tasks unless ``adaptive=True``."""
+        options = dict(self.executor.executor_options)
+        if options.get("adaptive") is None:
+            options["adaptive"] = False  # ECS: a fixed number of tasks unless asked
+        self.scaling = validate_scaling_options(options, self.executor.max_workers or 1)
+        ECSCluster.check_options(**self._cluster_arguments())
+
+    def create_cluster(self) -> ECSCluster:
+        """Create the run's AWS resources and start the scheduler here."""
+        if self.executor.security is not None and self.executor.credentials is None:
+            raise OptionError("the ecs backend needs security=True (credentials it creates and "
+                              "sends to the tasks) or security=False, not a Security object")
+        credentials = self.executor.credentials
+        cluster = ECSCluster(**self._cluster_arguments(),
+                             security=credentials if credentials else False,
+                             dashboard_address=self.executor.dashboard_address)
+        cluster.failure_callbacks.append(self._fail_outstanding)
+        return cluster
+
+    def cancel_jobs_now(self) -> None:
+        """Stop every worker task and delete what the run created, without the event loop.
+
+        Used by the SIGTERM handler of :mod:`futures_hpc.cleanup`, and after closing as a
+        safety net.
+        """
+        if isinstance(self.executor.cluster, ECSCluster):
+            self.executor.cluster.delete_resources()
+
+    def after_close(self) -> None:
+        """Stop any task left and delete what the run created (a safety net)."""
+        self.cancel_jobs_now()
+
+    def start_workers(self) -> None:
+        """Ask for the worker tasks: all at once, or through the fair-share policy."""
+        if self.scaling.adaptive:
+            self._adaptive = self.executor.cluster.adapt(
+                Adaptive=FairShareAdaptive, minimum=self.scaling.min_workers,
+                maximum=self.executor.max_workers or 1, idle_timeout=self.scaling.idle_timeout,
+                max_pending_jobs=self.scaling.max_pending_jobs,
+                client_waiting=self.executor._waiting_in_client)
+            logger.info("%s: fair-share scaling, %d to %d worker task(s), at most %d pending, "
+                        "idle timeout %.0f s", self.executor.run_name, self.scaling.min_workers,
+                        self.executor.max_workers or 1, self.scaling.max_pending_jobs,
+                        self.scaling.idle_timeout)
+        else:
+            self.executor.cluster.request_workers(self.executor.max_workers or 1)
+
+    def report_status(self, status: ScalingStatus) -> None:
+        """Tasks replaced, task ARNs, and the fair-share policy's counts."""
+        status.adaptive = self.scaling.adaptive
+        cluster = self.executor.cluster if isinstance(self.executor.cluster, ECSCluster) else None
+        if cluster is not None:
+            status.resubmissions = min(len(cluster.failures), self.scaling.max_resubmissions)
+            status.job_ids = list(cluster.created_resources.task_arns)
+        if self._adaptive is not None:
+            self._adaptive.report_into(status)
+
+    def _fail_outstanding(self, error: JobFailedError) -> None:
+        """Fail every outstanding future with the run's error: no worker is left to run it."""
+        for future in self.executor._outstanding():
+            if not future.done():
+                with contextlib.suppress(Exception):  # completed by another thread meanwhile
+                    future.set_exception(error)
 
 
 class ECSExecutor(HPCExecutor):
@@ -62,107 +169,4 @@ class ECSExecutor(HPCExecutor):
 
     """
 
-    backend_name = "ecs"
-    scales_jobs = True
-    backend_option_names = ECSCluster.option_names - {
-        "env", "python", "prologue", "memory", "nthreads", "max_resubmissions", "run_name",
-        "dashboard_address"}
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """Say why ECS cannot be used here (boto3 missing), or return None."""
-        if boto3 is None:
-            return "boto3 is not installed: pip install 'futures_hpc[ecs]'"
-        return None
-
-    def _cluster_arguments(self) -> dict[str, Any]:
-        resources = self.resources
-        arguments = dict(self.backend_options)
-        fargate = str(arguments.get("launch_type", "FARGATE")).upper() == "FARGATE"
-        if resources.cores:
-            arguments["nthreads"] = resources.cores
-            if arguments.get("cpu") is None:
-                cpu = resources.cores * 1024
-                if fargate and cpu not in FARGATE_MEMORY_BY_CPU:
-                    raise _option_error("cores", resources.cores, "Fargate tasks have 1, 2, 4, 8 "
-                                        "or 16 vCPUs (or give cpu= in CPU units: 256, 512)")
-                arguments["cpu"] = cpu
-        if resources.memory:
-            arguments["memory"] = _memory_option(resources)
-        for name in ("env", "python", "prologue"):
-            if getattr(resources, name):
-                arguments[name] = getattr(resources, name)
-        arguments["max_resubmissions"] = self.executor_options.get("max_resubmissions", 3)
-        if arguments["max_resubmissions"] is None:
-            arguments["max_resubmissions"] = 3
-        arguments["run_name"] = self.run_name
-        return arguments
-
-    _adaptive: FairShareAdaptive | None = None
-    scaling: ScalingOptions
-
-    def _validate_options(self) -> None:
-        options = dict(self.executor_options)
-        if options.get("adaptive") is None:
-            options["adaptive"] = False  # ECS: a fixed number of tasks unless asked
-        self.scaling = validate_scaling_options(options, self.max_workers or 1)
-        ECSCluster.check_options(**self._cluster_arguments())
-
-    def _create_cluster(self) -> ECSCluster:
-        if self.security is not None and self.credentials is None:
-            raise OptionError("the ecs backend needs security=True (credentials it creates and "
-                              "sends to the tasks) or security=False, not a Security object")
-        cleanup.register(self)
-        cluster = ECSCluster(**self._cluster_arguments(),
-                             security=self.credentials if self.credentials else False,
-                             dashboard_address=self.dashboard_address)
-        cluster.failure_callbacks.append(self._fail_outstanding)
-        return cluster
-
-    def cancel_jobs_now(self) -> None:
-        """Stop every worker task and delete what the run created, without the event loop.
-
-        Used by the SIGTERM handler of :mod:`futures_hpc.cleanup`, and after closing as a
-        safety net.
-        """
-        if isinstance(self._cluster, ECSCluster):
-            self._cluster.delete_resources()
-
-    def _close_cluster(self) -> None:
-        try:
-            super()._close_cluster()
-        finally:
-            self.cancel_jobs_now()
-            cleanup.unregister(self)
-
-    def _start_workers(self) -> None:
-        if self.scaling.adaptive:
-            self._adaptive = self.cluster.adapt(
-                Adaptive=FairShareAdaptive, minimum=self.scaling.min_workers,
-                maximum=self.max_workers or 1, idle_timeout=self.scaling.idle_timeout,
-                max_pending_jobs=self.scaling.max_pending_jobs,
-                client_waiting=self._waiting_in_client)
-            logger.info("%s: fair-share scaling, %d to %d worker task(s), at most %d pending, "
-                        "idle timeout %.0f s", self.run_name, self.scaling.min_workers,
-                        self.max_workers or 1, self.scaling.max_pending_jobs,
-                        self.scaling.idle_timeout)
-        else:
-            self.cluster.request_workers(self.max_workers or 1)
-
-    def _scaling_status(self) -> ScalingStatus:
-        status = super()._scaling_status()
-        status.adaptive = self.scaling.adaptive
-        cluster = self._cluster if isinstance(self._cluster, ECSCluster) else None
-        if cluster is not None:
-            status.resubmissions = min(len(cluster.failures), self.scaling.max_resubmissions)
-            status.job_ids = list(cluster.created_resources.task_arns)
-        if self._adaptive is not None:
-            self._adaptive.report_into(status)
-        return status
-
-    def _fail_outstanding(self, error: JobFailedError) -> None:
-        """Fail every outstanding future with the run's error: no worker is left to run it."""
-        for future in self._outstanding():
-            if not future.done():
-                with contextlib.suppress(Exception):  # completed by another thread meanwhile
-                    future.set_exception(error)
+    provider = ECSProvider

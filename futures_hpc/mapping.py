@@ -1,0 +1,184 @@
+"""How ``map`` cuts its calls into chunks, queues them and yields their results in order.
+
+A chunk is one task of many calls of the same function (:func:`futures_hpc.calls.run_chunk`);
+the executor's call queue (:mod:`futures_hpc.call_queue`) decides when each goes to the cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import reprlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from .call_queue import CallQueue, function_name, pickled
+from .calls import pack_chunk, run_chunk
+
+#: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
+MAX_GROWING_CHUNKSIZE = 256
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        return _REPR.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def describe_function(function: Callable[..., Any]) -> str:
+    """The function's qualified name and module, for errors."""
+    name = getattr(function, "__qualname__", None) or function_name(function)
+    module = getattr(function, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def describe_call(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict) -> str:
+    """A short text naming a call, for errors: ``name(arg, key=value)``, cut at 200 characters."""
+    parts = [_short_repr(value) for value in args]
+    parts += [f"{key}={_short_repr(value)}" for key, value in kwargs.items()]
+    text = f"{getattr(function, '__qualname__', function_name(function))}({', '.join(parts)})"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _decode_chunk(
+    outcome: tuple[Any, ...],
+) -> tuple[list[Any], BaseException | None, float | None]:
+    return outcome[1], outcome[2], outcome[3]
+
+
+
+def plan_chunks(
+    iterables: tuple[Iterable[Any], ...],
+    chunksize: int | None,
+    buffersize: int | None,
+    automatic: Callable[[int], int],
+) -> tuple[Iterator[list[Sequence[Any]]], int | None]:
+    """The chunks of a map (each a list of argument columns) and the call count, if known.
+
+    With ``buffersize`` the iterables are read lazily, in chunks of ``chunksize`` or growing
+    ones; otherwise they are read (or sliced) at once into chunks of ``chunksize`` or of
+    ``automatic(call count)``.
+    """
+    if buffersize is not None:
+        sizes = (
+            itertools.repeat(chunksize)
+            if chunksize is not None
+            else (min(2**power, MAX_GROWING_CHUNKSIZE) for power in itertools.count())
+        )
+        return _chunks_of_calls(zip(*iterables, strict=False), sizes), None
+    columns = _as_columns(iterables)
+    total = min((len(column) for column in columns), default=0)
+    return _sliced_chunks(columns, total, chunksize or automatic(total)), total
+
+
+def submit_chunks(
+    queue: CallQueue,
+    fn: Callable[..., Any],
+    packed_function: bytes,
+    chunks: Iterable[list[Sequence[Any]]],
+    key: bytes | None = None,
+) -> list[Future]:
+    """Queue chunks of calls of ``fn``, one task each; their futures give decoded outcomes."""
+    chunks = list(chunks)
+    if not chunks:
+        return []
+    payloads = [
+        pickled(
+            lambda columns=columns: pack_chunk(packed_function, columns),
+            lambda columns=columns: f"a chunk of calls of {describe_function(fn)} starting "
+            f"with {describe_call(fn, tuple(column[0] for column in columns), {})}",
+        )
+        for columns in chunks
+    ]
+    name = f"{function_name(fn)}-map"
+    futures = []
+    for payload, columns in zip(payloads, chunks, strict=True):
+        count = min((len(column) for column in columns), default=0)
+        first = tuple(column[0] for column in columns) if count else ()
+        futures.append(queue.submit_task(
+            run_chunk, payload, _decode_chunk, name,
+            lambda first=first, count=count: (
+                f"{describe_call(fn, first, {})} (first of a chunk of {count} calls)"
+            ),
+            key, count,
+        ))
+    queue.pump()
+    return futures
+
+
+def results_in_order(
+    pending: deque[Future],
+    refill: Iterator[list[Sequence[Any]]] | None,
+    submit_one: Callable[[list[Sequence[Any]]], Future],
+    record_cost: Callable[[int, float], None],
+    end_time: float | None,
+) -> Iterator[Any]:
+    """Yield the results of the chunks in ``pending``, in order, topping up from ``refill``.
+
+    Each result is handed out and dropped: the caller alone decides how long it lives. The first
+    failing call raises when reached; leaving early cancels what was not yielded.
+    """
+    try:
+        while pending:
+            remaining = None if end_time is None else end_time - time.monotonic()
+            results, error, seconds = pending[0].result(remaining)
+            pending.popleft()
+            if seconds is not None:
+                record_cost(len(results) + (error is not None), seconds)
+            if refill is not None:
+                chunk = next(refill, None)
+                if chunk is not None:
+                    pending.append(submit_one(chunk))
+            results.reverse()
+            while results:
+                yield results.pop()
+            del results
+            if error is not None:
+                raise error
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def _is_sliceable(iterable: Iterable[Any]) -> bool:
+    return isinstance(iterable, (list, tuple, range, str, bytes)) or (
+        type(iterable).__name__ == "ndarray" and getattr(iterable, "ndim", 0) >= 1
+    )
+
+
+def _as_columns(iterables: tuple[Iterable[Any], ...]) -> list[Sequence[Any]]:
+    """The iterables as sequences that slice cheaply; lists, tuples, ranges, arrays as they are.
+
+    Otherwise the calls are read with ``zip`` (which stops at the shortest iterable, so an
+    endless iterator beside a finite one is fine, as with the standard library's ``map``).
+    """
+    if all(_is_sliceable(iterable) for iterable in iterables):
+        return list(iterables)
+    calls = list(zip(*iterables, strict=False))
+    if not calls:
+        return [[] for _ in iterables]
+    return [list(column) for column in zip(*calls, strict=True)]
+
+
+def _sliced_chunks(
+    columns: list[Sequence[Any]], total: int, chunksize: int
+) -> Iterator[list[Sequence[Any]]]:
+    for start in range(0, total, chunksize):
+        stop = min(start + chunksize, total)
+        yield [column[start:stop] for column in columns]
+
+
+def _chunks_of_calls(
+    calls: Iterator[tuple[Any, ...]], sizes: Iterator[int]
+) -> Iterator[list[Sequence[Any]]]:
+    for size in sizes:
+        chunk = list(itertools.islice(calls, size))
+        if not chunk:
+            return
+        yield [list(column) for column in zip(*chunk, strict=True)]

@@ -1,0 +1,101 @@
+"""The backend protocol: what a backend does for its executor, and nothing else.
+
+An executor of a backend is a thin subclass of :class:`~futures_hpc.executor.HPCExecutor` that
+names its provider::
+
+    class LocalExecutor(HPCExecutor):
+        provider = LocalProvider
+
+The executor owns the life cycle (checking the options, the client, the call queue, shutdown,
+``with`` blocks, the exit and signal paths); it creates one provider when it starts and calls it
+at fixed points. A provider never overrides the executor: it answers.
+
+========================  ======================================================================
+when                      the executor calls
+========================  ======================================================================
+choosing a backend        :meth:`BackendProvider.unavailable_reason` (a classmethod)
+construction, first       ``BackendProvider(executor)`` (MPI joins its world here)
+after the common checks   :meth:`~BackendProvider.check_options`: the backend's own options
+start                     :meth:`~BackendProvider.create_cluster`, then, once the client is
+                          connected, :meth:`~BackendProvider.start_workers`
+sizing chunks             :meth:`~BackendProvider.planned_worker_slots`
+``ex.status()``           :meth:`~BackendProvider.report_status`
+progress bars             :meth:`~BackendProvider.progress_note`
+SIGTERM                   :meth:`~BackendProvider.cancel_jobs_now` (any thread, no event loop)
+closing                   :meth:`~BackendProvider.after_close`, once the cluster is closed
+leaving ``with``          :meth:`~BackendProvider.on_exit`
+========================  ======================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from distributed.deploy import Cluster
+
+
+class BackendProvider:
+    """Base of every backend's provider; each method's default does nothing that costs.
+
+    Parameters
+    ----------
+    executor : HPCExecutor
+        The executor this provider works for. Its checked options are there: ``resources``
+        (:class:`~futures_hpc.options.ResourceOptions`), ``backend_options``,
+        ``executor_options``, ``max_workers``, ``run_name``, ``security``, ``credentials``,
+        ``dashboard_address``, ``import_path``, ``log_dir``; and, once started, ``cluster``
+        and ``client``.
+
+    """
+
+    #: The backend's name in the registry (``HPCExecutor("name")``).
+    name: ClassVar[str] = ""
+    #: Options the backend accepts besides the common ones; None accepts anything.
+    option_names: ClassVar[frozenset[str] | None] = frozenset()
+    #: Whether workers connect over a network (and write logs of their own).
+    networked: ClassVar[bool] = True
+    #: Whether the backend sizes its workers with the fair-share policy (``adaptive``,
+    #: ``idle_timeout``, ...).
+    scales_jobs: ClassVar[bool] = False
+    #: Whether the run's TLS key stays in memory (workers get it from this process) instead of
+    #: being written to the run's ``tls`` directory for workers started elsewhere.
+    credentials_in_memory: ClassVar[bool] = False
+
+    def __init__(self, executor: Any) -> None:
+        self.executor = executor
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why this backend cannot run here, or return None if it can."""
+        return None
+
+    def check_options(self) -> None:
+        """Check the backend's own options; raise ``OptionError`` before anything starts."""
+
+    def create_cluster(self) -> Cluster:
+        """Create and return the backend's dask cluster (workers may start later)."""
+        raise NotImplementedError
+
+    def start_workers(self) -> None:
+        """Ask the cluster for its workers (fixed size or adaptive); called once."""
+
+    def planned_worker_slots(self) -> int:
+        """Worker threads expected when none is connected yet (used to size chunks)."""
+        executor = self.executor
+        return max(1, (executor.max_workers or 1) * (executor.resources.cores or 1))
+
+    def report_status(self, status: Any) -> None:
+        """Fill the backend's part of ``status`` (a :class:`~futures_hpc.scaling.ScalingStatus`)."""
+
+    def progress_note(self) -> str | None:
+        """A short text for the progress bar of ``map(progress=True)`` (e.g. why jobs wait)."""
+        return None
+
+    def cancel_jobs_now(self) -> None:
+        """Cancel the backend's jobs with one command, from any thread, without the event loop."""
+
+    def after_close(self) -> None:
+        """Release what the backend holds beyond the cluster (called once it is closed)."""
+
+    def on_exit(self, exc_type: type[BaseException] | None, exc_value: Any) -> None:
+        """See how a ``with`` block ended, before the executor shuts down."""
