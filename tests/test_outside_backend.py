@@ -7,13 +7,12 @@ package, as a module plus a ``*.dist-info`` directory with ``entry_points.txt`` 
 on ``sys.path``, so the registry finds it through ``importlib.metadata`` like any third-party
 backend. Its workers are real jobs of the SLURM that ci/slurm.sh starts.
 
-The shared executor suite runs on it, minus the tests that measure scheduling behaviour or
-start several executors (they are the same code as on ``slurm``, and slow there):
-see ``OUTSIDE_SUITE``.
+The whole shared executor suite (``tests/executor_suite.py``) runs on it, about a minute here.
 """
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import shutil
 import sys
@@ -25,30 +24,9 @@ from conftest import require
 from futures_hpc import HPCExecutor, available_backends
 from futures_hpc.backends import detect_backend, load_backend, registered_backends
 from tests.backends.batch_helpers import SMALL_WORKERS, wait_for_workers
-from tests.executor_suite import (  # noqa: F401 - the shared executor suite, a subset
-    test_a_failed_dependency_fails_the_call_with_it_as_the_cause,
-    test_as_completed_and_wait,
-    test_callbacks_run_once_on_completion,
-    test_calls_are_never_merged_or_cached,
-    test_cancel_pending_but_not_running,
-    test_futures_as_arguments_chain_and_diamond,
-    test_keyword_arguments_named_fn_and_self_reach_the_function,
-    test_large_numpy_argument,
-    test_map_keeps_input_order,
-    test_map_of_nothing,
-    test_map_raises_at_the_first_failing_call_after_the_results_before_it,
-    test_map_several_iterables_stops_at_the_shortest,
-    test_remote_exception_keeps_its_type_and_traceback,
-    test_result_timeout,
-    test_shutdown_waits_for_accepted_work,
-    test_submit_after_shutdown_raises,
-    test_submit_returns_standard_future,
-)
+from tests.executor_suite import *  # noqa: F403 - the shared executor suite, all of it
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
-
-#: The names of the suite's tests run here (the others are covered on ``slurm``).
-OUTSIDE_SUITE = sorted(name for name in dir() if name.startswith("test_") and "outside" not in name)
 
 BACKEND_NAME = "outside-slurm"
 
@@ -162,11 +140,15 @@ def test_outside_backend_is_registered_through_its_entry_point(outside_backend, 
     # Its jobs are real SLURM jobs, named after the run, read through its own system module.
     states = ex._query_job_states(ex.job_ids())
     assert states and all(state.state == "RUNNING" for state in states.values())
-    listed = outside_backend.system.list_user_jobs(__import__("getpass").getuser())
+    listed = outside_backend.system.list_user_jobs(getpass.getuser())
     assert set(ex.job_ids()) <= {job.job_id for job in listed}
     # Auto-detection covers the built-in systems only: an outside backend is chosen by name.
     assert detect_backend()[0] != BACKEND_NAME
 
 
-def test_outside_suite_is_a_real_subset():
-    assert len(OUTSIDE_SUITE) == 17
+def test_former_module_still_exports_the_batch_executors():
+    from futures_hpc.backends import jobqueue
+    from futures_hpc.backends.batch import pbs, sge, slurm
+
+    assert (jobqueue.SLURMExecutor, jobqueue.PBSExecutor, jobqueue.SGEExecutor) == (
+        slurm.SLURMExecutor, pbs.PBSExecutor, sge.SGEExecutor)
