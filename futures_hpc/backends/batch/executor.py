@@ -137,7 +137,11 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Say why the batch system cannot be used here (see ``BatchSystem``), or None."""
-        if importlib.util.find_spec("dask_jobqueue") is None:
+        try:
+            installed = importlib.util.find_spec("dask_jobqueue") is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
             return (f"the {cls.backend_name!r} backend needs dask-jobqueue: "
                     "pip install 'futures_hpc[jobqueue]'")
         return cls.system.unavailable_reason()

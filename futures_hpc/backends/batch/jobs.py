@@ -24,8 +24,8 @@ class QueueState:
         Grid Engine's scheduling info, PBS's comment); None when it gives none.
     never_starts : bool
         The batch system says the job can never start as requested (see
-        :func:`slurm_reason_never_clears`, :func:`pbs_comment_never_clears` and
-        :meth:`SGEExecutor._verify`).
+        ``slurm.slurm_reason_never_clears``, ``pbs.pbs_comment_never_clears`` and
+        ``sge.SGESystem._verify``).
 
     """
 
