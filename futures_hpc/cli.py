@@ -21,14 +21,10 @@ import math
 import os
 import platform
 import random
-import shutil
 import socket
-import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +33,15 @@ import yaml
 
 from . import __version__
 from .backends import available_backends, choose_backend
+from .backends.batch import (
+    BUILTIN_SYSTEMS,
+    JOB_NAME_PREFIX,
+    QueuedJob,
+    batch_system,
+    detect_batch_systems,
+    queued_jobs,
+)
+from .backends.batch.commands import COMMAND_ERRORS, read_command
 from .config import config_files_read
 from .errors import (
     BackendUnavailableError,
@@ -49,14 +54,11 @@ from .options import profile_options
 
 logger = logging.getLogger("futures_hpc")
 
-#: Every batch job futures_hpc submits has a name starting with this (the run name).
-JOB_NAME_PREFIX = "fhpc-"
-
 #: Resources the demo and the check ask for on a batch backend when the profile sets none.
 SMALL_JOB_RESOURCES = {"cores": 1, "memory": "1GB", "walltime": "00:10:00"}
 
 #: Backends whose workers run as batch jobs (they need cores, memory and a walltime).
-BATCH_BACKENDS = ("slurm", "pbs", "sge")
+BATCH_BACKENDS = tuple(BUILTIN_SYSTEMS)
 
 #: Lines of each log file shown when a check fails.
 LOG_TAIL_LINES = 20
@@ -380,122 +382,9 @@ def command_check(arguments: argparse.Namespace) -> int:
 # -- jobs and cancel ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QueuedJob:
-    """One batch job of this user whose name marks it as futures_hpc's."""
-
-    scheduler: str
-    job_id: str
-    name: str
-    state: str
-
-
-def _run(command: list[str], timeout: float = 30) -> str:
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)} failed ({completed.returncode}): "
-            f"{(completed.stderr or completed.stdout).strip()}"
-        )
-    return completed.stdout
-
-
-def _is_grid_engine_qstat() -> bool:
-    try:
-        completed = subprocess.run(
-            ["qstat", "-help"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    first_line = (completed.stdout or completed.stderr).strip().splitlines()[:1]
-    return bool(first_line) and ("SGE" in first_line[0] or first_line[0].startswith("GE "))
-
-
 def batch_systems_here() -> list[str]:
-    """The batch systems whose queue commands are on PATH: ``slurm``, ``sge``, ``pbs``."""
-    found = []
-    if shutil.which("squeue"):
-        found.append("slurm")
-    if shutil.which("qstat"):
-        found.append("sge" if _is_grid_engine_qstat() else "pbs")
-    return found
-
-
-def _slurm_jobs(user: str) -> list[QueuedJob]:
-    output = _run(["squeue", "-h", "-u", user, "-o", "%i|%j|%T"])
-    jobs = []
-    for line in output.splitlines():
-        job_id, _, rest = line.partition("|")
-        name, _, state = rest.rpartition("|")
-        if name.startswith(JOB_NAME_PREFIX):
-            jobs.append(QueuedJob("slurm", job_id.strip(), name, state.strip()))
-    return jobs
-
-
-def _grid_engine_jobs(user: str) -> list[QueuedJob]:
-    output = _run(["qstat", "-u", user, "-xml"])
-    jobs = []
-    for element in ElementTree.fromstring(output).iter("job_list"):
-        name = element.findtext("JB_name", "")
-        if name.startswith(JOB_NAME_PREFIX):
-            jobs.append(
-                QueuedJob(
-                    "sge",
-                    element.findtext("JB_job_number", "").strip(),
-                    name,
-                    element.findtext("state", element.get("state", "")).strip(),
-                )
-            )
-    return jobs
-
-
-def _pbs_jobs(user: str) -> list[QueuedJob]:
-    output = _run(["qstat", "-f"])
-    jobs, fields, job_id = [], {}, None
-
-    def flush() -> None:
-        owner = fields.get("Job_Owner", "").split("@")[0]
-        name = fields.get("Job_Name", "")
-        if job_id and owner == user and name.startswith(JOB_NAME_PREFIX):
-            jobs.append(QueuedJob("pbs", job_id, name, fields.get("job_state", "")))
-
-    for line in output.splitlines():
-        if line.startswith("Job Id:"):
-            flush()
-            job_id, fields = line.split(":", 1)[1].strip(), {}
-        elif " = " in line:
-            key, _, value = line.strip().partition(" = ")
-            fields[key] = value
-    flush()
-    return jobs
-
-
-_LISTERS = {"slurm": _slurm_jobs, "sge": _grid_engine_jobs, "pbs": _pbs_jobs}
-_CANCELLERS = {"slurm": "scancel", "sge": "qdel", "pbs": "qdel"}
-
-
-def queued_jobs(
-    schedulers: Sequence[str], user: str | None = None
-) -> tuple[list[QueuedJob], list[str]]:
-    """Jobs of ``user`` (default: you) named ``fhpc-...`` in the given batch systems.
-
-    Returns
-    -------
-    tuple
-        The jobs, and one message per batch system whose queue could not be read.
-
-    """
-    user = user or getpass.getuser()
-    jobs: list[QueuedJob] = []
-    errors: list[str] = []
-    for scheduler in schedulers:
-        try:
-            jobs.extend(_LISTERS[scheduler](user))
-        except (RuntimeError, OSError, subprocess.TimeoutExpired, ElementTree.ParseError) as error:
-            errors.append(f"{scheduler}: {error}")
-    return jobs, errors
+    """The batch systems found here, detected as the registry does (``BatchSystem.detect``)."""
+    return [system.name for system, _ in detect_batch_systems()]
 
 
 def _live_run_names() -> set[str]:
@@ -523,7 +412,7 @@ def _queued_jobs_reporting_errors(
     """
     schedulers = _schedulers_from(arguments)
     if not schedulers:
-        print("no batch system found here (no squeue or qstat on PATH)")
+        print("no batch system found here (no sbatch or qsub on PATH)")
         return None
     jobs, errors = queued_jobs(schedulers)
     for message in errors:
@@ -580,13 +469,13 @@ def command_cancel(arguments: argparse.Namespace) -> int:
         ids = [job.job_id for job in jobs if job.scheduler == scheduler]
         if not ids:
             continue
-        command = [_CANCELLERS[scheduler], *ids]
+        command = batch_system(scheduler).cancel_command_line(ids)
         if arguments.dry_run:
             print(f"would run: {' '.join(command)}")
             continue
         try:
-            _run(command)
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            read_command(command)
+        except COMMAND_ERRORS as error:
             print(f"error: {error}", file=sys.stderr)
             status = 1
             continue
@@ -665,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "cancel your futures_hpc jobs left in the batch queue", command_cancel),
     ):
         command = commands.add_parser(command_name, help=help_text)
-        command.add_argument("--scheduler", choices=sorted(_LISTERS),
+        command.add_argument("--scheduler", choices=sorted(BUILTIN_SYSTEMS),
                              help="batch system to query (default: every one found on PATH)")
         if command_name == "cancel":
             command.add_argument("targets", nargs="*", metavar="TARGET",

@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -21,15 +20,14 @@ import dask.config
 from ..cleanup import interrupt_handler_kept
 from ..errors import BackendUnavailableError, UnknownBackendError
 from ..options import closest_name, profile_options
+from .batch import BUILTIN_TARGETS, detect_batch_systems
 
 logger = logging.getLogger("futures_hpc")
 
 #: Built-in backends: name -> "module:class".
 BUILTIN_BACKENDS: dict[str, str] = {
     "local": "futures_hpc.backends.local:LocalExecutor",
-    "slurm": "futures_hpc.backends.jobqueue:SLURMExecutor",
-    "pbs": "futures_hpc.backends.jobqueue:PBSExecutor",
-    "sge": "futures_hpc.backends.jobqueue:SGEExecutor",
+    **BUILTIN_TARGETS,  # slurm, sge, pbs: one module each in futures_hpc/backends/batch/
     "mpi": "futures_hpc.backends.mpi:MPIExecutor",
     "ecs": "futures_hpc.backends.ecs:ECSExecutor",
 }
@@ -37,9 +35,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
 ENTRY_POINT_GROUP = "futures_hpc.backends"
 
 #: The pip extra that brings each built-in backend's dependencies.
-BACKEND_EXTRAS = {
-    "slurm": "jobqueue", "pbs": "jobqueue", "sge": "jobqueue", "mpi": "mpi", "ecs": "ecs"
-}
+BACKEND_EXTRAS = {**dict.fromkeys(BUILTIN_TARGETS, "jobqueue"), "mpi": "mpi", "ecs": "ecs"}
 
 
 @dataclass(frozen=True)
@@ -163,14 +159,10 @@ def detect_backend() -> tuple[str, str]:
         if _installed("mpi4py"):
             return "mpi", f"running as one of {ranks} MPI ranks"
         skipped.append(f"running as one of {ranks} MPI ranks, but mpi4py is not installed")
-    found = None
-    qsub = shutil.which("qsub")
-    if shutil.which("sbatch"):
-        found = ("slurm", f"found sbatch at {shutil.which('sbatch')}")
-    elif qsub and os.environ.get("SGE_ROOT"):
-        found = ("sge", f"found qsub at {qsub} with SGE_ROOT={os.environ['SGE_ROOT']}")
-    elif qsub:
-        found = ("pbs", f"found qsub at {qsub} without SGE_ROOT")
+    # Each batch system's module says how it is detected (BatchSystem.detect); the first found
+    # in the order of futures_hpc.backends.batch.BUILTIN_SYSTEMS wins.
+    systems = detect_batch_systems()
+    found = (systems[0][0].name, systems[0][1]) if systems else None
     if found is not None:
         if _installed("dask_jobqueue"):
             return found

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from futures_hpc.backends.jobqueue import PBSExecutor
+from futures_hpc.backends.batch.pbs import PBSExecutor
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (
     BatchSystem,

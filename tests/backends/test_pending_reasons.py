@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from futures_hpc.backends.jobqueue import (
-    parse_qstat_full,
-    pbs_comment_never_clears,
-    slurm_reason_never_clears,
-)
+from futures_hpc.backends.batch.pbs import parse_qstat_full, pbs_comment_never_clears
+from futures_hpc.backends.batch.slurm import slurm_reason_never_clears
 
 #: Reasons squeue(1) and job_reason_codes.html describe as limits of the request itself, or
 #: invalid or refused settings, or a dependency that failed: waiting cannot clear them.

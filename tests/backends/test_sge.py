@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from futures_hpc.backends.jobqueue import SGEExecutor
+from futures_hpc.backends.batch.sge import SGEExecutor
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import BatchSystem, run, sge_queued_job_ids
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite

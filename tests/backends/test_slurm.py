@@ -20,7 +20,7 @@ import pytest
 
 from conftest import require
 from futures_hpc import LocalExecutor
-from futures_hpc.backends.jobqueue import SLURMExecutor
+from futures_hpc.backends.batch.slurm import SLURMExecutor
 from futures_hpc.errors import JobSubmissionError
 from tests.backends.batch_helpers import *  # noqa: F403 - the batch suite
 from tests.backends.batch_helpers import (

@@ -1,0 +1,449 @@
+"""The shared base of the batch executors (SLURM, PBS, Grid Engine) over dask-jobqueue.
+
+Each batch system's module (``slurm.py``, ``pbs.py``, ``sge.py``) subclasses
+:class:`JobQueueExecutor` with its ``SYSTEM``; together they add what dask-jobqueue leaves to
+its users:
+
+- every job script and worker log of a run goes to the run's own log directory, and the jobs are
+  named after the run (``fhpc-xxxxxxxx``), so that cleanup touches only this executor's jobs;
+- a rejected submission raises :class:`~futures_hpc.errors.JobSubmissionError` with the batch
+  system's own message from the executor's constructor (dask-jobqueue only logs it);
+- a watcher thread follows the jobs whose workers are not connected and, when the batch system
+  says one has ended, logs the tail of its log; when no job is left to run calls, outstanding
+  futures fail with :class:`~futures_hpc.errors.JobFailedError` instead of hanging;
+- the same watcher reads why a waiting job has not started (SLURM's reason code, Grid Engine's
+  scheduling info and verification, PBS's comment): a reason that can never clear, or a first
+  worker later than ``start_timeout``, cancels the jobs and fails the calls with
+  :class:`~futures_hpc.errors.JobSubmissionError` quoting the batch system; other reasons are
+  logged when they change and shown by ``ex.status()``;
+- closing cancels all jobs with one ``scancel``/``qdel`` command, also on KeyboardInterrupt, at
+  interpreter exit and on SIGTERM (see :mod:`futures_hpc.cleanup`);
+- TLS by default: the scheduler and the workers use the run's certificate, whose files are
+  deleted when the executor closes;
+- the scheduler and the workers listen on the interface the workers use, not on every
+  interface (see :mod:`futures_hpc.backends.listen`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import shlex
+import sys
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import dask.config
+
+from ... import cleanup
+from ...cleanup import interrupt_handler_kept
+from ...errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
+from ...executor import HPCExecutor
+from ...import_path import pythonpath_value
+from ...scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
+from ..listen import plan_batch_listening
+from .commands import SUBMISSION_TIMEOUT_SECONDS
+from .jobs import JobBook, QueueState
+from .system import BatchSystem
+from .watcher import JobWatcher, JobWatching
+
+if TYPE_CHECKING:
+    from dask_jobqueue.core import JobQueueCluster
+
+logger = logging.getLogger("futures_hpc")
+
+#: Workers of a batch executor created without ``max_workers``.
+DEFAULT_MAX_WORKERS = 1
+
+
+#: First line of every job script's prologue. On ``scancel``/``qdel`` or at the walltime the batch
+#: system sends SIGTERM to every process of the job, then SIGKILL to those left after a grace
+#: period (SLURM's ``KillWait``). A job shell without a trap dies of the SIGTERM at once, and its
+#: worker (the nanny) is re-parented to init: a batch system that finds a job's processes by
+#: parentage (SLURM's ``proctrack/linuxproc``, PBS/Torque without cgroups) then no longer sees
+#: it, and a nanny whose own shutdown hangs stays for ever (the nanny of distributed before
+#: 2024.9 does when the SIGTERM comes while its worker process is starting). With a trap, bash
+#: waits for the worker before running it, so the worker stays in the job and the grace period's
+#: SIGKILL reaches it.
+KEEP_SHELL_UNTIL_WORKER_EXITS = (
+    "trap 'echo \"futures_hpc: job terminated by SIGTERM\" >&2' TERM"
+)
+
+
+def _dask_jobqueue_glue() -> Any:
+    """The :mod:`~futures_hpc.backends.batch.cluster` module, imported on first use.
+
+    The system modules import without dask-jobqueue (detection and ``futures-hpc jobs`` need
+    none); an executor needs it, and says how to install it when it is missing.
+    """
+    try:
+        with interrupt_handler_kept():  # dask-jobqueue's import replaces Ctrl-C's handler
+            from . import cluster
+    except ImportError as error:
+        raise BackendUnavailableError(
+            f"the batch backends cannot be imported ({error}). Install it with: "
+            "pip install 'futures_hpc[jobqueue]'."
+        ) from error
+    return cluster
+
+
+class _FromDaskJobqueue:
+    """A class attribute of a batch executor made from dask-jobqueue's classes on first use."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        system = getattr(owner, "system", None)
+        if system is None:  # the base class
+            return None
+        glue = _dask_jobqueue_glue()
+        if self._name == "cluster_class":
+            return glue.cluster_class_for(system)
+        return glue.jobqueue_option_names(system) | owner.own_option_names
+
+
+class JobQueueExecutor(JobWatching, HPCExecutor):
+    """Base of the batch executors: workers are batch jobs started through dask-jobqueue.
+
+    A subclass names its batch system (``system``, the module's ``SYSTEM``: commands, queue
+    reading, cancelling) and, when the system needs it, maps cores, memory and account onto
+    directives in ``_scheduler_options``.
+
+    Other Parameters
+    ----------------
+    start_timeout : float, str or datetime.timedelta, optional
+        Seconds (or ``"HH:MM:SS"``) a job may wait for its worker while no worker of the
+        executor has connected yet; then the jobs are cancelled and the outstanding calls raise
+        :class:`~futures_hpc.errors.JobSubmissionError` with each job's last state and reason.
+        Default: no limit. Jobs the batch system says can never start fail so without it.
+
+    """
+
+    scales_jobs = True
+
+    #: The batch system: the ``SYSTEM`` of its module.
+    system: ClassVar[BatchSystem]
+    #: Backend options futures_hpc uses itself instead of passing them to dask-jobqueue.
+    own_option_names: ClassVar[frozenset[str]] = frozenset()
+    #: The futures_hpc subclass of the system's dask-jobqueue cluster (made on first use).
+    cluster_class: ClassVar[type[JobQueueCluster]] = _FromDaskJobqueue()  # type: ignore[assignment]
+    #: dask-jobqueue's parameters of the system's jobs, plus ``own_option_names``.
+    backend_option_names = _FromDaskJobqueue()  # type: ignore[assignment]
+
+    # -- what HPCExecutor asks of a backend ---------------------------------------------------
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Say why the batch system cannot be used here (see ``BatchSystem``), or None."""
+        try:
+            installed = importlib.util.find_spec("dask_jobqueue") is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            return (f"the {cls.backend_name!r} backend needs dask-jobqueue: "
+                    "pip install 'futures_hpc[jobqueue]'")
+        return cls.system.unavailable_reason()
+
+    def _validate_options(self) -> None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(reason)
+        self.scaling = validate_scaling_options(
+            self.executor_options, self.max_workers or DEFAULT_MAX_WORKERS
+        )
+        if self.resources.processes and self.resources.cores is None and (
+            self.resources.processes > 1
+        ):
+            raise OptionError(
+                f"processes={self.resources.processes} needs cores= as well (cores per job, "
+                "shared among the processes)"
+            )
+        self._processes_per_job: int = self._plan_processes_per_job()
+
+    def _plan_processes_per_job(self) -> int:
+        """Worker processes in each job, never more than ``max_workers``.
+
+        ``processes`` as given; without it dask-jobqueue's choice (its config key
+        ``jobqueue.<backend>.processes``, else about the square root of the job's cores), capped
+        by ``max_workers`` (default: one worker).
+        """
+        given = self.resources.processes
+        if given is not None:
+            if self.max_workers is not None and given > self.max_workers:
+                raise OptionError(
+                    f"processes={given} is not allowed with max_workers={self.max_workers}; "
+                    "each job runs `processes` worker processes, so processes must be at most "
+                    "max_workers"
+                )
+            return given
+        automatic = _dask_jobqueue_glue().automatic_processes(
+            self.cluster_class, self.resources.cores or 1
+        )
+        return max(1, min(automatic, self.max_workers or DEFAULT_MAX_WORKERS))
+
+    def _create_cluster(self) -> JobQueueCluster:
+        self._job_book = JobBook()
+        self._job_watcher: JobWatcher | None = None
+        #: What the system keeps across queue queries of this run (``query_job_states``).
+        self._queue_memory: dict[str, Any] = {}
+        self._fatal_error: str | None = None
+        self._fatal_error_class: type[Exception] = JobFailedError
+        self._first_worker_connected = False
+        self._job_failures: list[str] = []
+        self._adaptive: FairShareAdaptive | None = None
+        self._rejections_seen = 0
+        cleanup.register(self)
+        cluster = self.cluster_class(**self._cluster_options())
+        # Submit now, so the jobs queue and start while the client connects; _start_workers
+        # checks that the batch system accepted them.
+        self._initial_job_count = self._fixed_job_count()
+        cluster.scale(jobs=self._initial_job_count)
+        return cluster
+
+    def _start_workers(self) -> None:
+        job_count = self._initial_job_count
+        if not self._job_book.wait_for_outcomes(job_count, SUBMISSION_TIMEOUT_SECONDS):
+            raise JobSubmissionError(
+                f"{self.system.submit_command} did not accept or refuse the jobs of "
+                f"{self.run_name} within {SUBMISSION_TIMEOUT_SECONDS:.0f} s. "
+                f"Job scripts of this run: {self.log_dir}"
+            )
+        rejections = self._job_book.rejections()
+        if rejections:
+            distinct = list(dict.fromkeys(rejections))
+            raise JobSubmissionError(
+                f"{self.system.title} refused {len(rejections)} of the {job_count} jobs of "
+                f"{self.run_name}:\n" + "\n".join(distinct) +
+                f"\nJob scripts of this run: {self.log_dir}"
+            )
+        self._job_watcher = JobWatcher(self)
+        logger.info("%s submitted %d job(s): %s", self.run_name, job_count,
+                    " ".join(job.job_id for job in self._job_book.jobs()))
+        self._start_policy()
+
+    def _start_policy(self) -> None:
+        """Size the cluster with the fair-share policy (fixed size: minimum = maximum).
+
+        In both modes the policy replaces failed jobs and drains jobs before their walltime.
+        """
+        per_job = self.processes_per_job
+        maximum = self.max_jobs() * per_job
+        minimum = (min(maximum, math.ceil(self.scaling.min_workers / per_job) * per_job)
+                   if self.scaling.adaptive else maximum)
+        self._adaptive = self._cluster.adapt(
+            Adaptive=FairShareAdaptive, minimum=minimum, maximum=maximum,
+            idle_timeout=self.scaling.idle_timeout,
+            max_pending_jobs=self.scaling.max_pending_jobs,
+            walltime=self.resources.walltime_seconds,
+            client_waiting=self._waiting_in_client,
+        )
+        logger.info("%s: %s scaling, %d to %d worker(s) (%d to %d job(s) of %d worker "
+                    "process(es)), at most %d pending job(s), idle timeout %.0f s, start "
+                    "timeout %s", self.run_name,
+                    "adaptive" if self.scaling.adaptive else "fixed", minimum, maximum,
+                    minimum // per_job, maximum // per_job, per_job,
+                    self.scaling.max_pending_jobs, self.scaling.idle_timeout,
+                    "none" if self.scaling.start_timeout is None
+                    else f"{self.scaling.start_timeout:g} s")
+
+    def _planned_worker_slots(self) -> int:
+        return self.max_jobs() * (self.resources.cores or 1)
+
+    # -- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def processes_per_job(self) -> int:
+        """Worker processes in each job."""
+        return getattr(self, "_processes_per_job", None) or self.resources.processes or 1
+
+    def max_jobs(self) -> int:
+        """The most jobs this executor holds: ``max_workers // processes_per_job``, at least 1."""
+        max_workers = self.max_workers or DEFAULT_MAX_WORKERS
+        return max(1, max_workers // self.processes_per_job)
+
+    def _fixed_job_count(self) -> int:
+        """How many jobs to submit at start (so that a refused submission raises at once).
+
+        Fixed size: every job. Adaptive: ``min_workers`` worth of jobs, but at least up to
+        ``max_pending_jobs`` (released after ``idle_timeout`` if no work comes).
+        """
+        if not self.scaling.adaptive:
+            return self.max_jobs()
+        minimum = math.ceil(self.scaling.min_workers / self.processes_per_job)
+        return max(minimum, min(self.max_jobs(), self.scaling.max_pending_jobs))
+
+    # -- the cluster's options ----------------------------------------------------------------
+
+    def _cluster_options(self) -> dict[str, Any]:
+        resources = self.resources
+        cores = resources.cores or 1
+        config_name = self.cluster_class.job_cls.config_name
+        # SLURM's job_mem alone also sizes the job: the workers' limit then follows it.
+        memory = resources.memory or self.backend_options.get("job_mem")
+        memory_request = memory is not None or (
+            dask.config.get(f"jobqueue.{config_name}.memory", None) is not None
+        )
+        working_directory = shlex.quote(os.getcwd())
+        prologue = [
+            KEEP_SHELL_UNTIL_WORKER_EXITS,
+            # Workers start where the executor was created, as local workers do.
+            f"cd {working_directory} || printf 'futures_hpc: cannot enter %s on %s; workers run "
+            f"in %s\\n' {working_directory} \"$(hostname)\" \"$PWD\" >&2",
+            # The client's import path, for modules of the user's own (futures_hpc.import_path).
+            *([f"export PYTHONPATH={shlex.quote(pythonpath_value(self.import_path))}"
+               "${PYTHONPATH:+:$PYTHONPATH}"] if self.import_path else []),
+            *(f"export {name}={shlex.quote(value)}" for name, value in resources.env.items()),
+            *resources.prologue,
+        ]
+        passed = {
+            name: value for name, value in self.backend_options.items()
+            if name not in self.own_option_names
+        }
+        user_scheduler_options = passed.pop("scheduler_options", None) or dask.config.get(
+            f"jobqueue.{config_name}.scheduler-options", None) or {}
+        worker_arguments = list(passed.pop("worker_extra_args", None) or dask.config.get(
+            f"jobqueue.{config_name}.worker-extra-args", None) or passed.pop("extra", None) or [])
+        listen = plan_batch_listening(
+            user_scheduler_options,
+            passed.get("interface") or dask.config.get(f"jobqueue.{config_name}.interface", None),
+            worker_arguments,
+            resources.python or dask.config.get(f"jobqueue.{config_name}.python", None)
+            or sys.executable,
+            tls=self.security is not None,
+        )
+        prologue += listen.prologue  # after the user's lines, which may set up the Python
+        scheduler_options = {
+            "dashboard_address": self.dashboard_address,
+            **listen.scheduler_options,
+            **user_scheduler_options,
+        }
+        options: dict[str, Any] = dict(
+            name=self.run_name,
+            job_name=self.run_name,
+            cores=cores,
+            memory=memory or f"{cores}GiB",  # a placeholder when memory_request is off
+            processes=self.processes_per_job,
+            walltime=resources.walltime,
+            queue=resources.queue,
+            python=resources.python,
+            job_extra_directives=list(resources.job_extra),
+            job_script_prologue=prologue,
+            log_directory=str(self.log_dir),
+            security=self.security,
+            scheduler_options=scheduler_options,
+            worker_extra_args=worker_arguments + listen.worker_arguments,
+            job_book=self._job_book,
+            memory_request=memory_request,
+        )
+        options.update(self._scheduler_options(cores, memory_request))
+        skip = list(options.pop("job_directives_skip", [])) + list(
+            passed.pop("job_directives_skip", None) or []
+        )
+        if skip:
+            options["job_directives_skip"] = skip
+        options.update(passed)
+        return {name: value for name, value in options.items() if value is not None}
+
+    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
+        """The batch system's own mapping of account, cores and memory."""
+        return {"account": self.resources.account}
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def job_script(self) -> str:
+        """The script each job runs (jobs differ only in the worker name)."""
+        return self._cluster.job_script()
+
+    def job_ids(self) -> list[str]:
+        """The ids of every job this executor has submitted, in submission order."""
+        return [job.job_id for job in self._job_book.jobs()]
+
+    # -- queue states ---------------------------------------------------------------------------
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, QueueState] | None:
+        """Ask the batch system for these jobs' states and reasons; ``"gone"`` for unlisted ones.
+
+        Returns None when the batch system could not be asked (try again later).
+        """
+        return self.system.query_job_states(job_ids, self._queue_memory)
+
+    def _state_is_active(self, state: str) -> bool:
+        """Whether a job in this state may still run a worker."""
+        return self.system.state_is_active(state)
+
+    def _scaling_status(self) -> ScalingStatus:
+        status = super()._scaling_status()
+        status.adaptive = self.scaling.adaptive
+        status.resubmissions = min(len(self._job_failures), self.scaling.max_resubmissions)
+        status.job_ids = self.job_ids()
+        status.pending_reasons = self.pending_reasons()
+        if self._adaptive is not None:
+            self._adaptive.report_into(status)
+        return status
+
+    def pending_reasons(self) -> dict[str, str]:
+        """Why each job whose worker has not connected waits, as the batch system last said.
+
+        Returns
+        -------
+        dict of str to str
+            Job id -> ``"STATE: reason"`` (or the state alone when the batch system gives no
+            reason), for jobs neither ended nor cancelled whose state has been read at least
+            once.
+
+        """
+        worker_names = self._connected_worker_names()
+        if worker_names is not None:  # a job whose worker has just connected waits no more
+            self._job_book.update_connections(worker_names)
+        return {
+            job.job_id: f"{job.state}: {job.reason}" if job.reason else job.state
+            for job in self._job_book.jobs()
+            if not (job.connected or job.ended or job.cancel_sent) and job.state != "submitted"
+        }
+
+    def _progress_note(self) -> str | None:
+        """For a progress bar: how many jobs wait, and why (None when none waits)."""
+        counts: dict[str, int] = {}
+        for text in self.pending_reasons().values():
+            counts[text] = counts.get(text, 0) + 1
+        if not counts:
+            return None
+        return "; ".join(
+            f"{count} job{'s' if count > 1 else ''} {text}" for text, count in counts.items()
+        )
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        if getattr(self, "_fatal_error", None) is not None:
+            raise self._fatal_error_class(self._fatal_error)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def cancel_jobs_now(self) -> None:
+        """Cancel every job of this executor with one command, without the event loop.
+
+        Used by the SIGTERM handler, and after closing as a safety net. Jobs still being
+        submitted are cancelled as soon as their submission returns.
+        """
+        self._job_book.begin_closing()
+        self._job_book.cancel(self.system.cancel_command)
+        if not self._job_book.wait_for_in_flight(timeout=10):
+            logger.warning("submissions of %s still running while cancelling", self.run_name)
+
+    def _close_cluster(self) -> None:
+        book = getattr(self, "_job_book", None)
+        if book is not None:
+            book.begin_closing()
+        watcher = getattr(self, "_job_watcher", None)
+        if watcher is not None:
+            watcher.stop()
+        try:
+            super()._close_cluster()
+        finally:
+            if book is not None:
+                # Whatever closing the cluster did or failed to do, no job stays behind.
+                self.cancel_jobs_now()
+            cleanup.unregister(self)
+
