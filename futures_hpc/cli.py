@@ -157,7 +157,7 @@ def _newest_run_directory() -> Path | None:
 
 def command_info(arguments: argparse.Namespace) -> int:
     """Print the backends, the default choice and why, config files, and running executors."""
-    from .integrations.dask import read_discovery_record, running_cluster_names
+    from .discovery import read_discovery_record, running_cluster_names
 
     print(f"futures_hpc {__version__} on Python {platform.python_version()} "
           f"({sys.executable}), host {socket.gethostname()}")
@@ -388,7 +388,7 @@ def batch_systems_here() -> list[str]:
 
 
 def _live_run_names() -> set[str]:
-    from .integrations.dask import running_cluster_names
+    from .discovery import running_cluster_names
 
     return set(running_cluster_names())
 

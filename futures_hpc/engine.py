@@ -28,6 +28,9 @@ handler`
                                    ``._new_worker_name``, ``._threads_per_worker``,
                                    ``Cluster._loop_runner``, ``SpecCluster._lock``
                                    and ``._adaptive``
+:class:`JobHooks`                  dask-jobqueue ``Job._submit_job``,               error (5)
+                                   ``Job._command_template``
+:func:`job_keyword_arguments`      ``JobQueueCluster._job_kwargs``                  KeyError
 :func:`make_default_client`,       ``distributed.client._set_global_client``/       error (5)
 :func:`drop_default_client`        ``_del_global_client``, ``Client._set_as_default``
 :func:`configured_joblib_backend`  ``joblib.parallel._backend`` (thread-local)      None (6)
@@ -59,6 +62,8 @@ from .errors import BackendUnavailableError
 
 __all__ = [
     "ClusterHooks",
+    "JobHooks",
+    "job_keyword_arguments",
     "ParallelBackendBase",
     "add_client_stream_handler",
     "add_scheduler_stream_handler",
@@ -108,6 +113,13 @@ def check_engine() -> None:
 
     missing = [f"{owner.__name__}.{name}" for owner, name in _REQUIRED
                if not hasattr(owner, name)]
+    try:
+        from dask_jobqueue.core import Job
+    except ImportError:  # the batch backends say so when used
+        pass
+    else:
+        if not hasattr(Job, "_submit_job"):
+            missing.append("dask_jobqueue.Job._submit_job")
     missing += [f"distributed.client.{name}" for name in ("_set_global_client",
                                                           "_del_global_client")
                 if not hasattr(client_module, name)]
@@ -323,6 +335,37 @@ class ClusterHooks:
     def adaptive_policy(self) -> Any:
         """The cluster's :class:`~distributed.deploy.Adaptive` (from ``adapt()``), or None."""
         return getattr(self, "_adaptive", None)
+
+
+class JobHooks:
+    """Mixin for a dask-jobqueue ``Job`` subclass: public names for what it keeps private.
+
+    Put it first in the bases (``class MyJob(JobHooks, SLURMJob)``) and override
+    :meth:`submit_job_script` to submit the job script yourself (dask-jobqueue's ``_submit_job``,
+    whose output it parses for the job id); :attr:`worker_command` is the worker's command line
+    in the job script (``_command_template``).
+    """
+
+    async def _submit_job(self, script_filename: str) -> str:
+        return await self.submit_job_script(script_filename)
+
+    async def submit_job_script(self, script_filename: str) -> str:
+        """Submit the job script; return the submit command's output (dask-jobqueue's default)."""
+        return await super()._submit_job(script_filename)  # type: ignore[misc]
+
+    @property
+    def worker_command(self) -> str:
+        """The worker's command line in the job script."""
+        return self._command_template  # type: ignore[attr-defined]
+
+    @worker_command.setter
+    def worker_command(self, command: str) -> None:
+        self._command_template = command
+
+
+def job_keyword_arguments(cluster: Any) -> dict[str, Any]:
+    """The keyword arguments a dask-jobqueue cluster gives each of its jobs."""
+    return cluster._job_kwargs
 
 
 # -- default client --------------------------------------------------------------------------

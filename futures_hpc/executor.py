@@ -12,7 +12,6 @@ import logging
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ from distributed.security import Security
 
 from . import cleanup
 from . import config as _config  # noqa: F401 - registers the default configuration
+from .blocks import BlockMethods
 from .bridge import FutureBridge
 from .call_queue import CallQueue, function_name, pickled
 from .calls import pack_function
@@ -47,14 +47,15 @@ from .options import (
     ResourceOptions,
     check_dashboard_address,
     check_max_workers,
+    make_run_directory,
     merge_with_profile,
     parse_resources,
 )
 from .progress import track
 from .provider import BackendProvider
 from .scaling import ScalingStatus, validate_scaling_options
-from .security import TLS_DIRECTORY, RunCredentials, create_run_credentials
-from .streams import in_process_scheduler_address
+from .security import TLS_DIRECTORY, RunCredentials, dashboard_link_for, run_credentials
+from .streams import connect_client
 
 logger = logging.getLogger("futures_hpc")
 
@@ -65,7 +66,32 @@ WORKER_SLOTS_REFRESH_SECONDS = 1.0
 
 
 
-class HPCExecutor(Executor):
+#: Picks the executor class for ``HPCExecutor(backend, profile=...)``. The backend registry
+#: (:mod:`futures_hpc.backends`, imported by ``futures_hpc/__init__.py``) installs it with
+#: :func:`set_backend_chooser`: the executor never imports the registry, which imports the
+#: backends, which import the executor.
+_backend_chooser: Callable[[str | None, str | None], type[HPCExecutor]] | None = None
+
+
+def set_backend_chooser(
+    chooser: Callable[[str | None, str | None], type[HPCExecutor]]
+) -> None:
+    """Install the function that picks the executor class of ``HPCExecutor(...)``."""
+    global _backend_chooser
+    _backend_chooser = chooser
+
+
+class _ProviderTrait:
+    """A class attribute of an executor that is its provider's (read at each use)."""
+
+    def __init__(self, trait: str) -> None:
+        self.trait = trait
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        return getattr(owner.provider, self.trait)
+
+
+class HPCExecutor(BlockMethods, Executor):
     """Run calls on a dask cluster chosen by backend, with standard-library semantics.
 
     Parameters
@@ -102,26 +128,20 @@ class HPCExecutor(Executor):
 
     #: What the backend does (a :class:`~futures_hpc.provider.BackendProvider` subclass).
     provider: ClassVar[type[BackendProvider]] = BackendProvider
-    #: The backend's name in the registry (from the provider).
-    backend_name: ClassVar[str] = ""
+    # The backend's traits are its provider's (read when used: a batch provider computes its
+    # option names from dask-jobqueue, imported only then).
+    #: The backend's name in the registry.
+    backend_name: ClassVar[str] = _ProviderTrait("name")  # type: ignore[assignment]
     #: Options the backend accepts besides the common ones; None accepts anything.
-    backend_option_names: ClassVar[frozenset[str] | None] = frozenset()
+    backend_option_names: ClassVar[frozenset[str] | None] = _ProviderTrait(  # type: ignore[assignment]
+        "option_names")
     #: Whether workers connect over a network (and write logs of their own).
-    networked: ClassVar[bool] = True
+    networked: ClassVar[bool] = _ProviderTrait("networked")  # type: ignore[assignment]
     #: Whether the backend sizes its workers with the fair-share policy.
-    scales_jobs: ClassVar[bool] = False
+    scales_jobs: ClassVar[bool] = _ProviderTrait("scales_jobs")  # type: ignore[assignment]
     #: Whether the run's TLS key stays in memory instead of in the run's ``tls`` directory.
-    credentials_in_memory: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Take the backend's traits from its provider, so that there is one place for them."""
-        super().__init_subclass__(**kwargs)
-        provider = cls.provider
-        cls.backend_name = provider.name
-        cls.backend_option_names = provider.option_names
-        cls.networked = provider.networked
-        cls.scales_jobs = provider.scales_jobs
-        cls.credentials_in_memory = provider.credentials_in_memory
+    credentials_in_memory: ClassVar[bool] = _ProviderTrait(  # type: ignore[assignment]
+        "credentials_in_memory")
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -135,9 +155,9 @@ class HPCExecutor(Executor):
         for any Python function.
         """
         if cls is HPCExecutor:
-            from .backends import resolve_backend
-
-            cls = resolve_backend(backend, options.get("profile")).executor_class
+            if _backend_chooser is None:
+                raise RuntimeError("no backend registry: import futures_hpc, not its modules")
+            cls = _backend_chooser(backend, options.get("profile"))
         return super().__new__(cls)
 
     def __init__(
@@ -201,7 +221,7 @@ class HPCExecutor(Executor):
             check_engine()
             cleanup.register(self)  # from now on: closed at exit, jobs cancelled on SIGTERM
             self._cluster = self._backend.create_cluster()
-            self._client = self._connect_client(self._cluster)
+            self._client = connect_client(self._cluster, self.security)
             self._bridge = FutureBridge(self._client, self.run_name)
             self._queue = CallQueue(self._client, self._bridge, self._call_costs,
                                     self._dispatch_slots, self.run_name)
@@ -214,32 +234,10 @@ class HPCExecutor(Executor):
             raise
         # Discoverable while alive, with or without ``with``: ``futures-hpc jobs/cancel`` and
         # dask-ctl read the record; closing removes it.
-        from .integrations.dask import register_for_discovery
+        from .discovery import register_for_discovery
 
         register_for_discovery(self)
         logger.info("%s started: %r", type(self).__name__, self)
-
-    def _connect_client(self, cluster: Cluster) -> distributed.Client:
-        """The executor's client: in-process link to a scheduler in this process, else its address.
-
-        Results come straight from the workers: the scheduler runs beside this client (or,
-        under MPI, in the same allocation), so the workers are as reachable from here as from
-        the scheduler, and one hop is saved on every gather.
-        """
-        in_process = in_process_scheduler_address(cluster)
-        if in_process is None:
-            return distributed.Client(
-                cluster, security=self.security, set_as_default=False, direct_to_workers=True
-            )
-        client = distributed.Client(
-            in_process,
-            loop=cluster.loop,
-            security=self.security,
-            set_as_default=False,
-            direct_to_workers=True,
-        )
-        client.cluster = cluster  # as Client(cluster) does: dashboard link, scheduler identity
-        return client
 
     # -- what a backend provides -------------------------------------------------------------
 
@@ -274,12 +272,7 @@ class HPCExecutor(Executor):
             link = self._cluster.dashboard_link
         except Exception:
             return None
-        host = self.dashboard_address.rpartition(":")[0]
-        if link and host in ("localhost", "127.0.0.1"):
-            parts = urllib.parse.urlsplit(link)
-            netloc = f"{host}:{parts.port}" if parts.port else host
-            link = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-        return link
+        return dashboard_link_for(link, self.dashboard_address)
 
     @property
     def log_dir(self) -> Path:
@@ -292,22 +285,7 @@ class HPCExecutor(Executor):
 
         """
         if self._log_dir is None:
-            base = self.resources.log_dir or Path(
-                dask.config.get("futures_hpc.log-dir", None) or "futures_hpc-logs"
-            )
-            directory = (base / self.run_name).absolute()
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                given = (
-                    "log_dir" if self.resources.log_dir else "the config key futures_hpc.log-dir"
-                )
-                raise OptionError(
-                    f"{given}={str(base)!r} cannot hold this run's directory {directory}: "
-                    f"{error.strerror or error}; give a writable directory (on a file system "
-                    "the workers share, for batch backends)"
-                ) from None
-            self._log_dir = directory
+            self._log_dir = make_run_directory(self.resources.log_dir, self.run_name)
         return self._log_dir
 
     def worker_slots(self) -> int:
@@ -372,23 +350,13 @@ class HPCExecutor(Executor):
     # -- security ----------------------------------------------------------------------------------
 
     def _make_security(self, security: bool | Security | None) -> Security | None:
-        if security is None:
-            security = dask.config.get("futures_hpc.security", True)
-        if isinstance(security, Security):
-            return security
-        if security is True:
-            self.credentials = create_run_credentials(
-                None if self.credentials_in_memory else self.log_dir / TLS_DIRECTORY
-            )
-            if not self.credentials.in_memory:
-                cleanup.register(self)  # SIGTERM deletes the files too
-            return self.credentials.security
-        if security is False:
-            return None
-        raise OptionError(
-            f"security={security!r} is not allowed; use True, False or a "
-            "distributed.security.Security"
-        )
+        self.credentials = run_credentials(
+            security, lambda: None if self.credentials_in_memory else self.log_dir / TLS_DIRECTORY)
+        if self.credentials is None:
+            return security if isinstance(security, Security) else None
+        if not self.credentials.in_memory:
+            cleanup.register(self)  # SIGTERM deletes the files too
+        return self.credentials.security
 
     def remove_credentials(self) -> None:
         """Delete the run's TLS key and certificate files, if any (the executor is ending).
@@ -408,6 +376,7 @@ class HPCExecutor(Executor):
     def _check_open(self) -> None:
         if self._shutdown:
             raise ExecutorShutdownError("cannot schedule new futures after shutdown")
+        self._backend.check_usable()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` and return a :class:`concurrent.futures.Future`.
@@ -512,81 +481,6 @@ class HPCExecutor(Executor):
             return track(results, total, description=function_name(fn), note=self._progress_note)
         return results
 
-    # -- tiles ---------------------------------------------------------------------------------
-
-    # The keywords are those of futures_hpc.tiles.map_blocks / reduce_blocks, written out again
-    # so that help() and editors show them; tests/test_tiles.py checks the two stay the same,
-    # and every keyword is forwarded through locals(), so none can be left behind.
-
-    def map_blocks(
-        self,
-        func: Callable[..., Any],
-        /,
-        *inputs: Any,
-        block: int | tuple[int, int] = (512, 512),
-        overlap: int | tuple[int, int] = 0,
-        boundary: str | float | None = "edge",
-        out: Any = None,
-        dtype: Any = None,
-        otherargs: Any = None,
-        progress: bool | Callable[[int, int], None] = False,
-        fill_value: float = 0,
-        on_error: str = "raise",
-        max_in_flight: int | None = None,
-        blocks_per_task: int | tuple[int, int] | None = None,
-        shared_memory: bool | None = None,
-    ) -> Any:
-        """Apply ``func`` block by block, with margins, over images far larger than memory.
-
-        :func:`futures_hpc.tiles.map_blocks` run on this executor; its keywords are documented
-        there and in ``docs/tiles.md``.
-
-        Returns
-        -------
-        numpy.ndarray or the ``out`` given
-
-        """
-        keywords = dict(locals())  # the keywords above, before anything else is bound
-        del keywords["self"], keywords["func"], keywords["inputs"]
-        from . import tiles
-
-        return tiles.map_blocks(self, func, *inputs, **keywords)
-
-    def reduce_blocks(
-        self,
-        func: Callable[..., Any],
-        /,
-        *inputs: Any,
-        combine: Callable[[Any, Any], Any],
-        initial: Any = None,
-        block: int | tuple[int, int] = (512, 512),
-        overlap: int | tuple[int, int] = 0,
-        boundary: str | float | None = "edge",
-        otherargs: Any = None,
-        progress: bool | Callable[[int, int], None] = False,
-        fill_value: float = 0,
-        on_error: str = "raise",
-        max_in_flight: int | None = None,
-        blocks_per_task: int | tuple[int, int] | None = None,
-        shared_memory: bool | None = None,
-    ) -> Any:
-        """Compute a statistic per block in the workers and combine them into one value.
-
-        :func:`futures_hpc.tiles.reduce_blocks` run on this executor; its keywords are
-        documented there and in ``docs/tiles.md``.
-
-        Returns
-        -------
-        object
-            The combined value.
-
-        """
-        keywords = dict(locals())  # the keywords above, before anything else is bound
-        del keywords["self"], keywords["func"], keywords["inputs"]
-        from . import tiles
-
-        return tiles.reduce_blocks(self, func, *inputs, **keywords)
-
     # -- shutting down ------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -628,7 +522,12 @@ class HPCExecutor(Executor):
             if self._closed:
                 return
             self._closed = True
-        from .integrations.dask import unregister_from_discovery
+        try:
+            self._backend.before_close()
+        except Exception as error:
+            logger.warning("preparing the %s backend of %r to close failed: %r",
+                           self.backend_name, self, error)
+        from .discovery import unregister_from_discovery
 
         unregister_from_discovery(self)
         try:
@@ -656,13 +555,13 @@ class HPCExecutor(Executor):
 
     def __enter__(self) -> HPCExecutor:
         """Make this executor's cluster dask's scheduler for the block."""
-        from .integrations.dask import use_as_dask_scheduler
+        from .discovery import use_as_dask_scheduler
 
         use_as_dask_scheduler(self)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
-        from .integrations.dask import restore_dask_scheduler
+        from .discovery import restore_dask_scheduler
 
         self._backend.on_exit(exc_type, exc_value)
         try:
@@ -683,7 +582,7 @@ class HPCExecutor(Executor):
 
 def _sweep_stale_runs() -> None:
     """Drop discovery records of dead runs of this host, deleting their TLS files (cheap)."""
-    from .integrations.dask import running_cluster_names
+    from .discovery import running_cluster_names
 
     try:
         running_cluster_names()

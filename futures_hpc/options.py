@@ -408,3 +408,29 @@ def merge_with_profile(profile: str | None, explicit: Mapping[str, Any]) -> dict
     merged.pop("backend", None)
     merged.update({key: value for key, value in explicit.items() if value is not None})
     return merged
+
+
+def make_run_directory(given: Path | None, run_name: str) -> Path:
+    """Make and return the run's directory ``<log_dir>/<run_name>`` (absolute).
+
+    ``given`` is the ``log_dir`` option; without it, the config key ``futures_hpc.log-dir``
+    (default ``futures_hpc-logs``).
+
+    Raises
+    ------
+    OptionError
+        If the directory cannot be made (naming ``log_dir`` and the reason).
+
+    """
+    base = given or Path(dask.config.get("futures_hpc.log-dir", None) or "futures_hpc-logs")
+    directory = (base / run_name).absolute()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        option = "log_dir" if given else "the config key futures_hpc.log-dir"
+        raise OptionError(
+            f"{option}={str(base)!r} cannot hold this run's directory {directory}: "
+            f"{error.strerror or error}; give a writable directory (on a file system "
+            "the workers share, for batch backends)"
+        ) from None
+    return directory

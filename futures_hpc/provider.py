@@ -21,8 +21,10 @@ start                     :meth:`~BackendProvider.create_cluster`, then, once th
 sizing chunks             :meth:`~BackendProvider.planned_worker_slots`
 ``ex.status()``           :meth:`~BackendProvider.report_status`
 progress bars             :meth:`~BackendProvider.progress_note`
+each submission           :meth:`~BackendProvider.check_usable` (raise once nothing can run)
 SIGTERM                   :meth:`~BackendProvider.cancel_jobs_now` (any thread, no event loop)
-closing                   :meth:`~BackendProvider.after_close`, once the cluster is closed
+closing                   :meth:`~BackendProvider.before_close`, then the cluster closes, then
+                          :meth:`~BackendProvider.after_close`
 leaving ``with``          :meth:`~BackendProvider.on_exit`
 ========================  ======================================================================
 """
@@ -90,6 +92,12 @@ class BackendProvider:
     def progress_note(self) -> str | None:
         """A short text for the progress bar of ``map(progress=True)`` (e.g. why jobs wait)."""
         return None
+
+    def check_usable(self) -> None:
+        """Raise the backend's error when no call can run any more (e.g. its jobs never start)."""
+
+    def before_close(self) -> None:
+        """Prepare to close (e.g. stop submitting and watching jobs); the cluster closes next."""
 
     def cancel_jobs_now(self) -> None:
         """Cancel the backend's jobs with one command, from any thread, without the event loop."""

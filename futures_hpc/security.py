@@ -20,10 +20,16 @@ import contextlib
 import datetime
 import logging
 import os
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import dask.config
 from distributed.security import Security
+
+from .errors import OptionError
 
 logger = logging.getLogger("futures_hpc")
 
@@ -234,3 +240,44 @@ def remove_run_credentials(
     if removed:
         logger.debug("deleted the TLS files in %s", ", ".join(map(str, directories)))
     return removed
+
+
+def run_credentials(
+    security: Any, tls_directory: Callable[[], Path | None]
+) -> RunCredentials | None:
+    """The run's own credentials for ``security=`` (None, True, False or a ``Security``).
+
+    None means the config key ``futures_hpc.security`` (default True). True makes a
+    certificate and key for the run: kept in memory if ``tls_directory()`` is None, else
+    written there (mode 0600). False, or the user's own ``Security``, needs none: None.
+
+    Raises
+    ------
+    OptionError
+        For any other value.
+
+    """
+    if security is None:
+        security = dask.config.get("futures_hpc.security", True)
+    if security is True:
+        return create_run_credentials(tls_directory())
+    if security is False or isinstance(security, Security):
+        return None
+    raise OptionError(
+        f"security={security!r} is not allowed; use True, False or a "
+        "distributed.security.Security"
+    )
+
+
+def dashboard_link_for(link: str | None, dashboard_address: str) -> str | None:
+    """The dashboard's URL, saying ``localhost`` when the dashboard listens there only.
+
+    The scheduler gives its own host name or address, which a browser would not reach when the
+    dashboard is bound to localhost (the default).
+    """
+    host = dashboard_address.rpartition(":")[0]
+    if link and host in ("localhost", "127.0.0.1"):
+        parts = urllib.parse.urlsplit(link)
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        link = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return link

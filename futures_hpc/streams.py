@@ -75,3 +75,26 @@ def in_process_scheduler_address(cluster: Cluster) -> str | None:
         return scheduler.listeners[-1].contact_address
 
     return cluster.sync(listen)
+
+
+def connect_client(cluster: Cluster, security: Any) -> distributed.Client:
+    """An executor's client: an in-process link to a scheduler in this process, else its address.
+
+    Results come straight from the workers: the scheduler runs beside this client (or, under
+    MPI, in the same allocation), so the workers are as reachable from here as from the
+    scheduler, and one hop is saved on every gather.
+    """
+    in_process = in_process_scheduler_address(cluster)
+    if in_process is None:
+        return distributed.Client(
+            cluster, security=security, set_as_default=False, direct_to_workers=True
+        )
+    client = distributed.Client(
+        in_process,
+        loop=cluster.loop,
+        security=security,
+        set_as_default=False,
+        direct_to_workers=True,
+    )
+    client.cluster = cluster  # as Client(cluster) does: dashboard link, scheduler identity
+    return client

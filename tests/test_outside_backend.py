@@ -40,7 +40,7 @@ import shutil
 from typing import Any
 
 from futures_hpc.backends.batch.commands import read_command, run_command
-from futures_hpc.backends.batch.executor import JobQueueExecutor
+from futures_hpc.backends.batch.executor import JobQueueExecutor, batch_provider
 from futures_hpc.backends.batch.jobs import QueueState
 from futures_hpc.backends.batch.system import JOB_NAME_PREFIX, BatchSystem, QueuedJob
 
@@ -85,8 +85,7 @@ SYSTEM = OutsideSystem()
 
 
 class OutsideExecutor(JobQueueExecutor):
-    backend_name = "outside-slurm"
-    system = SYSTEM
+    provider = batch_provider(SYSTEM, "outside-slurm")
 '''
 
 

@@ -199,3 +199,16 @@ def resolve_backend(backend: str | None = None, profile: str | None = None) -> B
     """Choose the backend and import its executor class."""
     name, why = choose_backend(backend, profile)
     return BackendChoice(name, why, load_backend(name))
+
+
+def _executor_class_for(backend: str | None, profile: str | None) -> type:
+    return resolve_backend(backend, profile).executor_class
+
+
+def _install_backend_chooser() -> None:
+    from ..executor import set_backend_chooser
+
+    set_backend_chooser(_executor_class_for)
+
+
+_install_backend_chooser()

@@ -26,6 +26,7 @@ from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 from distributed.deploy.utils import nprocesses_nthreads
 
+from ...engine import ClusterHooks, JobHooks, job_keyword_arguments
 from ...errors import JobSubmissionError
 from .commands import SUBMISSION_TIMEOUT_SECONDS
 from .jobs import JobBook
@@ -56,7 +57,7 @@ def jobqueue_parameters(job_class: type) -> frozenset[str]:
 
 
 
-class _BookkeepingJob:
+class _BookkeepingJob(JobHooks):
     """Mixin for a dask-jobqueue ``Job``: persistent script, clear errors, bookkeeping.
 
     Takes the ``Job``'s own arguments and these:
@@ -82,10 +83,8 @@ class _BookkeepingJob:
         super().__init__(*args, **kwargs)
         self._job_book = job_book
         if not memory_request:
-            # Relies on: dask-jobqueue's private ``Job._command_template`` (the worker command
-            # line, built in ``Job.__init__``; 0.8 to 0.9) holding ``--memory-limit <value>``.
-            self._command_template = re.sub(
-                r"--memory-limit \S+", "--memory-limit auto", self._command_template
+            self.worker_command = re.sub(
+                r"--memory-limit \S+", "--memory-limit auto", self.worker_command
             )
 
     @contextmanager
@@ -95,11 +94,11 @@ class _BookkeepingJob:
         path.write_text(self.job_script())
         yield str(path)
 
-    async def _submit_job(self, script_filename: str) -> str:
-        """Submit from the log directory (so wrappers' default log paths land there)."""
-        # Relies on: dask-jobqueue's private ``Job._submit_job(script_filename) -> stdout``,
-        # called by ``Job.start`` inside ``job_file()``, whose output ``_job_id_from_submit_output``
-        # parses (0.8 to 0.9). Replaces its ``_call`` so that a refusal keeps the message.
+    async def submit_job_script(self, script_filename: str) -> str:
+        """Submit from the log directory (so wrappers' default log paths land there).
+
+        Unlike dask-jobqueue's own submission, a refusal keeps the batch system's message.
+        """
         command = [*shlex.split(self.submit_command), script_filename]
         process = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -143,25 +142,24 @@ class _BookkeepingJob:
         await ProcessInterface.close(self)  # type: ignore[arg-type]
 
 
-class _BookkeepingCluster:
+class _BookkeepingCluster(ClusterHooks):
     """Mixin for a dask-jobqueue cluster: one cancel command for all jobs; quiet failures."""
 
     job_cls: type
     workers: dict[str, Any]
     worker_spec: dict[str, Any]
-    _job_kwargs: dict[str, Any]
 
     @property
     def job_book(self) -> JobBook:
-        """The book shared with the cluster's jobs."""
-        # Relies on: dask-jobqueue's private ``JobQueueCluster._job_kwargs``, the keyword
-        # arguments it gives every job (our ``job_book`` passes through it).
-        return self._job_kwargs["job_book"]
+        """The book shared with the cluster's jobs (passed to each job through the cluster)."""
+        return job_keyword_arguments(self)["job_book"]
 
-    async def _correct_state_internal(self) -> None:
-        # Relies on: distributed's private ``SpecCluster._correct_state_internal``, the
-        # coroutine that starts and stops workers (jobs) to match ``worker_spec``; its
-        # exceptions would otherwise end in the event loop's log only.
+    async def correct_state(self) -> None:
+        """Start and stop jobs to match ``worker_spec``; a refused submission is only logged.
+
+        The executor raises it, with the batch system's message; here it would otherwise end in
+        the event loop's log only.
+        """
         # Jobs whose spec was removed are closed on purpose (scaled down, by any policy): their
         # end is no failure.
         self.job_book.mark_retired([
@@ -169,7 +167,7 @@ class _BookkeepingCluster:
             if name not in self.worker_spec and getattr(job, "job_id", None)
         ])
         try:
-            await super()._correct_state_internal()  # type: ignore[misc]
+            await super().correct_state()
         except Exception as error:
             # A refused submission: the executor raises it, with the batch system's message.
             logger.debug("submitting jobs failed: %s", error)
@@ -179,12 +177,12 @@ class _BookkeepingCluster:
                 del self.workers[name]
                 self.worker_spec.pop(name, None)
 
-    async def _close(self) -> None:
-        # Relies on: distributed's private ``SpecCluster._close``, the coroutine ``close()`` runs.
+    async def close_cluster(self) -> None:
+        """Cancel every job with one command, then close as dask-jobqueue does."""
         self.job_book.begin_closing()
         # Synchronous (a few tens of ms): at interpreter exit no thread pool takes work.
         self.job_book.cancel(self.job_cls.cancel_command)
-        await super()._close()  # type: ignore[misc]
+        await super().close_cluster()
 
 
 @functools.cache

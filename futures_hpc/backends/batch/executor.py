@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import dask.config
 
-from ... import cleanup
 from ...cleanup import interrupt_handler_kept
 from ...errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
 from ...executor import HPCExecutor
 from ...import_path import pythonpath_value
+from ...provider import BackendProvider
 from ...scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
 from ..listen import plan_batch_listening
 from .commands import SUBMISSION_TIMEOUT_SECONDS
@@ -101,15 +101,24 @@ class _FromDaskJobqueue:
         glue = _dask_jobqueue_glue()
         if self._name == "cluster_class":
             return glue.cluster_class_for(system)
-        return glue.jobqueue_option_names(system) | owner.own_option_names
+        return glue.jobqueue_option_names(system) | system.own_option_names
 
 
-class JobQueueExecutor(JobWatching, HPCExecutor):
-    """Base of the batch executors: workers are batch jobs started through dask-jobqueue.
+#: What a batch provider reads from its executor, as its own attributes (the watcher's
+#: decisions in :class:`~.watcher.JobWatching` were written against these names).
+_FROM_EXECUTOR = frozenset({
+    "run_name", "log_dir", "resources", "max_workers", "backend_options", "executor_options",
+    "import_path", "security", "dashboard_address", "_cluster", "_client", "_outstanding",
+    "_waiting_in_client",
+})
 
-    A subclass names its batch system (``system``, the module's ``SYSTEM``: commands, queue
-    reading, cancelling) and, when the system needs it, maps cores, memory and account onto
-    directives in ``_scheduler_options``.
+
+class BatchProvider(JobWatching, BackendProvider):
+    """What a batch system's executor does: its workers are batch jobs through dask-jobqueue.
+
+    One subclass per batch system (:func:`batch_provider`) names the system (``system``, the
+    module's ``SYSTEM``: commands, queue reading, cancelling, the mapping of cores, memory and
+    account onto directives).
 
     Other Parameters
     ----------------
@@ -125,12 +134,15 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
 
     #: The batch system: the ``SYSTEM`` of its module.
     system: ClassVar[BatchSystem]
-    #: Backend options futures_hpc uses itself instead of passing them to dask-jobqueue.
-    own_option_names: ClassVar[frozenset[str]] = frozenset()
     #: The futures_hpc subclass of the system's dask-jobqueue cluster (made on first use).
     cluster_class: ClassVar[type[JobQueueCluster]] = _FromDaskJobqueue()  # type: ignore[assignment]
-    #: dask-jobqueue's parameters of the system's jobs, plus ``own_option_names``.
-    backend_option_names = _FromDaskJobqueue()  # type: ignore[assignment]
+    #: dask-jobqueue's parameters of the system's jobs, plus the system's own options.
+    option_names = _FromDaskJobqueue()  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _FROM_EXECUTOR:
+            return getattr(self.executor, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- what HPCExecutor asks of a backend ---------------------------------------------------
 
@@ -142,11 +154,12 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         except (ImportError, ValueError):
             installed = False
         if not installed:
-            return (f"the {cls.backend_name!r} backend needs dask-jobqueue: "
+            return (f"the {cls.name!r} backend needs dask-jobqueue: "
                     "pip install 'futures_hpc[jobqueue]'")
         return cls.system.unavailable_reason()
 
-    def _validate_options(self) -> None:
+    def check_options(self) -> None:
+        """Check the batch options; the system's own ones through the system."""
         reason = self.unavailable_reason()
         if reason is not None:
             raise BackendUnavailableError(reason)
@@ -160,6 +173,7 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
                 f"processes={self.resources.processes} needs cores= as well (cores per job, "
                 "shared among the processes)"
             )
+        self.system.check_own_options(self.backend_options)
         self._processes_per_job: int = self._plan_processes_per_job()
 
     def _plan_processes_per_job(self) -> int:
@@ -183,7 +197,8 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         )
         return max(1, min(automatic, self.max_workers or DEFAULT_MAX_WORKERS))
 
-    def _create_cluster(self) -> JobQueueCluster:
+    def create_cluster(self) -> JobQueueCluster:
+        """Create the dask-jobqueue cluster and submit the first jobs at once."""
         self._job_book = JobBook()
         self._job_watcher: JobWatcher | None = None
         #: What the system keeps across queue queries of this run (``query_job_states``).
@@ -194,7 +209,6 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         self._job_failures: list[str] = []
         self._adaptive: FairShareAdaptive | None = None
         self._rejections_seen = 0
-        cleanup.register(self)
         cluster = self.cluster_class(**self._cluster_options())
         # Submit now, so the jobs queue and start while the client connects; _start_workers
         # checks that the batch system accepted them.
@@ -202,7 +216,8 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         cluster.scale(jobs=self._initial_job_count)
         return cluster
 
-    def _start_workers(self) -> None:
+    def start_workers(self) -> None:
+        """Check the batch system took the first jobs, start the watcher and the policy."""
         job_count = self._initial_job_count
         if not self._job_book.wait_for_outcomes(job_count, SUBMISSION_TIMEOUT_SECONDS):
             raise JobSubmissionError(
@@ -248,7 +263,8 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
                     "none" if self.scaling.start_timeout is None
                     else f"{self.scaling.start_timeout:g} s")
 
-    def _planned_worker_slots(self) -> int:
+    def planned_worker_slots(self) -> int:
+        """One slot per core of every job the executor may hold."""
         return self.max_jobs() * (self.resources.cores or 1)
 
     # -- sizes ------------------------------------------------------------------------------------
@@ -299,7 +315,7 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         ]
         passed = {
             name: value for name, value in self.backend_options.items()
-            if name not in self.own_option_names
+            if name not in self.system.own_option_names
         }
         user_scheduler_options = passed.pop("scheduler_options", None) or dask.config.get(
             f"jobqueue.{config_name}.scheduler-options", None) or {}
@@ -337,7 +353,8 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
             job_book=self._job_book,
             memory_request=memory_request,
         )
-        options.update(self._scheduler_options(cores, memory_request))
+        options.update(self.system.scheduler_options(
+            resources, self.backend_options, cores, memory_request))
         skip = list(options.pop("job_directives_skip", [])) + list(
             passed.pop("job_directives_skip", None) or []
         )
@@ -345,10 +362,6 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
             options["job_directives_skip"] = skip
         options.update(passed)
         return {name: value for name, value in options.items() if value is not None}
-
-    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
-        """The batch system's own mapping of account, cores and memory."""
-        return {"account": self.resources.account}
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -373,15 +386,14 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         """Whether a job in this state may still run a worker."""
         return self.system.state_is_active(state)
 
-    def _scaling_status(self) -> ScalingStatus:
-        status = super()._scaling_status()
+    def report_status(self, status: ScalingStatus) -> None:
+        """Jobs replaced, job ids, why jobs wait, and the fair-share policy's counts."""
         status.adaptive = self.scaling.adaptive
         status.resubmissions = min(len(self._job_failures), self.scaling.max_resubmissions)
         status.job_ids = self.job_ids()
         status.pending_reasons = self.pending_reasons()
         if self._adaptive is not None:
             self._adaptive.report_into(status)
-        return status
 
     def pending_reasons(self) -> dict[str, str]:
         """Why each job whose worker has not connected waits, as the batch system last said.
@@ -403,7 +415,7 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
             if not (job.connected or job.ended or job.cancel_sent) and job.state != "submitted"
         }
 
-    def _progress_note(self) -> str | None:
+    def progress_note(self) -> str | None:
         """For a progress bar: how many jobs wait, and why (None when none waits)."""
         counts: dict[str, int] = {}
         for text in self.pending_reasons().values():
@@ -414,9 +426,9 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
             f"{count} job{'s' if count > 1 else ''} {text}" for text, count in counts.items()
         )
 
-    def _check_open(self) -> None:
-        super()._check_open()
-        if getattr(self, "_fatal_error", None) is not None:
+    def check_usable(self) -> None:
+        """Raise the run's error once its jobs have failed for good (no call can run)."""
+        if self.__dict__.get("_fatal_error") is not None:
             raise self._fatal_error_class(self._fatal_error)
 
     # -- closing ----------------------------------------------------------------------------------
@@ -432,18 +444,94 @@ class JobQueueExecutor(JobWatching, HPCExecutor):
         if not self._job_book.wait_for_in_flight(timeout=10):
             logger.warning("submissions of %s still running while cancelling", self.run_name)
 
-    def _close_cluster(self) -> None:
-        book = getattr(self, "_job_book", None)
+    def before_close(self) -> None:
+        """No new submission, no more watching: the jobs are about to be cancelled."""
+        book = self.__dict__.get("_job_book")
         if book is not None:
             book.begin_closing()
-        watcher = getattr(self, "_job_watcher", None)
+        watcher = self.__dict__.get("_job_watcher")
         if watcher is not None:
             watcher.stop()
-        try:
-            super()._close_cluster()
-        finally:
-            if book is not None:
-                # Whatever closing the cluster did or failed to do, no job stays behind.
-                self.cancel_jobs_now()
-            cleanup.unregister(self)
+
+    def after_close(self) -> None:
+        """Whatever closing the cluster did or failed to do, no job stays behind."""
+        if self.__dict__.get("_job_book") is not None:
+            self.cancel_jobs_now()
+
+
+def batch_provider(system: BatchSystem, name: str | None = None) -> type[BatchProvider]:
+    """The provider class of the batch system ``system`` (its executor names it).
+
+    Parameters
+    ----------
+    system : BatchSystem
+        The system module's ``SYSTEM``.
+    name : str, optional
+        The backend's name, if not the system's.
+
+    """
+    return type(f"{type(system).__name__}Provider", (BatchProvider,),
+                {"system": system, "name": name or system.name,
+                 "__module__": type(system).__module__,
+                 "__doc__": f"The batch provider of {system.title or system.name}."})
+
+
+class _FromProvider:
+    """A class attribute of a batch executor that is its provider's."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        return getattr(owner.provider, self._name, None)
+
+
+class JobQueueExecutor(HPCExecutor):
+    """Base of the batch executors: workers are batch jobs started through dask-jobqueue.
+
+    A batch system's executor names its provider: ``provider = batch_provider(SYSTEM)``.
+
+    Other Parameters
+    ----------------
+    start_timeout : float, str or datetime.timedelta, optional
+        Seconds (or ``"HH:MM:SS"``) a job may wait for its worker while no worker of the
+        executor has connected yet; then the jobs are cancelled and the outstanding calls raise
+        :class:`~futures_hpc.errors.JobSubmissionError` with each job's last state and reason.
+        Default: no limit. Jobs the batch system says can never start fail so without it.
+
+    """
+
+    provider: ClassVar[type[BackendProvider]] = BatchProvider
+    #: The batch system (the provider's).
+    system: ClassVar[BatchSystem] = _FromProvider()  # type: ignore[assignment]
+    #: The futures_hpc subclass of the system's dask-jobqueue cluster (the provider's).
+    cluster_class: ClassVar[type[JobQueueCluster]] = _FromProvider()  # type: ignore[assignment]
+
+    @property
+    def processes_per_job(self) -> int:
+        """Worker processes in each job."""
+        return self._backend.processes_per_job
+
+    def max_jobs(self) -> int:
+        """The most jobs this executor holds: ``max_workers // processes_per_job``, at least 1."""
+        return self._backend.max_jobs()
+
+    def job_script(self) -> str:
+        """The script each job runs (jobs differ only in the worker name)."""
+        return self._backend.job_script()
+
+    def job_ids(self) -> list[str]:
+        """The ids of every job this executor has submitted, in submission order."""
+        return self._backend.job_ids()
+
+    def pending_reasons(self) -> dict[str, str]:
+        """Why each job whose worker has not connected waits (see the provider's)."""
+        return self._backend.pending_reasons()
+
+    @property
+    def _job_book(self) -> JobBook:
+        return self._backend._job_book
+
+    def _query_job_states(self, job_ids: list[str]) -> dict[str, QueueState] | None:
+        return self._backend._query_job_states(job_ids)
 

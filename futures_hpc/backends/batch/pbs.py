@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from .commands import read_command, run_command
-from .executor import JobQueueExecutor
+from .executor import JobQueueExecutor, batch_provider
 from .jobs import QueueState
 from .system import JOB_NAME_PREFIX, BatchSystem, QueuedJob
 
@@ -108,6 +108,14 @@ class PBSSystem(BatchSystem):
                 jobs.append(QueuedJob(self.name, job_id, name, fields.get("job_state", "")))
         return jobs
 
+    def scheduler_options(self, resources: Any, backend_options: dict[str, Any], cores: int,
+                          memory_request: bool) -> dict[str, Any]:
+        """The account; a ``select`` without ``mem`` when no memory is asked for."""
+        options = super().scheduler_options(resources, backend_options, cores, memory_request)
+        if not memory_request:
+            options["resource_spec"] = f"select=1:ncpus={cores}"
+        return options
+
 
 #: The PBS batch system (this module's contract object, see :mod:`.system`).
 SYSTEM = PBSSystem()
@@ -122,11 +130,4 @@ class PBSExecutor(JobQueueExecutor):
     through.
     """
 
-    backend_name = "pbs"
-    system = SYSTEM
-
-    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
-        options = super()._scheduler_options(cores, memory_request)
-        if not memory_request:
-            options["resource_spec"] = f"select=1:ncpus={cores}"
-        return options
+    provider = batch_provider(SYSTEM)

@@ -16,9 +16,8 @@ import shutil
 import xml.etree.ElementTree as ElementTree
 from typing import Any
 
-from ...errors import OptionError
 from .commands import read_command, run_command
-from .executor import JobQueueExecutor
+from .executor import JobQueueExecutor, batch_provider
 from .jobs import QueueState
 from .system import JOB_NAME_PREFIX, BatchSystem, QueuedJob
 
@@ -150,6 +149,23 @@ class SGESystem(BatchSystem):
                 ))
         return jobs
 
+    own_option_names = frozenset({"parallel_environment", "memory_resource"})
+
+    def scheduler_options(self, resources: Any, backend_options: dict[str, Any], cores: int,
+                          memory_request: bool) -> dict[str, Any]:
+        """``-pe`` for several cores, memory per slot, ``-A``: all as job directives."""
+        directives = []
+        if cores > 1:
+            environment = backend_options.get("parallel_environment") or "smp"
+            directives.append(f"-pe {environment} {cores}")
+        memory_resource = backend_options.get("memory_resource") or "mem_free"
+        if resources.memory_bytes and "resource_spec" not in backend_options:
+            per_slot_mebibytes = math.ceil(resources.memory_bytes / cores / 2**20)
+            directives.append(f"-l {memory_resource}={per_slot_mebibytes}M")
+        if resources.account:
+            directives.append(f"-A {resources.account}")
+        return {"job_extra_directives": directives + list(resources.job_extra)}
+
 
 #: The Grid Engine batch system (this module's contract object, see :mod:`.system`).
 SYSTEM = SGESystem()
@@ -175,26 +191,4 @@ class SGEExecutor(JobQueueExecutor):
 
     """
 
-    backend_name = "sge"
-    system = SYSTEM
-    own_option_names = frozenset({"parallel_environment", "memory_resource"})
-
-    def _validate_options(self) -> None:
-        super()._validate_options()
-        for name in self.own_option_names:
-            value = self.backend_options.get(name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise OptionError(f"{name}={value!r} is not allowed; it must be a non-empty name")
-
-    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
-        directives = []
-        if cores > 1:
-            environment = self.backend_options.get("parallel_environment") or "smp"
-            directives.append(f"-pe {environment} {cores}")
-        memory_resource = self.backend_options.get("memory_resource") or "mem_free"
-        if self.resources.memory_bytes and "resource_spec" not in self.backend_options:
-            per_slot_mebibytes = math.ceil(self.resources.memory_bytes / cores / 2**20)
-            directives.append(f"-l {memory_resource}={per_slot_mebibytes}M")
-        if self.resources.account:
-            directives.append(f"-A {self.resources.account}")
-        return {"job_extra_directives": directives + list(self.resources.job_extra)}
+    provider = batch_provider(SYSTEM)

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from .commands import read_command, run_command
-from .executor import JobQueueExecutor
+from .executor import JobQueueExecutor, batch_provider
 from .jobs import QueueState
 from .system import JOB_NAME_PREFIX, BatchSystem, QueuedJob
 
@@ -114,6 +114,14 @@ class SLURMSystem(BatchSystem):
                 jobs.append(QueuedJob(self.name, job_id.strip(), name, state.strip()))
         return jobs
 
+    def scheduler_options(self, resources: Any, backend_options: dict[str, Any], cores: int,
+                          memory_request: bool) -> dict[str, Any]:
+        """The account; no ``--mem`` line when no memory is asked for."""
+        options = super().scheduler_options(resources, backend_options, cores, memory_request)
+        if not memory_request:
+            options["job_directives_skip"] = ["--mem"]
+        return options
+
 
 #: The SLURM batch system (this module's contract object, see :mod:`.system`).
 SYSTEM = SLURMSystem()
@@ -128,11 +136,4 @@ class SLURMExecutor(JobQueueExecutor):
     through.
     """
 
-    backend_name = "slurm"
-    system = SYSTEM
-
-    def _scheduler_options(self, cores: int, memory_request: bool) -> dict[str, Any]:
-        options = super()._scheduler_options(cores, memory_request)
-        if not memory_request:
-            options["job_directives_skip"] = ["--mem"]
-        return options
+    provider = batch_provider(SYSTEM)

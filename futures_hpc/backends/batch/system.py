@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ...errors import OptionError
 from .commands import cancel_command_line
 from .jobs import QueueState
 
@@ -82,6 +83,8 @@ class BatchSystem:
     query_command: ClassVar[str] = ""
     cancel_command: ClassVar[str] = ""
     unused_jobqueue_parameters: ClassVar[frozenset[str]] = frozenset()
+    #: Backend options futures_hpc reads itself instead of passing them to dask-jobqueue.
+    own_option_names: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def required_commands(self) -> tuple[str, ...]:
@@ -152,6 +155,31 @@ class BatchSystem:
 
         """
         raise NotImplementedError
+
+    def check_own_options(self, backend_options: dict[str, Any]) -> None:
+        """Check the options in :attr:`own_option_names` (default: non-empty names)."""
+        for name in self.own_option_names:
+            value = backend_options.get(name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise OptionError(f"{name}={value!r} is not allowed; it must be a non-empty name")
+
+    def scheduler_options(self, resources: Any, backend_options: dict[str, Any], cores: int,
+                          memory_request: bool) -> dict[str, Any]:
+        """dask-jobqueue options that map the common options onto this system's directives.
+
+        Parameters
+        ----------
+        resources : ResourceOptions
+            The executor's common options.
+        backend_options : dict
+            The executor's backend options.
+        cores : int
+            Cores per job.
+        memory_request : bool
+            Whether the jobs ask for memory (a ``memory`` was given or configured).
+
+        """
+        return {"account": resources.account}
 
     def cancel_command_line(self, job_ids: list[str]) -> list[str]:
         """The command that cancels ``job_ids`` in one call."""

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from distributed.core import Status
 from distributed.deploy.spec import ProcessInterface
 
 from .aws import AWSRequestError
 
-if TYPE_CHECKING:
-    from .run import ECSRun
-
 logger = logging.getLogger("futures_hpc")
+
+
+class TaskRunner(Protocol):
+    """What a worker task needs of its run (:class:`~.run.ECSRun` is one)."""
+
+    watched_workers: dict[str, Any]
+
+    def run_worker(self, scheduler_address: str, worker_name: str) -> dict[str, Any]:
+        """Start the task of ``worker_name``; return ECS's description of it."""
+
+    def stop_worker(self, task_arn: str) -> None:
+        """Stop the task ``task_arn``."""
 
 
 class ECSWorkerTask(ProcessInterface):
@@ -26,12 +35,12 @@ class ECSWorkerTask(ProcessInterface):
         Address of the scheduler.
     name : str
         Name of the dask worker.
-    run : ECSRun
+    run : TaskRunner
         The run that owns the task.
 
     """
 
-    def __init__(self, scheduler: str, name: str, run: ECSRun):
+    def __init__(self, scheduler: str, name: str, run: TaskRunner):
         super().__init__(scheduler=scheduler, name=name)
         self.scheduler_address = scheduler
         self.name = name
