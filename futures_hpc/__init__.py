@@ -1,4 +1,12 @@
-"""futures_hpc: one concurrent.futures Executor for laptops, batch clusters, MPI and AWS ECS."""
+"""futures_hpc: one concurrent.futures Executor for laptops, batch clusters, MPI and AWS ECS.
+
+Everything public is importable from ``futures_hpc``, except the tile functions
+(:mod:`futures_hpc.tiles`) and the integrations (:mod:`futures_hpc.integrations`). The backends'
+executors other than ``LocalExecutor`` are imported on first use, as their dependencies are
+optional.
+"""
+
+from typing import TYPE_CHECKING
 
 from .backends import available_backends
 from .backends.local import LocalExecutor
@@ -12,6 +20,11 @@ from .errors import (
 )
 from .executor import HPCExecutor
 from .integrations import register_integrations
+
+if TYPE_CHECKING:  # imported on first use (see __getattr__); named here for type checkers
+    from .backends.ecs import ECSExecutor
+    from .backends.jobqueue import PBSExecutor, SGEExecutor, SLURMExecutor
+    from .backends.mpi import MPIExecutor
 
 __version__ = "0.1.0"
 
@@ -46,5 +59,10 @@ __all__ = [
     "JobSubmissionError",
     "JobFailedError",
     "WorkerLostError",
-    *_LAZY_EXECUTORS,
+    # the executors of _LAZY_EXECUTORS, spelled out for tools that read __all__ without running it
+    "SLURMExecutor",
+    "PBSExecutor",
+    "SGEExecutor",
+    "MPIExecutor",
+    "ECSExecutor",
 ]

@@ -20,8 +20,9 @@ to dask and *with which others*. dask still runs, places, retries and moves the 
   waits and lets what runs finish.
 - **Dependencies.** A :class:`~concurrent.futures.Future` among a call's arguments (at the top
   level or inside lists, tuples, sets and dicts) makes the call wait until it is done; the call
-  then gets its value. A failed dependency fails the call (:class:`CallDependencyError`, the
-  dependency's exception as its cause); a cancelled one cancels it.
+  then gets its value, which passes through the client. A failed dependency fails the call
+  (:class:`CallDependencyError`, the dependency's exception as its cause); a cancelled one
+  cancels it.
 - **Lost workers.** A packed task whose worker died too often is split: each of its calls is
   queued again alone, so that only the call that kills its worker fails
   (:class:`~futures_hpc.errors.WorkerLostError`).

@@ -4,37 +4,37 @@ dask, distributed, dask-jobqueue and joblib release often, and only their docume
 stable. Everything else in futures_hpc uses that API. The few things it needs that have no
 public form live here, each with what it relies on and what happens if a release removes it:
 
-=================================  ===============================================  ===========
-use                                relies on                                        if gone
-=================================  ===============================================  ===========
-:func:`set_stream_interval`        ``BatchedSend.interval`` of the streams          no-op
-                                   (``Worker.batched_stream``,
-                                   ``Client.scheduler_comm``,
-                                   ``Scheduler.stream_comms``/``client_comms``)
-:func:`send_from_worker`           ``Worker.batched_stream.send``                   error (1)
-:func:`send_to_client`             ``Scheduler.client_comms``                       False
-:func:`add_scheduler_stream_       ``Scheduler.stream_handlers``                    error (1)
-handler`
-:func:`add_client_stream_handler`  ``Client._stream_handlers``                      False (2)
-:func:`stored_result`              ``Worker.data``                                  KeyError (3)
-:func:`future_state_waiter`        ``distributed.Future._state.wait()``             None (4)
-:func:`set_allowed_failures`,      ``Scheduler.allowed_failures``                   error (5)
-:func:`allowed_failures`
-:func:`pause_worker`               ``Scheduler.handle_worker_status_change``        error (5)
-:func:`threads_per_worker`         ``SpecCluster._threads_per_worker()``            1
-:func:`correct_cluster_state`      ``SpecCluster._correct_state()``                 error (5)
-:class:`ClusterHooks`              ``Cluster._start``/``_close``,                   error (5)
-                                   ``SpecCluster._correct_state_internal``,
-                                   ``._new_worker_name``, ``._threads_per_worker``,
-                                   ``Cluster._loop_runner``, ``SpecCluster._lock``
-                                   and ``._adaptive``
-:class:`JobHooks`                  dask-jobqueue ``Job._submit_job``,               error (5)
-                                   ``Job._command_template``
-:func:`job_keyword_arguments`      ``JobQueueCluster._job_kwargs``                  KeyError
-:func:`make_default_client`,       ``distributed.client._set_global_client``/       error (5)
-:func:`drop_default_client`        ``_del_global_client``, ``Client._set_as_default``
-:func:`configured_joblib_backend`  ``joblib.parallel._backend`` (thread-local)      None (6)
-=================================  ===============================================  ===========
+    =================================  ===============================================  ===========
+    use                                relies on                                        if gone
+    =================================  ===============================================  ===========
+    :func:`set_stream_interval`        ``BatchedSend.interval`` of the streams          no-op
+                                       (``Worker.batched_stream``,
+                                       ``Client.scheduler_comm``,
+                                       ``Scheduler.stream_comms``/``client_comms``)
+    :func:`send_from_worker`           ``Worker.batched_stream.send``                   error (1)
+    :func:`send_to_client`             ``Scheduler.client_comms``                       False
+    :func:`add_scheduler_stream_       ``Scheduler.stream_handlers``                    error (1)
+    handler`
+    :func:`add_client_stream_handler`  ``Client._stream_handlers``                      False (2)
+    :func:`stored_result`              ``Worker.data``                                  KeyError (3)
+    :func:`future_state_waiter`        ``distributed.Future._state.wait()``             None (4)
+    :func:`set_allowed_failures`,      ``Scheduler.allowed_failures``                   error (5)
+    :func:`allowed_failures`
+    :func:`pause_worker`               ``Scheduler.handle_worker_status_change``        error (5)
+    :func:`threads_per_worker`         ``SpecCluster._threads_per_worker()``            1
+    :func:`correct_cluster_state`      ``SpecCluster._correct_state()``                 error (5)
+    :class:`ClusterHooks`              ``Cluster._start``/``_close``,                   error (5)
+                                       ``SpecCluster._correct_state_internal``,
+                                       ``._new_worker_name``, ``._threads_per_worker``,
+                                       ``Cluster._loop_runner``, ``SpecCluster._lock``
+                                       and ``._adaptive``
+    :class:`JobHooks`                  dask-jobqueue ``Job._submit_job``,               error (5)
+                                       ``Job._command_template``
+    :func:`job_keyword_arguments`      ``JobQueueCluster._job_kwargs``                  KeyError
+    :func:`make_default_client`,       ``distributed.client._set_global_client``/       error (5)
+    :func:`drop_default_client`        ``_del_global_client``, ``Client._set_as_default``
+    :func:`configured_joblib_backend`  ``joblib.parallel._backend`` (thread-local)      None (6)
+    =================================  ===============================================  ===========
 
 (1) only reached once the relay is installed, which needs the same distributed; (2) futures
 then learn outcomes by gathering, one more round trip each; (3) the client gathers the outcome

@@ -94,6 +94,13 @@ class _ProviderTrait:
 class HPCExecutor(BlockMethods, Executor):
     """Run calls on a dask cluster chosen by backend, with standard-library semantics.
 
+    Called as ``HPCExecutor(...)`` it returns an instance of the backend's subclass
+    (``LocalExecutor``, ``SLURMExecutor``, ``PBSExecutor``, ``SGEExecutor``, ``MPIExecutor``,
+    ``ECSExecutor``). ``backend`` may be given by position or by keyword; both at once is a
+    ``TypeError``. Used as ``with HPCExecutor(...) as ex:`` it shuts down at the end of the block
+    (at once, cancelling everything, on Ctrl-C), and inside the block dask collections compute
+    on ``ex`` (:mod:`futures_hpc.integrations.dask`).
+
     Parameters
     ----------
     backend : str, optional
@@ -123,6 +130,23 @@ class HPCExecutor(BlockMethods, Executor):
     ValueError
         For an unknown backend, ``max_workers <= 0`` or any bad option (as
         :class:`~futures_hpc.errors.OptionError`), before anything is started.
+    BackendUnavailableError
+        The backend cannot run here (a command or a package it needs is missing).
+    JobSubmissionError
+        The batch system (or cloud API) refused the jobs.
+
+    Attributes
+    ----------
+    run_name : str
+        ``fhpc-xxxxxxxx``, unique per executor; batch jobs carry it as their name.
+    backend_name : str
+        The backend's name in the registry.
+    max_workers : int or None
+        The ``max_workers`` given (or from the profile).
+    resources : ResourceOptions
+        The parsed common options.
+    credentials : RunCredentials or None
+        The run's TLS files, when they are written to the run's ``tls`` directory.
 
     """
 
@@ -381,9 +405,12 @@ class HPCExecutor(BlockMethods, Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` and return a :class:`concurrent.futures.Future`.
 
-        Every call runs once, as its own task: calls are never merged or cached. A top-level
-        argument that is a :class:`distributed.Future` (from ``ex.client.scatter``) reaches the
-        function as its value, as in dask.
+        Every call runs once: calls are never merged or cached. The call waits in the
+        executor's call queue (:mod:`futures_hpc.call_queue`) until a worker slot is free. A
+        :class:`concurrent.futures.Future` among the arguments (also inside lists, tuples, sets
+        and dicts) makes the call wait for it and receive its value. A top-level argument that
+        is a :class:`distributed.Future` (from ``ex.client.scatter``) reaches the function as
+        its value, as in dask.
 
         Raises
         ------

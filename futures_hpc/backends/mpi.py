@@ -298,8 +298,8 @@ class MPIExecutor(HPCExecutor):
     and ``max_workers`` worker ranks are launched with ``mpirun`` (``srun`` inside a SLURM
     allocation) and ended on shutdown.
 
-    Parameters
-    ----------
+    Other Parameters
+    ----------------
     max_workers : int, optional
         Under mpirun: how many of the N-2 worker ranks to use (default: all). Otherwise: how many
         worker ranks to launch (default: ``SLURM_NTASKS`` inside an allocation, else the cores
