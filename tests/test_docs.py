@@ -208,3 +208,122 @@ def test_mkdocs_build_is_clean(tmp_path):
     assert "WARNING" not in output, output
     assert (tmp_path / "site" / "index.html").is_file()
     assert (tmp_path / "site" / "migration" / "rios" / "index.html").is_file()
+    # mkdocstrings rendered every ``:::`` directive of the API page, with its parameters.
+    api_page = (tmp_path / "site" / "api" / "index.html").read_text()
+    for directive in api_directives():
+        assert f'id="{directive.target}"' in api_page, directive.target
+    assert 'id="futures_hpc.HPCExecutor.map"' in api_page
+    assert "chunksize" in api_page and "buffersize" in api_page
+
+
+API_PAGE = ROOT / "docs" / "api.md"
+DIRECTIVE = re.compile(r"^::: (?P<target>[\w.]+)\s*$")
+#: Lines of prose a section of the API page may have besides its directives and examples.
+API_PROSE_LINES = 6
+
+
+@dataclass(frozen=True)
+class Directive:
+    section: str
+    target: str
+    members: object  # None: every public member; False: none; a list: those
+
+
+def api_sections() -> dict[str, list[str]]:
+    """The ``## `` sections of docs/api.md: title -> lines."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in API_PAGE.read_text().splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return sections
+
+
+def api_directives() -> list[Directive]:
+    import yaml
+
+    directives = []
+    for title, lines in api_sections().items():
+        for number, line in enumerate(lines):
+            match = DIRECTIVE.match(line)
+            if not match:
+                continue
+            block = []
+            for option_line in lines[number + 1:]:
+                if not option_line.startswith("    "):
+                    break
+                block.append(option_line[4:])
+            options = (yaml.safe_load("\n".join(block)) or {}).get("options", {})
+            directives.append(Directive(title, match["target"], options.get("members")))
+    return directives
+
+
+def test_api_page_is_generated_from_docstrings():
+    """docs/api.md is ``:::`` directives (mkdocstrings), not a hand-written reference."""
+    sections = api_sections()
+    assert len(sections) >= 10, list(sections)
+    for title, lines in sections.items():
+        assert any(DIRECTIVE.match(line) for line in lines), (
+            f"docs/api.md section {title!r} has no '::: module.name' directive: the API reference "
+            "is generated from the docstrings; write the text there"
+        )
+        prose, in_code, in_options = [], False, False
+        for line in lines:
+            if line.startswith("```"):
+                in_code = not in_code
+            elif DIRECTIVE.match(line):
+                in_options = True
+            elif in_options and line.startswith("    "):
+                continue
+            elif not in_code and line.strip():
+                in_options = False
+                prose.append(line)
+                assert not line.lstrip().startswith("|"), (
+                    f"docs/api.md section {title!r} has a hand-written table: {line}"
+                )
+        assert len(prose) <= API_PROSE_LINES, (
+            f"docs/api.md section {title!r} has {len(prose)} lines of prose; move them into the "
+            "docstrings the section renders"
+        )
+
+
+def test_api_page_documents_every_public_name():
+    """Every name of ``futures_hpc.__all__`` is rendered, by name or as a module's member."""
+    import importlib
+
+    import futures_hpc
+
+    directives = api_directives()
+    targets = {directive.target for directive in directives}
+    modules = {}
+    for directive in directives:
+        if directive.members is False:
+            continue
+        try:
+            modules[directive.target] = (importlib.import_module(directive.target),
+                                         directive.members)
+        except ImportError:
+            continue  # a class or function, not a module
+
+    def rendered_by(module, members, name, value):
+        # mkdocstrings renders a module's own public members, and what its __all__ re-exports.
+        if getattr(module, name, None) is not value:
+            return False
+        if members is not None:
+            return name in members
+        return (name in getattr(module, "__all__", ())
+                or getattr(value, "__module__", None) == module.__name__)
+
+    missing = []
+    for name in futures_hpc.__all__:
+        value = getattr(futures_hpc, name)
+        if f"futures_hpc.{name}" not in targets and not any(
+            rendered_by(module, members, name, value) for module, members in modules.values()
+        ):
+            missing.append(name)
+    assert not missing, f"docs/api.md renders none of {missing} (add a '::: futures_hpc.X')"
+    for module in ("futures_hpc.errors", "futures_hpc.tiles", "futures_hpc.integrations",
+                   "futures_hpc.progress", "futures_hpc.option_table", "futures_hpc.engine"):
+        assert module in modules, f"docs/api.md does not render {module}"
