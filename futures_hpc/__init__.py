@@ -22,8 +22,10 @@ from .executor import HPCExecutor
 from .integrations import register_integrations
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__); named here for type checkers
+    from .backends.batch.pbs import PBSExecutor
+    from .backends.batch.sge import SGEExecutor
+    from .backends.batch.slurm import SLURMExecutor
     from .backends.ecs import ECSExecutor
-    from .backends.jobqueue import PBSExecutor, SGEExecutor, SLURMExecutor
     from .backends.mpi import MPIExecutor
 
 __version__ = "0.1.0"

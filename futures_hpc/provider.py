@@ -10,23 +10,23 @@ The executor owns the life cycle (checking the options, the client, the call que
 ``with`` blocks, the exit and signal paths); it creates one provider when it starts and calls it
 at fixed points. A provider never overrides the executor: it answers.
 
-========================  ======================================================================
-when                      the executor calls
-========================  ======================================================================
-choosing a backend        :meth:`BackendProvider.unavailable_reason` (a classmethod)
-construction, first       ``BackendProvider(executor)`` (MPI joins its world here)
-after the common checks   :meth:`~BackendProvider.check_options`: the backend's own options
-start                     :meth:`~BackendProvider.create_cluster`, then, once the client is
-                          connected, :meth:`~BackendProvider.start_workers`
-sizing chunks             :meth:`~BackendProvider.planned_worker_slots`
-``ex.status()``           :meth:`~BackendProvider.report_status`
-progress bars             :meth:`~BackendProvider.progress_note`
-each submission           :meth:`~BackendProvider.check_usable` (raise once nothing can run)
-SIGTERM                   :meth:`~BackendProvider.cancel_jobs_now` (any thread, no event loop)
-closing                   :meth:`~BackendProvider.before_close`, then the cluster closes, then
-                          :meth:`~BackendProvider.after_close`
-leaving ``with``          :meth:`~BackendProvider.on_exit`
-========================  ======================================================================
+    ========================  ======================================================================
+    when                      the executor calls
+    ========================  ======================================================================
+    choosing a backend        :meth:`BackendProvider.unavailable_reason` (a classmethod)
+    construction, first       ``BackendProvider(executor)`` (MPI joins its world here)
+    after the common checks   :meth:`~BackendProvider.check_options`: the backend's own options
+    start                     :meth:`~BackendProvider.create_cluster`, then, once the client is
+                              connected, :meth:`~BackendProvider.start_workers`
+    sizing chunks             :meth:`~BackendProvider.planned_worker_slots`
+    ``ex.status()``           :meth:`~BackendProvider.report_status`
+    progress bars             :meth:`~BackendProvider.progress_note`
+    each submission           :meth:`~BackendProvider.check_usable` (raise once nothing can run)
+    SIGTERM                   :meth:`~BackendProvider.cancel_jobs_now` (any thread, no event loop)
+    closing                   :meth:`~BackendProvider.before_close`, then the cluster closes, then
+                              :meth:`~BackendProvider.after_close`
+    leaving ``with``          :meth:`~BackendProvider.on_exit`
+    ========================  ======================================================================
 """
 
 from __future__ import annotations

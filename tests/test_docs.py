@@ -325,5 +325,6 @@ def test_api_page_documents_every_public_name():
             missing.append(name)
     assert not missing, f"docs/api.md renders none of {missing} (add a '::: futures_hpc.X')"
     for module in ("futures_hpc.errors", "futures_hpc.tiles", "futures_hpc.integrations",
-                   "futures_hpc.progress", "futures_hpc.option_table", "futures_hpc.engine"):
+                   "futures_hpc.progress", "futures_hpc.option_table", "futures_hpc.engine",
+                   "futures_hpc.provider", "futures_hpc.backends.batch"):
         assert module in modules, f"docs/api.md does not render {module}"
