@@ -427,6 +427,7 @@ class FairShareAdaptive(Adaptive):
         self._processing: dict[str, tuple[str, int]] = {}  # address -> (name, tasks)
         self._longest_call = 0.0
         self._startup = 0.0
+        self._step_running = False  # one adapt step at a time
         super().__init__(cluster, interval=interval, minimum=minimum, maximum=maximum,
                          target_duration=target_duration, **kwargs)
 
