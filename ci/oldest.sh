@@ -20,7 +20,8 @@ constraints=ci/oldest-constraints.txt
 pip_log=$FHPC_LOG_DIR/oldest-pip.log
 register_logs "$pip_log"
 
-# The subset: every local and SLURM executor test, and the modules they lean on.
+# The subset: every local and SLURM executor test, the modules they lean on, and the engine
+# boundary (private names read from these versions' sources).
 TESTS=(
     tests/backends/test_local.py
     tests/backends/test_slurm.py
@@ -29,6 +30,8 @@ TESTS=(
     tests/test_chunking.py
     tests/test_progress.py
     tests/test_backends_registry.py
+    tests/test_engine_boundary.py
+    tests/test_option_table.py
 )
 
 bash ci/setup.sh >/dev/null
