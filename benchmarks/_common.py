@@ -23,10 +23,14 @@ def quiet_logs(level: int = logging.WARNING) -> None:
     """Set dask's, distributed's and futures_hpc's loggers to ``level`` (default WARNING).
 
     Also in the worker processes started later from here: distributed configures its loggers
-    from dask's config at import, which a child process reads from the environment.
+    from dask's config when first imported, which a child process reads from the environment.
     """
     name = logging.getLevelName(level).lower()
     os.environ["DASK_LOGGING__DISTRIBUTED"] = name
+    try:  # distributed sets its loggers' levels when first imported: import it before setting
+        import distributed  # noqa: F401
+    except ImportError:
+        pass
     for logger in NOISY_LOGGERS:
         logging.getLogger(logger).setLevel(level)
 
