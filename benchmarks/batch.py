@@ -4,15 +4,17 @@ Run on the local SLURM of ci/slurm.sh (the tools side by side, in one run)::
 
     python benchmarks/batch.py [--calls 2000] [--array-calls 2000] [--first-rounds 7]
                                [--map-rounds 2] [--only futures_hpc,dask_jobqueue,...]
+                               [--quick]   (a short smoke run whose figures mean nothing)
 
 It measures, for each tool:
 
 - first result: from creating the executor (or cluster) with 2 one-core workers to the result
   of one call, the median of ``--first-rounds`` alternating rounds after one warm-up round
   (imports and the first dashboard are paid once per process, whatever the tool);
-- the calls: ``--calls`` calls of a 10 ms function (``time.sleep(0.01)``), from creating the
-  executor, cluster or job arrays to the last result (end to end, startup included), and for
-  the two dask-based tools also on workers that already run.
+- the calls: ``--calls`` calls of a 10 ms function (``time.sleep(0.01)``: time-based on purpose,
+  it models a call that WAITS, e.g. on I/O; what is compared is each tool's cost per call and per
+  job, not CPU work), from creating the executor, cluster or job arrays to the last result (end
+  to end, startup included), and for the two dask-based tools also on workers that already run.
 
 and prints the ratios against futures_hpc. Targets: first result within 1.2x of plain
 dask-jobqueue; the calls at least 10x faster than submitit and pypoolparty.
@@ -21,14 +23,21 @@ A job array runs one SLURM job per call: on a busy 2-core machine 2,000 of them 
 of the shared SLURM for the better part of an hour. ``--array-calls`` runs the array tools on
 fewer calls; their time for ``--calls`` is then estimated as the time of a 1-call array (the
 start-up) plus ``--calls - 1`` times the measured time per further call, and marked as such.
+
+No job is left in the queue when an array tool fails: each pypoolparty pool gets a work
+directory of its own (pypoolparty names its job and its folder after the second it starts, so two
+pools sharing a folder collide with ``FileExistsError``), every job name a tool used is
+cancelled with ``scancel --name`` on any exception and again in a ``finally``, and the jobs
+still queued under those names are counted with ``squeue --me`` and printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +47,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dask.config
+from _common import median, print_header, quiet_logs, ratio
 
 #: The function every tool runs: 10 ms, importable by name on the nodes (pypoolparty needs that).
+#: Time-based on purpose: it models waiting (I/O), not CPU work.
 CALL = time.sleep
 CALL_ARGUMENT = 0.01
 
@@ -128,14 +139,74 @@ def dask_jobqueue_calls(calls: int) -> tuple[float, float]:
     return end_to_end, warm
 
 
+# -- no job left behind -------------------------------------------------------------------------
+
+_RUNS = itertools.count()
+
+
+def cancel_jobs(names: set[str], settle_seconds: float = 15.0) -> int:
+    """``scancel`` this user's jobs of these names; return how many are still in the queue.
+
+    Cancelled jobs stay listed while they complete: wait up to ``settle_seconds`` for them.
+    """
+    for name in sorted(names):
+        subprocess.run(["scancel", "--user", str(os.getuid()), "--name", name],
+                       capture_output=True, check=False)
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        left = sum(len(subprocess.run(
+            ["squeue", "--me", "--noheader", "-o", "%i", "--name", name],
+            capture_output=True, text=True, check=False).stdout.split()) for name in names)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def leave_no_job(names: Callable[[], set[str]], tool: str) -> Callable:
+    """Decorate a run: on any exception and in a finally, cancel the jobs named ``names()``."""
+
+    def decorate(run: Callable[..., float]) -> Callable[..., float]:
+        def guarded(*arguments) -> float:
+            try:
+                return run(*arguments)
+            except BaseException:
+                cancel_jobs(names())
+                raise
+            finally:
+                left = cancel_jobs(names())
+                if left:
+                    print(f"  {tool}: {left} job(s) still in the queue after scancel", flush=True)
+
+        return guarded
+
+    return decorate
+
+
+# -- the array tools ------------------------------------------------------------------------------
+
+#: The job names submitit was given in this process (one per run).
+SUBMITIT_NAMES: set[str] = set()
+#: The work directories of the pypoolparty pools of this process (one per pool).
+POOL_DIRECTORIES: list[Path] = []
+
+
+def pypoolparty_names() -> set[str]:
+    """pypoolparty names a pool's job like the folder it makes in the pool's work directory."""
+    return {entry.name for directory in POOL_DIRECTORIES if directory.is_dir()
+            for entry in directory.iterdir() if entry.is_dir()}
+
+
+@leave_no_job(lambda: set(SUBMITIT_NAMES), "submitit")
 def submitit_run(calls: int, work_dir: Path) -> float:
     """Job arrays of submitit (``map_array``), from submission to the last result."""
     import submitit
 
     logging.getLogger("submitit").setLevel(logging.ERROR)  # "sacct error": accounting is off
-    executor = submitit.AutoExecutor(folder=work_dir / "submitit", cluster="slurm")
-    executor.update_parameters(timeout_min=30, slurm_partition="debug", cpus_per_task=1,
-                               slurm_mem="1G", slurm_array_parallelism=256)
+    name = f"bench-submitit-{os.getpid()}-{next(_RUNS)}"
+    SUBMITIT_NAMES.add(name)
+    executor = submitit.AutoExecutor(folder=work_dir / name, cluster="slurm")
+    executor.update_parameters(name=name, timeout_min=30, slurm_partition="debug",
+                               cpus_per_task=1, slurm_mem="1G", slurm_array_parallelism=256)
     started = time.perf_counter()
     jobs = []
     for size in array_batches(calls):
@@ -145,37 +216,45 @@ def submitit_run(calls: int, work_dir: Path) -> float:
     return time.perf_counter() - started
 
 
+@leave_no_job(pypoolparty_names, "pypoolparty")
 def pypoolparty_run(calls: int, work_dir: Path) -> float:
-    """pypoolparty's ``slurm.array.Pool.map``, one pool per array SLURM accepts, in parallel."""
+    """pypoolparty's ``slurm.array.Pool.map``, one pool per array SLURM accepts, in parallel.
+
+    Each pool gets a work directory of its own. A pool whose map fails leaves the others
+    polling for results that will never come once their jobs are cancelled: the threads are
+    daemons, and the first failure is raised at once.
+    """
     import pypoolparty
 
     sizes = array_batches(calls)
     results: list[list] = [[] for _ in sizes]
+    errors: list[BaseException] = []
+    run = next(_RUNS)
 
     def one_map(index: int, size: int) -> None:
-        pool = pypoolparty.slurm.array.Pool(polling_interval=1.0, work_dir=str(work_dir / "ppp"))
-        results[index] = pool.map(CALL, [CALL_ARGUMENT] * size)
+        directory = work_dir / f"pypoolparty-{run}-{index}"
+        POOL_DIRECTORIES.append(directory)
+        try:
+            pool = pypoolparty.slurm.array.Pool(polling_interval=1.0, work_dir=str(directory),
+                                                verbose=False)
+            results[index] = pool.map(CALL, [CALL_ARGUMENT] * size)
+        except BaseException as error:  # handed to the main thread
+            errors.append(error)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=one_map, args=(index, size))
+    threads = [threading.Thread(target=one_map, args=(index, size), daemon=True)
                for index, size in enumerate(sizes)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    while any(thread.is_alive() for thread in threads) and not errors:
+        time.sleep(0.2)
+    if errors:
+        raise errors[0]
     assert sum(len(part) for part in results) == calls
     return time.perf_counter() - started
 
 
 # -- the run ------------------------------------------------------------------------------------
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def ratio(numerator: float, denominator: float) -> str:
-    return f"{numerator / denominator:.2f}x"
 
 
 def alternate(names: list[str], rounds: int, run: Callable[[str], object]) -> None:
@@ -193,14 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-rounds", type=int, default=7)
     parser.add_argument("--map-rounds", type=int, default=2)
     parser.add_argument("--only", default="futures_hpc,dask_jobqueue,submitit,pypoolparty")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 20 calls, 4 array calls, 1 round of each")
     arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.calls, arguments.array_calls = 20, 4
+        arguments.first_rounds, arguments.map_rounds = 1, 1
     tools = arguments.only.split(",")
     if shutil.which("sbatch") is None:
         print("sbatch is not on PATH: start SLURM with ci/slurm.sh first")
         return 2
     logging.basicConfig(level=logging.WARNING)
+    quiet_logs()
     for noisy in ("distributed", "tornado", "asyncio"):  # connections torn down at each close
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    print_header(f"{', '.join(tools)} on the local SLURM: first result and calls of "
+                 "time.sleep(0.01) (waiting, not CPU work), vs futures_hpc")
     dask.config.set({"futures_hpc.dashboard-address": "localhost:0",
                      "futures_hpc.log-dir": tempfile.mkdtemp(prefix="bench-fhpc-")})
     work_dir = Path(tempfile.mkdtemp(prefix="bench-arrays-"))

@@ -12,14 +12,17 @@ Every pool is started and warmed up before it is timed; the runs are interleaved
 figure is the median of ``--repeats`` runs (the best is printed too). Targets (issue 8):
 futures_hpc at most 2x loky, and at least as fast as joblib's dask backend.
 
-Run: ``python benchmarks/joblib_backend.py``.
+Run: ``python benchmarks/joblib_backend.py`` (``--quick`` for a short smoke run whose figures
+mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+
+from _common import median as median_of
+from _common import print_header, quiet_logs
 
 WORKERS = 2
 
@@ -32,7 +35,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 calls, 1 repeat")
     arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.calls, arguments.repeats = 1_000, 1
+    quiet_logs()
+    print_header("joblib Parallel(n_jobs=2) on the futures_hpc backend against loky and joblib's "
+                 "dask backend")
 
     import joblib
     from joblib import Parallel, delayed
@@ -66,7 +75,7 @@ def main() -> None:
             for name, config in configurations.items():
                 timings[name].append(run(**config))
 
-    median = {name: statistics.median(values) for name, values in timings.items()}
+    median = {name: median_of(values) for name, values in timings.items()}
     best = {name: min(values) for name, values in timings.items()}
     print(f"{arguments.calls:,} small delayed calls through Parallel(n_jobs={WORKERS}), "
           f"median (best) of {arguments.repeats} runs; executor start-up {startup:.2f} s")

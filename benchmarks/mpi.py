@@ -15,15 +15,20 @@ Workloads: 10,000 trivial calls (best of ``--repeats``, pools warmed up first) w
 sizes of ``--chunksizes`` (default: ``ex.map``'s own choice, which after the warm-up map has
 measured the calls as trivial and puts one chunk on each worker; 1250, its choice for a function
 it has never run, 4 chunks per worker; 100; 5000 = one chunk per worker), the same for both
-executors; and 2,000 calls of 10 ms, once as a sleep (the executor's own overhead) and once as
-a busy loop (CPU-bound; the ranks share the machine's cores). Parallel efficiency = calls x
-10 ms / (workers x elapsed); the same figure per rank (all of mpirun's ranks, client and
-scheduler included) is printed beside it.
+executors; and 2,000 calls of about 10 ms, once as ``time.sleep(0.01)`` (time-based: it models
+WAITING, such as I/O, and shows the executor's own overhead) and once as a FIXED amount of CPU
+work (a counted arithmetic loop whose iteration count the driver calibrates once, in its own
+process, to take about 10 ms here, and passes to every contestant; the ranks share the machine's
+cores, so a call takes longer when they compete, as real work does). Parallel efficiency =
+calls x single-call time / (workers x elapsed), the single-call time being 10 ms for the sleep
+and, for the work, the CPU time of one call measured once by the driver; the same figure per rank
+(all of mpirun's ranks, client and scheduler included) is printed beside it.
 
 Targets (issue 6): trivial calls at most 2x mpi4py.futures (same chunk size), at least 10x
 faster than dask_mpi's client.map, and at least 90 % parallel efficiency on the 10 ms calls.
 
-Run: ``python benchmarks/mpi.py`` (``--ranks``, ``--repeats``, ``--chunksizes``).
+Run: ``python benchmarks/mpi.py`` (``--ranks``, ``--repeats``, ``--chunksizes``; ``--quick`` for a
+short smoke run whose figures mean nothing).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import calibrate_iterations, counted_work, cpu_seconds_of, print_header, quiet_logs
+
 TRIVIAL_CALLS = 10_000
 TIMED_CALLS = 2_000
 CALL_SECONDS = 0.010
@@ -51,15 +58,14 @@ def trivial(value):
 
 
 def sleep_call(value):
+    """Time-based on purpose: models waiting (I/O), not CPU work."""
     time.sleep(CALL_SECONDS)
     return value
 
 
-def spin_call(value):
-    end = time.perf_counter() + CALL_SECONDS
-    while time.perf_counter() < end:
-        pass
-    return value
+def work_call(iterations):
+    """A fixed amount of CPU work: ``iterations`` steps, the count calibrated by the driver."""
+    return counted_work(iterations)
 
 
 def timings_of(repeats, function):
@@ -76,29 +82,36 @@ def check(results, count):
     assert list(results) == list(range(count)), "wrong results"
 
 
+def check_work(results, count, iterations):
+    assert list(results) == [counted_work(iterations)] * count, "wrong results"
+
+
 # -- one contestant, run under mpirun ---------------------------------------------------------
 
 
 def measure_map(map_function, workers, arguments):
     """Time the workloads through ``map_function(fn, items, chunksize)``; return a report."""
     map_function(trivial, range(100), None)  # warm up (imports, connections)
-    report = {"workers": workers, "trivial": {}, "sleep": {}, "spin": {}}
+    map_function(work_call, [arguments.iterations] * 4, None)  # the same warm-up for everyone
+    trivial_calls, timed_calls = arguments.trivial_calls, arguments.timed_calls
+    report = {"workers": workers, "trivial": {}, "sleep": {}, "work": {}}
     for chunksize in arguments.chunksizes:
         size = None if chunksize == 0 else chunksize
         report["trivial"][str(chunksize)] = timings_of(
             arguments.repeats,
-            lambda size=size: check(map_function(trivial, range(TRIVIAL_CALLS), size),
-                                    TRIVIAL_CALLS),
+            lambda size=size: check(map_function(trivial, range(trivial_calls), size),
+                                    trivial_calls),
         )
     for chunksize in arguments.timed_chunksizes:
         size = None if chunksize == 0 else chunksize
         report["sleep"][str(chunksize)] = timings_of(
-            1, lambda size=size: check(map_function(sleep_call, range(TIMED_CALLS), size),
-                                       TIMED_CALLS)
+            1, lambda size=size: check(map_function(sleep_call, range(timed_calls), size),
+                                       timed_calls)
         )
     size = None if arguments.timed_chunksizes[0] == 0 else arguments.timed_chunksizes[0]
-    report["spin"][str(arguments.timed_chunksizes[0])] = timings_of(
-        1, lambda: check(map_function(spin_call, range(TIMED_CALLS), size), TIMED_CALLS)
+    report["work"][str(arguments.timed_chunksizes[0])] = timings_of(
+        1, lambda: check_work(map_function(work_call, [arguments.iterations] * timed_calls, size),
+                              timed_calls, arguments.iterations)
     )
     return report
 
@@ -157,15 +170,18 @@ def run_dask_mpi(arguments):
             return client.gather(client.map(fn, list(items), pure=False))
 
         client_map(trivial, range(100), None)
-        report = {"workers": workers, "trivial": {}, "sleep": {}, "spin": {}}
+        client_map(work_call, [arguments.iterations] * 4, None)
+        trivial_calls, timed_calls = arguments.trivial_calls, arguments.timed_calls
+        report = {"workers": workers, "trivial": {}, "sleep": {}, "work": {}}
         report["trivial"]["per call"] = timings_of(
-            1, lambda: check(client_map(trivial, range(TRIVIAL_CALLS), None), TRIVIAL_CALLS)
+            1, lambda: check(client_map(trivial, range(trivial_calls), None), trivial_calls)
         )
         report["sleep"]["per call"] = timings_of(
-            1, lambda: check(client_map(sleep_call, range(TIMED_CALLS), None), TIMED_CALLS)
+            1, lambda: check(client_map(sleep_call, range(timed_calls), None), timed_calls)
         )
-        report["spin"]["per call"] = timings_of(
-            1, lambda: check(client_map(spin_call, range(TIMED_CALLS), None), TIMED_CALLS)
+        report["work"]["per call"] = timings_of(
+            1, lambda: check_work(client_map(work_call, [arguments.iterations] * timed_calls,
+                                             None), timed_calls, arguments.iterations)
         )
         return report
 
@@ -192,6 +208,9 @@ def launch(contestant, arguments, directory):
         "--chunksizes", *map(str, arguments.chunksizes),
         "--timed-chunksizes", *map(str, arguments.timed_chunksizes),
         "--our-workers", str(arguments.ranks - 2),
+        "--iterations", str(arguments.iterations),
+        "--trivial-calls", str(arguments.trivial_calls),
+        "--timed-calls", str(arguments.timed_calls),
         "--our-chunksizes", json.dumps(arguments.our_chunksizes),
     ]
     environment = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -220,12 +239,12 @@ def print_report(reports, arguments):
           f"{ours['workers']}, mpi4py.futures {theirs['workers']}, dask_mpi "
           f"{dask_mpi['workers']}")
     chosen = ours["chosen chunksizes"]
+    cold = cold_chunksize(arguments.trivial_calls, ours["workers"])
     print(f"ex.map's own chunk sizes, warm-up map first: {chosen}; for a function never mapped "
-          f"before it picks {cold_chunksize(TRIVIAL_CALLS, ours['workers'])} (the row "
-          "'chunksize 1250'), after one map it has measured the calls")
-    our_auto = arguments.our_chunksizes["trivial"]
+          f"before it picks {cold}, after one map it has measured the calls")
+    our_auto = arguments.our_chunksizes.get("trivial")
 
-    print(f"\n{TRIVIAL_CALLS:,} trivial calls, best of {arguments.repeats}")
+    print(f"\n{arguments.trivial_calls:,} trivial calls, best of {arguments.repeats}")
     dask_seconds = min(dask_mpi["trivial"]["per call"])
     print(f"  dask_mpi client.map, one task per call  {describe(dask_mpi['trivial']['per call'])}")
     for chunksize in arguments.chunksizes:
@@ -239,10 +258,17 @@ def print_report(reports, arguments):
         print(f"    ratio dask_mpi / futures_hpc:       {dask_seconds / mine:5.0f}x  "
               "(target >= 10x)")
 
-    ideal_serial = TIMED_CALLS * CALL_SECONDS
-    for kind, what in (("sleep", "sleeping"), ("spin", "busy (CPU-bound)")):
-        print(f"\n{TIMED_CALLS:,} calls of 10 ms, {what}; efficiency = "
-              f"{ideal_serial:.0f} s / (workers x elapsed)")
+    calls = arguments.timed_calls
+    for kind, what, single in (
+        ("sleep", "time.sleep(0.01): time-based, models WAITING (I/O), not CPU work",
+         CALL_SECONDS),
+        ("work", f"FIXED CPU work ({arguments.iterations:,} loop steps, calibrated once by the "
+         f"driver; one call's CPU time {1000 * arguments.single_call:.2f} ms)",
+         arguments.single_call),
+    ):
+        ideal_serial = calls * single
+        print(f"\n{calls:,} calls of {what}; efficiency = {calls:,} x {1000 * single:.2f} ms "
+              "/ (workers x elapsed)")
         for name, report in (("futures_hpc MPIExecutor.map", ours),
                              ("mpi4py.futures map", theirs),
                              ("dask_mpi client.map", dask_mpi)):
@@ -256,8 +282,9 @@ def print_report(reports, arguments):
                 print(f"  {name:30s} chunksize {label:>10s}  {elapsed:7.2f} s  "
                       f"{report['workers']} workers  efficiency {efficiency:6.1%}  "
                       f"per rank {per_rank:6.1%}")
-    print("\n(targets for the 10 ms calls: efficiency >= 90 %; with 4 ranks, futures_hpc has 2 "
-          "workers and mpi4py.futures 3)")
+    print(f"\n(targets for the 10 ms calls: efficiency >= 90 %; with {arguments.ranks} ranks, "
+          f"futures_hpc has {ours['workers']} workers and mpi4py.futures {theirs['workers']}: "
+          "compare the per-rank figures too)")
 
 
 def main():
@@ -274,10 +301,26 @@ def main():
     parser.add_argument("--timed-chunksizes", type=int, nargs="+", default=[0, 1],
                         help="chunk sizes for the 10 ms calls; 0 = ex.map's own choice")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--iterations", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--trivial-calls", type=int, default=TRIVIAL_CALLS)
+    parser.add_argument("--timed-calls", type=int, default=TIMED_CALLS,
+                        help="calls of the 10 ms sleep and of the ~10 ms fixed work")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2,000 trivial calls, 200 timed calls, 1 repeat, chunk "
+                             "sizes auto and 100 only")
     arguments = parser.parse_args()
+    quiet_logs()
     if arguments.contestant:
         run_contestant(arguments)
         return
+    if arguments.quick:
+        arguments.trivial_calls, arguments.timed_calls, arguments.repeats = 2_000, 200, 1
+        arguments.chunksizes, arguments.timed_chunksizes = [0, 100], [0]
+    print_header(f"MPIExecutor under mpirun -n {arguments.ranks} against mpi4py.futures and "
+                 "dask_mpi: trivial calls, 10 ms sleeps (waiting) and ~10 ms fixed CPU work")
+    # Calibrated ONCE, here, and passed to every contestant: the same work on every side.
+    arguments.iterations = calibrate_iterations(CALL_SECONDS * 1000)
+    arguments.single_call = cpu_seconds_of(arguments.iterations)
     reports = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="futures_hpc-bench-mpi-") as directory:

@@ -1,23 +1,38 @@
-"""Per-call overhead of ``ex.map`` against the usual pools, side by side in one run.
+"""Per-call overhead and parallel efficiency of futures_hpc against the usual pools, in one run.
 
-Every pool is started and warmed up before it is timed; start-up to the first result is
-measured and printed separately. Prints the ratios the executor-core issue sets as targets:
+Every pool is started and warmed up the same way before it is timed; start-up to the first
+result is measured and printed separately.
 
-- 100,000 trivial calls: ``ex.map`` (default chunksize) at most 1.5x the best
-  ``ProcessPoolExecutor(2).map`` figure (best over several chunk sizes), and at least 20x faster
-  than plain ``client.map`` on the same cluster;
-- 2,000 calls of a 10 ms CPU-bound function: parallel efficiency (ideal time / elapsed) of at
-  least 90 %.
+1. 100,000 trivial calls: ``ex.map`` (default chunksize) against ``ProcessPoolExecutor(2).map``
+   (best over several chunk sizes), loky, joblib, plain ``client.map`` (one task per call) and
+   dask's strongest form, ``client.map`` over chunks (one task per chunk of calls). Targets:
+   ``ex.map`` at most 1.5x the best ``ProcessPoolExecutor(2)``, at least 20x faster than plain
+   ``client.map``.
+2. Parallel efficiency: ``--work-calls`` (2,000) calls of a FIXED amount of CPU work on 2 local
+   workers: a counted arithmetic loop whose iteration count is calibrated once, in this process,
+   to take about ``--work-ms`` (10) ms here, and then passed to every call of every contestant
+   (never a loop until a deadline, which would measure the clock, not the work).
+   Efficiency = (calls x single-call CPU time) / (workers x wall time), the single-call CPU time
+   measured here, once. Contestants, at their defaults first: ``ProcessPoolExecutor(2).map``
+   (chunksize 1, its default; the baseline), a ``ProcessPoolExecutor(2)`` ``submit`` +
+   ``as_completed`` loop, ``ex.map``, a futures_hpc ``submit`` + ``as_completed`` loop, and dask
+   ``client.map`` over chunks (as many chunks as ``ex.map`` chose, named); then, named, the tuned
+   ``ProcessPoolExecutor(2).map`` with ``ex.map``'s chunk size. Target (issue 14): ``ex.map``
+   within 3 points of ``ProcessPoolExecutor(2)`` in the same run.
 
-Run: ``python benchmarks/overhead.py`` (``--client-map-calls 100000`` times plain
-``client.map`` on all calls instead of a sample; at about 2 ms per task that takes minutes).
+Run: ``python benchmarks/overhead.py`` (``--quick`` for a short smoke run whose figures mean
+nothing; ``--client-map-calls 100000`` times plain ``client.map`` on all calls instead of a
+sample; at about 2 ms per task that takes minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import math
 import time
+
+from _common import calibrate_iterations, counted_work, cpu_seconds_of, print_header, quiet_logs
 
 WORKERS = 2
 
@@ -26,13 +41,30 @@ def trivial(value):
     return value
 
 
-def spin(milliseconds):
-    """Busy-wait ``milliseconds`` of wall time: a CPU-bound call."""
-    end = time.perf_counter() + milliseconds / 1000
-    count = 0
-    while time.perf_counter() < end:
-        count += 1
-    return count
+def trivial_chunk(values):
+    """One dask task for a chunk of trivial calls."""
+    return [trivial(value) for value in values]
+
+
+def work_chunk(iteration_counts):
+    """One dask task for a chunk of fixed-work calls."""
+    return [counted_work(iterations) for iterations in iteration_counts]
+
+
+def submit_loop(executor, function, arguments):
+    """What a ``concurrent.futures`` user writes: submit each call, drain with as_completed."""
+    futures = [executor.submit(function, argument) for argument in arguments]
+    return [future.result() for future in concurrent.futures.as_completed(futures)]
+
+
+def chunked_client_map(client, function, arguments, chunks):
+    """dask's strongest form: ``client.map`` with one task per chunk of calls, not per call."""
+    size = math.ceil(len(arguments) / chunks)
+    futures = client.map(function, [arguments[start:start + size]
+                                    for start in range(0, len(arguments), size)], pure=False)
+    results = [value for part in client.gather(futures) for value in part]
+    del futures
+    return results
 
 
 def best_of(repeats, function):
@@ -45,13 +77,77 @@ def best_of(repeats, function):
     return min(timings), result
 
 
+def efficiency_report(arguments, executor, process_pool) -> None:
+    """Parallel efficiency of fixed CPU work, every form warmed the same way, in one run."""
+    iterations = calibrate_iterations(arguments.work_ms)  # once, here; the same for everyone
+    single_call = cpu_seconds_of(iterations)
+    work = [iterations] * arguments.work_calls
+    expected = [counted_work(iterations)] * arguments.work_calls
+    client = executor.client
+    warm_up = [iterations] * (WORKERS * 10)
+
+    list(executor.map(counted_work, warm_up))  # ex.map sizes its chunks from measured calls
+    chosen = executor.automatic_chunksize(len(work), counted_work)
+    chunks = math.ceil(len(work) / chosen)
+    baseline = "ProcessPoolExecutor(2).map (defaults: chunksize 1)"
+    forms = {
+        baseline: lambda calls: list(process_pool.map(counted_work, calls)),
+        "ProcessPoolExecutor(2) submit + as_completed": lambda calls: submit_loop(
+            process_pool, counted_work, calls),
+        "futures_hpc ex.map (defaults)": lambda calls: list(executor.map(counted_work, calls)),
+        "futures_hpc submit + as_completed (defaults)": lambda calls: submit_loop(
+            executor, counted_work, calls),
+        f"dask client.map over {chunks} chunks (ex.map's count)": lambda calls:
+            chunked_client_map(client, work_chunk, calls, chunks),
+        f"tuned: ProcessPoolExecutor(2).map(chunksize={chosen}) (ex.map's size)": lambda calls:
+            list(process_pool.map(counted_work, calls, chunksize=chosen)),
+    }
+    for run in forms.values():  # the same warm-up for every form
+        assert len(run(warm_up)) == len(warm_up)
+
+    elapsed = {name: float("inf") for name in forms}
+    names = list(forms)
+    for repeat in range(arguments.repeats):  # alternate the order, keep each one's best
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            result = forms[name](work)
+            elapsed[name] = min(elapsed[name], time.perf_counter() - started)
+            assert sorted(result) == expected
+
+    def efficiency(name):
+        return len(work) * single_call / (WORKERS * elapsed[name])
+
+    print(f"\n{len(work):,} calls of fixed CPU work ({iterations:,} loop steps, calibrated once "
+          f"to ~{arguments.work_ms:g} ms; one call's CPU time here {1000 * single_call:.2f} ms) "
+          f"on {WORKERS} workers, best of {arguments.repeats}; efficiency = calls x single-call "
+          f"CPU time / ({WORKERS} x wall):")
+    for name in forms:
+        points = 100 * (efficiency(name) - efficiency(baseline))
+        print(f"  {name:<66} {elapsed[name]:7.3f} s  efficiency {100 * efficiency(name):5.1f} %"
+              f"  vs ProcessPoolExecutor {efficiency(name) / efficiency(baseline):5.3f}x "
+              f"({points:+5.1f} points)")
+    behind = 100 * (efficiency(baseline) - efficiency("futures_hpc ex.map (defaults)"))
+    print(f"\n  ex.map is {behind:.1f} points behind ProcessPoolExecutor(2) (target <= 3)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--client-map-calls", type=int, default=10_000)
-    parser.add_argument("--spin-calls", type=int, default=2_000)
+    parser.add_argument("--work-calls", type=int, default=2_000,
+                        help="calls of fixed CPU work for the efficiency figures")
+    parser.add_argument("--work-ms", type=float, default=10.0,
+                        help="milliseconds of work per call, calibrated once into a count")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 10,000 trivial calls, 200 work calls, 1 repeat")
     arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.calls, arguments.client_map_calls = 10_000, 1_000
+        arguments.work_calls, arguments.repeats = 200, 1
+    quiet_logs()
+    print_header("futures_hpc ex.map / submit against ProcessPoolExecutor(2), loky, joblib and "
+                 "dask client.map (per call and over chunks): trivial calls, then fixed CPU work")
 
     import joblib
     import loky
@@ -131,6 +227,11 @@ def main() -> None:
         client_map_label += f" (timed on {len(sample):,} calls, scaled x{scale:g})"
     timings[client_map_label] = elapsed * scale
 
+    elapsed, result = best_of(arguments.repeats, lambda: chunked_client_map(
+        client, trivial_chunk, range(len(items)), math.ceil(len(items) / chunk_choice)))
+    assert result == expected
+    timings[f"dask client.map over chunks of {chunk_choice} (ex.map's size)"] = elapsed
+
     ours = timings["futures_hpc ex.map (default chunksize)"]
     print("\nStart-up to first result (separate from the timings below):")
     for name, seconds in startup.items():
@@ -144,21 +245,7 @@ def main() -> None:
     print(f"\n  RATIO ex.map / best ProcessPoolExecutor = {ratio_pool:.2f}  (target <= 1.5)")
     print(f"  RATIO plain client.map / ex.map        = {ratio_client:.1f}  (target >= 20)")
 
-    spin_calls = [10] * arguments.spin_calls
-    ideal = len(spin_calls) * 0.010 / WORKERS
-    print(f"\n{len(spin_calls):,} calls of 10 ms CPU-bound work on {WORKERS} workers "
-          f"(ideal {ideal:.2f} s):")
-    efficiencies = {}
-    for name, run in (
-        ("futures_hpc ex.map (default chunksize)", lambda: list(executor.map(spin, spin_calls))),
-        ("ProcessPoolExecutor(2).map (chunksize 50)",
-         lambda: list(process_pool.map(spin, spin_calls, chunksize=50))),
-    ):
-        elapsed, _ = best_of(1, run)
-        efficiencies[name] = ideal / elapsed
-        print(f"  {name:<70} {elapsed:8.3f} s   efficiency {100 * ideal / elapsed:5.1f} %")
-    ours_efficiency = efficiencies["futures_hpc ex.map (default chunksize)"]
-    print(f"\n  RATIO parallel efficiency ex.map = {100 * ours_efficiency:.1f} %  (target >= 90 %)")
+    efficiency_report(arguments, executor, process_pool)
 
     executor.shutdown()
     process_pool.shutdown()

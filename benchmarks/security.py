@@ -8,11 +8,12 @@ target: the default (TLS) within 1.15x of ``security=False`` (today's behaviour 
 - (a) 100,000 trivial calls through ``ex.map`` (default chunksize);
 - (b) 10,000 trivial ``submit`` calls, drained with ``as_completed``;
 - (c) 2,000 calls of a fixed amount of CPU work (about 10 ms of counted arithmetic, the same
-  count on both), as parallel efficiency: the calls' time run one after the other in this
+  count on both), as parallel efficiency: the calls' CPU time run one after the other in this
   process, divided by the number of workers, over the elapsed time.
 
 Run: ``python benchmarks/security.py`` (``--repeats``, ``--calls``, ``--submits``,
-``--work-calls`` to change the sizes, ``--only map|submit|work`` for some parts). The machine's
+``--work-calls`` to change the sizes, ``--only map|submit|work`` for some parts; ``--quick`` for a
+short smoke run whose figures mean nothing). The machine's
 load average is printed before and after: figures taken under load are not comparable.
 """
 
@@ -21,9 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 from concurrent.futures import as_completed
+
+from _common import calibrate_iterations, counted_work, cpu_seconds_of, print_header, quiet_logs
+from _common import timed as _timed
 
 WORKERS = 2
 
@@ -33,30 +36,6 @@ WORK_MILLISECONDS = 10
 
 def trivial(value):
     return value
-
-
-def counted_work(iterations):
-    """CPU-bound work of a fixed size: ``iterations`` steps of integer arithmetic."""
-    total = 0
-    for step in range(iterations):
-        total += step * step % 7
-    return total
-
-
-def calibrate_iterations(milliseconds: float) -> int:
-    """How many steps of :func:`counted_work` take ``milliseconds`` here (best of 40 probes).
-
-    The best of many short probes, so that other processes on the machine weigh little.
-    """
-    probe = 50_000
-    best = min(_timed(lambda: counted_work(probe)) for _ in range(40))
-    return max(1, round(probe * milliseconds / 1000 / best))
-
-
-def _timed(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def map_trivial(executor, calls: int) -> None:
@@ -110,13 +89,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("map", "submit", "work"), action="append",
                         help="run only these parts (repeatable); default: all three")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 10,000 map calls, 1,000 submits, 100 work calls, 1 repeat")
     arguments = parser.parse_args()
+    if arguments.quick:
+        arguments.calls, arguments.submits, arguments.work_calls = 10_000, 1_000, 100
+        arguments.repeats = 1
+    quiet_logs()
+    print_header("the local backend's default (TLS) against security=False: ex.map, submit + "
+                 "as_completed, fixed CPU work")
 
     from futures_hpc import LocalExecutor
 
     print(f"load average before: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
     iterations = calibrate_iterations(WORK_MILLISECONDS)
-    work_seconds = min(_timed(lambda: counted_work(iterations)) for _ in range(20))
+    work_seconds = cpu_seconds_of(iterations)  # one call's CPU time here, measured once
     baseline, candidate = "security=False", "default (TLS)"
     executors = {
         baseline: LocalExecutor(max_workers=WORKERS, security=False),

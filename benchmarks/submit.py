@@ -17,7 +17,8 @@ targets:
   results right, and the client process's CPU time per call within 2x of the 2-worker figure.
 
 Run: ``python benchmarks/submit.py`` (add ``--slurm`` on a machine with SLURM, ``--wide`` for the
-64-worker figure; ``--memory-calls`` sets the pending-call count).
+64-worker figure; ``--memory-calls`` sets the pending-call count; ``--quick`` for a short smoke
+run whose figures mean nothing).
 """
 
 from __future__ import annotations
@@ -25,24 +26,18 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import logging
 import subprocess
 import sys
 import time
+
+from _common import calibrate_iterations, print_header, quiet_logs
+from _common import counted_work as work
 
 WORKERS = 2
 
 
 def trivial(value):
     return value
-
-
-def work(iterations):
-    """A fixed amount of CPU work: a counted arithmetic loop (never a wait on the clock)."""
-    total = 0
-    for index in range(iterations):
-        total += index * index % 7
-    return total
 
 
 def timed_work(iterations):
@@ -53,15 +48,8 @@ def timed_work(iterations):
 
 
 def iterations_for(seconds: float) -> int:
-    """Loop iterations that take about ``seconds`` here, measured once in this process."""
-    iterations = 10_000
-    while True:
-        started = time.perf_counter()
-        work(iterations)
-        took = time.perf_counter() - started
-        if took > 0.05:
-            return max(1, int(iterations * seconds / took))
-        iterations *= 2
+    """Loop iterations that take about ``seconds`` here, calibrated once in this process."""
+    return calibrate_iterations(seconds * 1000)
 
 
 def submit_loop(executor, function, arguments) -> tuple[float, list]:
@@ -113,6 +101,7 @@ def measure_memory(system: str, calls: int) -> None:
         executor = HPCExecutor("local", max_workers=WORKERS)
     else:
         executor = concurrent.futures.ProcessPoolExecutor(WORKERS)
+    # Time-based on purpose: the sleeps only hold the workers busy (waiting, not measured work).
     blockers = [executor.submit(time.sleep, 5) for _ in range(WORKERS)]
     time.sleep(1.0)
     before = process.memory_info().rss
@@ -132,11 +121,18 @@ def main() -> None:
     parser.add_argument("--slurm", action="store_true", help="also on SLURM (2 one-core jobs)")
     parser.add_argument("--wide", action="store_true", help="also 64 one-thread local workers")
     parser.add_argument("--measure-memory", choices=["futures_hpc", "pool"])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1,000 submits, 100 work calls, 10,000 pending, 1 repeat")
     arguments = parser.parse_args()
+    quiet_logs()
     if arguments.measure_memory:
         measure_memory(arguments.measure_memory, arguments.memory_calls)
         return
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if arguments.quick:
+        arguments.calls, arguments.work_calls, arguments.memory_calls = 1_000, 100, 10_000
+        arguments.repeats = 1
+    print_header("futures_hpc submit + as_completed against ProcessPoolExecutor(2): trivial calls, "
+                 "fixed CPU work, client memory per pending call")
 
     from futures_hpc import HPCExecutor
 

@@ -32,6 +32,8 @@ import scipy.ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import print_header, quiet_logs  # noqa: E402
+
 from futures_hpc import HPCExecutor  # noqa: E402
 from futures_hpc.tiles import map_blocks  # noqa: E402
 
@@ -261,6 +263,9 @@ def main():
     parser.add_argument("--zarr-chunks", type=int, nargs=2, default=(1024, 1024))
     parser.add_argument("--skip", choices=("memory", "zarr"), default=None)
     arguments = parser.parse_args()
+    quiet_logs()
+    print_header("futures_hpc.tiles.map_blocks on 2 local workers against scipy in one process "
+                 "and dask map_overlap: a 3x3 mean filter in memory and on zarr")
     memory_size, zarr_size = (2048, 4096) if arguments.quick else (8192, 16384)
     repeat = 1 if arguments.quick else arguments.repeat
     workdir = arguments.workdir or tempfile.mkdtemp(prefix="futures_hpc_tiles_bench_")
