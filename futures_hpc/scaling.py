@@ -1,10 +1,12 @@
 """Fair-share adaptive scaling for clusters whose workers are jobs in a shared queue.
 
-The policy is a pure function, :func:`decide`, over a small snapshot of the cluster
-(:class:`ClusterSnapshot`): it says how many jobs to submit, which whole jobs to retire and which
-to drain before their walltime. :class:`FairShareAdaptive`, a :class:`distributed.deploy.Adaptive`
-usable by any :class:`~distributed.deploy.SpecCluster` whose scheduler runs in the same process,
-takes the snapshot from the scheduler every interval and carries the decision out:
+The policy is a pure function, :func:`~futures_hpc.scaling_policy.decide` (in
+:mod:`futures_hpc.scaling_policy`, whose names this module also exports), over a small snapshot
+of the cluster (:class:`ClusterSnapshot`): it says how many jobs to submit, which whole jobs to
+retire and which to drain before their walltime. :class:`FairShareAdaptive`, a
+:class:`distributed.deploy.Adaptive` usable by any :class:`~distributed.deploy.SpecCluster` whose
+scheduler runs in the same process, takes the snapshot from the scheduler every interval and
+carries the decision out:
 
 - scale up from the queued work (the scheduler's ``adaptive_target`` capped by the runnable
   tasks), never beyond ``max_workers`` and never with more than ``max_pending_jobs`` jobs
@@ -30,6 +32,36 @@ from . import engine
 from .engine import correct_cluster_state, pause_worker
 from .errors import OptionError
 from .options import check_boolean, check_number, check_whole_number, parse_timeout
+from .scaling_policy import (
+    DEFAULT_STARTUP_SECONDS,
+    MINIMUM_WALLTIME_MARGIN,
+    ClusterSnapshot,
+    JobSnapshot,
+    ScalingDecision,
+    ScalingLimits,
+    decide,
+    walltime_margin,
+    wanted_workers,
+)
+
+__all__ = [  # the policy's names too, as before the policy had a module of its own
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_PENDING_JOBS",
+    "DEFAULT_MAX_RESUBMISSIONS",
+    "DEFAULT_STARTUP_SECONDS",
+    "MINIMUM_WALLTIME_MARGIN",
+    "ClusterSnapshot",
+    "FairShareAdaptive",
+    "JobSnapshot",
+    "ScalingDecision",
+    "ScalingLimits",
+    "ScalingOptions",
+    "ScalingStatus",
+    "decide",
+    "validate_scaling_options",
+    "walltime_margin",
+    "wanted_workers",
+]
 
 logger = logging.getLogger("futures_hpc")
 
@@ -43,10 +75,6 @@ DEFAULT_MAX_RESUBMISSIONS = 3
 DEFAULT_INTERVAL = 0.5
 #: Seconds of queued work per worker that the scale-up aims for (smaller: more workers sooner).
 DEFAULT_TARGET_DURATION = 2.0
-#: Smallest margin, in seconds, between draining a job and the end of its walltime.
-MINIMUM_WALLTIME_MARGIN = 10.0
-#: Estimated seconds between a job starting and its worker connecting, until one is observed.
-DEFAULT_STARTUP_SECONDS = 5.0
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -125,207 +153,6 @@ def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> Sc
                                         DEFAULT_MAX_RESUBMISSIONS, 0),
         start_timeout=parse_timeout(options.get("start_timeout"), "start_timeout"),
     )
-
-
-# -- the policy -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScalingLimits:
-    """What the policy may do, in jobs.
-
-    Attributes
-    ----------
-    min_jobs, max_jobs : int
-        The fewest and most jobs (draining jobs do not count).
-    max_pending_jobs : int
-        The most jobs without a connected worker at once.
-    idle_timeout : float
-        Seconds a job's workers must all be idle before it is released.
-    processes_per_job : int
-        Worker processes per job.
-    walltime : float or None
-        Seconds a job may run; None for no limit.
-
-    """
-
-    min_jobs: int
-    max_jobs: int
-    max_pending_jobs: int
-    idle_timeout: float
-    processes_per_job: int = 1
-    walltime: float | None = None
-
-
-@dataclass(frozen=True)
-class JobSnapshot:
-    """One job as the policy sees it.
-
-    Attributes
-    ----------
-    name : str
-        The job's name in the cluster's ``worker_spec``.
-    submitted_at : float
-        When it was asked for (seconds, same clock as the snapshot).
-    connected_workers : int
-        Its worker processes connected now (0: pending in the batch queue).
-    busy_workers : int
-        Its connected workers that have a task to run.
-    idle_since : float or None
-        When its last busy worker became idle (or connected); None while one is busy.
-    started_at : float or None
-        When its first worker connected.
-    draining : bool
-        Its workers were paused before the walltime.
-
-    """
-
-    name: str
-    submitted_at: float
-    connected_workers: int = 0
-    busy_workers: int = 0
-    idle_since: float | None = None
-    started_at: float | None = None
-    draining: bool = False
-
-    @property
-    def pending(self) -> bool:
-        """No worker of the job has connected."""
-        return self.started_at is None
-
-
-@dataclass(frozen=True)
-class ClusterSnapshot:
-    """The cluster at one moment.
-
-    Attributes
-    ----------
-    now : float
-        The time of the snapshot.
-    wanted_workers : int
-        Workers the queued work asks for.
-    jobs : tuple of JobSnapshot
-        Every job the cluster holds.
-    longest_call : float
-        The longest task duration seen so far (seconds).
-    startup : float
-        The longest time seen between submitting a job and its worker connecting.
-
-    """
-
-    now: float
-    wanted_workers: int
-    jobs: tuple[JobSnapshot, ...] = ()
-    longest_call: float = 0.0
-    startup: float = DEFAULT_STARTUP_SECONDS
-
-
-@dataclass(frozen=True)
-class ScalingDecision:
-    """What the policy asks for.
-
-    Attributes
-    ----------
-    submit : int
-        New jobs to submit.
-    retire : tuple of str
-        Jobs to release (all their workers are idle, or they never started).
-    drain : tuple of str
-        Jobs whose workers are to be paused because their walltime is near.
-
-    """
-
-    submit: int = 0
-    retire: tuple[str, ...] = ()
-    drain: tuple[str, ...] = ()
-
-    @property
-    def changes_anything(self) -> bool:
-        """Whether the decision asks for anything."""
-        return bool(self.submit or self.retire or self.drain)
-
-
-def wanted_workers(adaptive_target: int, runnable_tasks: int, threads_per_worker: int) -> int:
-    """Workers the queued work asks for: dask's target, capped by the runnable tasks.
-
-    Parameters
-    ----------
-    adaptive_target : int
-        ``Scheduler.adaptive_target()``.
-    runnable_tasks : int
-        Tasks queued, unrunnable (no worker) or processing.
-    threads_per_worker : int
-        Threads of one worker process.
-
-    """
-    if runnable_tasks <= 0:
-        return 0
-    by_tasks = math.ceil(runnable_tasks / max(1, threads_per_worker))
-    return max(1, min(adaptive_target, by_tasks))
-
-
-def walltime_margin(longest_call: float, startup: float) -> float:
-    """Seconds before the walltime at which a job is drained.
-
-    Time for the calls a paused worker still holds to end (the running one and the one dask
-    queued behind it: three times the longest call seen, for slack) and for a replacement to
-    start.
-    """
-    return max(MINIMUM_WALLTIME_MARGIN, 3 * longest_call + startup)
-
-
-def decide(limits: ScalingLimits, snapshot: ClusterSnapshot) -> ScalingDecision:
-    """The fair-share policy: which jobs to submit, drain and retire now.
-
-    Parameters
-    ----------
-    limits : ScalingLimits
-        What the policy may do.
-    snapshot : ClusterSnapshot
-        The cluster now.
-
-    Returns
-    -------
-    ScalingDecision
-
-    """
-    now = snapshot.now
-    jobs = snapshot.jobs
-    drain: list[str] = []
-    if limits.walltime is not None:
-        margin = min(walltime_margin(snapshot.longest_call, snapshot.startup),
-                     limits.walltime / 2)
-        for job in jobs:
-            if (not job.draining and job.started_at is not None
-                    and now - job.started_at >= limits.walltime - margin):
-                drain.append(job.name)
-    draining = {job.name for job in jobs if job.draining} | set(drain)
-    # Drained jobs retire as soon as none of their workers runs a task.
-    retire = [job.name for job in jobs if job.name in draining and job.busy_workers == 0]
-
-    active = [job for job in jobs if job.name not in draining]
-    pending = sum(job.pending for job in active)
-    wanted_jobs = math.ceil(snapshot.wanted_workers / max(1, limits.processes_per_job))
-    wanted_jobs = min(limits.max_jobs, max(limits.min_jobs, wanted_jobs))
-
-    submit = 0
-    if wanted_jobs > len(active):
-        room_in_queue = max(0, limits.max_pending_jobs - pending)
-        submit = min(wanted_jobs - len(active), room_in_queue)
-    elif len(active) > wanted_jobs:
-        excess = len(active) - wanted_jobs
-
-        def idle_for(job: JobSnapshot) -> float:
-            if job.pending:
-                return now - job.submitted_at
-            return -1.0 if job.idle_since is None else now - job.idle_since
-
-        candidates = [job for job in active if job.busy_workers == 0
-                      and idle_for(job) >= limits.idle_timeout]
-        # Jobs still in the queue first (nothing runs there), then the longest idle.
-        candidates.sort(key=lambda job: (not job.pending, -idle_for(job)))
-        retire += [job.name for job in candidates[:excess]]
-    return ScalingDecision(submit=submit, retire=tuple(retire), drain=tuple(drain))
 
 
 # -- what the executor reports ---------------------------------------------------------------------

@@ -4,28 +4,5 @@
 :mod:`futures_hpc.discovery`, which the executor uses itself.
 """
 
-from ..discovery import (
-    DiscoveredCluster,
-    active_executor_count,
-    discover,
-    discovery_directory,
-    read_discovery_record,
-    register_for_discovery,
-    restore_dask_scheduler,
-    running_cluster_names,
-    unregister_from_discovery,
-    use_as_dask_scheduler,
-)
-
-__all__ = [
-    "DiscoveredCluster",
-    "active_executor_count",
-    "discover",
-    "discovery_directory",
-    "read_discovery_record",
-    "register_for_discovery",
-    "restore_dask_scheduler",
-    "running_cluster_names",
-    "unregister_from_discovery",
-    "use_as_dask_scheduler",
-]
+from ..discovery import *  # noqa: F403 - this module is futures_hpc.discovery's public names
+from ..discovery import __all__  # noqa: F401

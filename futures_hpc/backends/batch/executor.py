@@ -118,16 +118,7 @@ class BatchProvider(JobWatching, BackendProvider):
 
     One subclass per batch system (:func:`batch_provider`) names the system (``system``, the
     module's ``SYSTEM``: commands, queue reading, cancelling, the mapping of cores, memory and
-    account onto directives).
-
-    Other Parameters
-    ----------------
-    start_timeout : float, str or datetime.timedelta, optional
-        Seconds (or ``"HH:MM:SS"``) a job may wait for its worker while no worker of the
-        executor has connected yet; then the jobs are cancelled and the outstanding calls raise
-        :class:`~futures_hpc.errors.JobSubmissionError` with each job's last state and reason.
-        Default: no limit. Jobs the batch system says can never start fail so without it.
-
+    account onto directives). The options it reads are :class:`JobQueueExecutor`'s.
     """
 
     scales_jobs = True
