@@ -378,6 +378,14 @@ class DiscoveredCluster(ClusterHooks, Cluster):
         return result
 
 
+def sweep_stale_runs() -> None:
+    """Drop discovery records of dead runs of this host, deleting their TLS files (cheap)."""
+    try:
+        running_cluster_names()
+    except Exception as error:  # a convenience: it must never stop a run from starting
+        logger.debug("sweeping the discovery records failed: %r", error)
+
+
 __all__ = [
     "DiscoveredCluster",
     "active_executor_count",

@@ -33,6 +33,13 @@ from .call_queue import CallQueue, function_name, pickled
 from .calls import pack_function
 from .chunking import CallCosts, automatic_chunksize, function_key
 from .cleanup import undo_foreign_interrupt_handler
+from .discovery import (
+    register_for_discovery,
+    restore_dask_scheduler,
+    sweep_stale_runs,
+    unregister_from_discovery,
+    use_as_dask_scheduler,
+)
 from .engine import check_engine, set_allowed_failures
 from .errors import ExecutorShutdownError, OptionError
 from .import_path import ImportPathPlugin, import_path_option
@@ -52,7 +59,7 @@ from .options import (
     parse_resources,
 )
 from .progress import track
-from .provider import BackendProvider
+from .provider import BackendProvider, ProviderTrait, chosen_executor_class
 from .scaling import ScalingStatus, validate_scaling_options
 from .security import TLS_DIRECTORY, RunCredentials, dashboard_link_for, run_credentials
 from .streams import connect_client
@@ -64,31 +71,6 @@ WORKER_SLOTS_REFRESH_SECONDS = 1.0
 
 
 
-
-
-#: Picks the executor class for ``HPCExecutor(backend, profile=...)``. The backend registry
-#: (:mod:`futures_hpc.backends`, imported by ``futures_hpc/__init__.py``) installs it with
-#: :func:`set_backend_chooser`: the executor never imports the registry, which imports the
-#: backends, which import the executor.
-_backend_chooser: Callable[[str | None, str | None], type[HPCExecutor]] | None = None
-
-
-def set_backend_chooser(
-    chooser: Callable[[str | None, str | None], type[HPCExecutor]]
-) -> None:
-    """Install the function that picks the executor class of ``HPCExecutor(...)``."""
-    global _backend_chooser
-    _backend_chooser = chooser
-
-
-class _ProviderTrait:
-    """A class attribute of an executor that is its provider's (read at each use)."""
-
-    def __init__(self, trait: str) -> None:
-        self.trait = trait
-
-    def __get__(self, instance: Any, owner: type) -> Any:
-        return getattr(owner.provider, self.trait)
 
 
 class HPCExecutor(BlockMethods, Executor):
@@ -155,16 +137,16 @@ class HPCExecutor(BlockMethods, Executor):
     # The backend's traits are its provider's (read when used: a batch provider computes its
     # option names from dask-jobqueue, imported only then).
     #: The backend's name in the registry.
-    backend_name: ClassVar[str] = _ProviderTrait("name")  # type: ignore[assignment]
+    backend_name: ClassVar[str] = ProviderTrait("name")  # type: ignore[assignment]
     #: Options the backend accepts besides the common ones; None accepts anything.
-    backend_option_names: ClassVar[frozenset[str] | None] = _ProviderTrait(  # type: ignore[assignment]
+    backend_option_names: ClassVar[frozenset[str] | None] = ProviderTrait(  # type: ignore[assignment]
         "option_names")
     #: Whether workers connect over a network (and write logs of their own).
-    networked: ClassVar[bool] = _ProviderTrait("networked")  # type: ignore[assignment]
+    networked: ClassVar[bool] = ProviderTrait("networked")  # type: ignore[assignment]
     #: Whether the backend sizes its workers with the fair-share policy.
-    scales_jobs: ClassVar[bool] = _ProviderTrait("scales_jobs")  # type: ignore[assignment]
+    scales_jobs: ClassVar[bool] = ProviderTrait("scales_jobs")  # type: ignore[assignment]
     #: Whether the run's TLS key stays in memory instead of in the run's ``tls`` directory.
-    credentials_in_memory: ClassVar[bool] = _ProviderTrait(  # type: ignore[assignment]
+    credentials_in_memory: ClassVar[bool] = ProviderTrait(  # type: ignore[assignment]
         "credentials_in_memory")
 
     @classmethod
@@ -179,9 +161,7 @@ class HPCExecutor(BlockMethods, Executor):
         for any Python function.
         """
         if cls is HPCExecutor:
-            if _backend_chooser is None:
-                raise RuntimeError("no backend registry: import futures_hpc, not its modules")
-            cls = _backend_chooser(backend, options.get("profile"))
+            cls = chosen_executor_class(backend, options.get("profile"))
         return super().__new__(cls)
 
     def __init__(
@@ -228,7 +208,7 @@ class HPCExecutor(BlockMethods, Executor):
             # Made now, after every other check, so that a bad log_dir fails before any start
             # and a run refused for another option leaves no directory behind.
             self.log_dir  # noqa: B018
-        _sweep_stale_runs()
+        sweep_stale_runs()
         self.credentials: RunCredentials | None = None
         self.security: Security | None = self._make_security(security)
 
@@ -258,8 +238,6 @@ class HPCExecutor(BlockMethods, Executor):
             raise
         # Discoverable while alive, with or without ``with``: ``futures-hpc jobs/cancel`` and
         # dask-ctl read the record; closing removes it.
-        from .discovery import register_for_discovery
-
         register_for_discovery(self)
         logger.info("%s started: %r", type(self).__name__, self)
 
@@ -554,8 +532,6 @@ class HPCExecutor(BlockMethods, Executor):
         except Exception as error:
             logger.warning("preparing the %s backend of %r to close failed: %r",
                            self.backend_name, self, error)
-        from .discovery import unregister_from_discovery
-
         unregister_from_discovery(self)
         try:
             for step, closer in (
@@ -582,14 +558,10 @@ class HPCExecutor(BlockMethods, Executor):
 
     def __enter__(self) -> HPCExecutor:
         """Make this executor's cluster dask's scheduler for the block."""
-        from .discovery import use_as_dask_scheduler
-
         use_as_dask_scheduler(self)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
-        from .discovery import restore_dask_scheduler
-
         self._backend.on_exit(exc_type, exc_value)
         try:
             restore_dask_scheduler(self)
@@ -605,13 +577,3 @@ class HPCExecutor(BlockMethods, Executor):
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             cleanup.close_now(self)
-
-
-def _sweep_stale_runs() -> None:
-    """Drop discovery records of dead runs of this host, deleting their TLS files (cheap)."""
-    from .discovery import running_cluster_names
-
-    try:
-        running_cluster_names()
-    except Exception as error:  # a convenience: it must never stop a run from starting
-        logger.debug("sweeping the discovery records failed: %r", error)

@@ -31,6 +31,7 @@ at fixed points. A provider never overrides the executor: it answers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from distributed.deploy import Cluster
@@ -107,3 +108,35 @@ class BackendProvider:
 
     def on_exit(self, exc_type: type[BaseException] | None, exc_value: Any) -> None:
         """See how a ``with`` block ended, before the executor shuts down."""
+
+
+#: Picks the executor class for ``HPCExecutor(backend, profile=...)``. The backend registry
+#: (:mod:`futures_hpc.backends`, imported by ``futures_hpc/__init__.py``) installs it with
+#: :func:`set_backend_chooser`: the executor never imports the registry, which imports the
+#: backends, which import the executor.
+_backend_chooser: Callable[[str | None, str | None], type] | None = None
+
+
+def chosen_executor_class(backend: str | None, profile: str | None) -> type:
+    """The executor class ``HPCExecutor(backend, profile=...)`` gives (through the registry)."""
+    if _backend_chooser is None:
+        raise RuntimeError("no backend registry: import futures_hpc, not its modules")
+    return _backend_chooser(backend, profile)
+
+
+def set_backend_chooser(
+    chooser: Callable[[str | None, str | None], type]
+) -> None:
+    """Install the function that picks the executor class of ``HPCExecutor(...)``."""
+    global _backend_chooser
+    _backend_chooser = chooser
+
+
+class ProviderTrait:
+    """A class attribute of an executor that is its provider's (read at each use)."""
+
+    def __init__(self, trait: str) -> None:
+        self.trait = trait
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        return getattr(owner.provider, self.trait)

@@ -206,7 +206,7 @@ def _executor_class_for(backend: str | None, profile: str | None) -> type:
 
 
 def _install_backend_chooser() -> None:
-    from ..executor import set_backend_chooser
+    from ..provider import set_backend_chooser
 
     set_backend_chooser(_executor_class_for)
 
