@@ -133,8 +133,11 @@ def run_variant(name: str, workload: dict, idle_timeout: float):
     else:
         ex = HPCExecutor("slurm", max_workers=WORKERS, **options)
         # dask's own default Adaptive in place of ours (same jobs, same executor).
-        ex.cluster._adaptive_options = {}
-        ex.cluster.adapt(minimum=0, maximum=WORKERS)
+        from distributed.deploy import Adaptive
+
+        from futures_hpc.engine import adapt_afresh
+
+        adapt_afresh(ex.cluster, Adaptive, minimum=0, maximum=WORKERS)
     sampler = Sampler(ex)
     try:
         sampler.start()

@@ -23,6 +23,7 @@ public form live here, each with what it relies on and what happens if a release
     :func:`pause_worker`               ``Scheduler.handle_worker_status_change``        error (5)
     :func:`threads_per_worker`         ``SpecCluster._threads_per_worker()``            1
     :func:`correct_cluster_state`      ``SpecCluster._correct_state()``                 error (5)
+    :func:`adapt_afresh`               ``Cluster._adaptive_options``                    no-op
     :class:`ClusterHooks`              ``Cluster._start``/``_close``,                   error (5)
                                        ``SpecCluster._correct_state_internal``,
                                        ``._new_worker_name``, ``._threads_per_worker``,
@@ -65,6 +66,7 @@ __all__ = [
     "JobHooks",
     "job_keyword_arguments",
     "ParallelBackendBase",
+    "adapt_afresh",
     "add_client_stream_handler",
     "add_scheduler_stream_handler",
     "allowed_failures",
@@ -249,6 +251,17 @@ def threads_per_worker(cluster: Any) -> int:
         return max(1, int(method())) if method else 1
     except Exception:
         return 1
+
+
+def adapt_afresh(cluster: Cluster, adaptive: type, **options: Any) -> Any:
+    """Replace a cluster's adaptive policy by ``adaptive(cluster, **options)``, and return it.
+
+    ``Cluster.adapt`` keeps the options of every earlier call (``Cluster._adaptive_options``)
+    and passes them to the next policy too; this forgets them first, so that, e.g., dask's own
+    ``Adaptive`` can replace the fair-share policy (``benchmarks/fair_share.py``).
+    """
+    cluster._adaptive_options = {}
+    return cluster.adapt(Adaptive=adaptive, **options)
 
 
 def correct_cluster_state(cluster: SpecCluster) -> Awaitable[Any]:

@@ -35,6 +35,7 @@ from .options import (
     unknown_option_error,
 )
 from .scaling import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_PENDING_JOBS, DEFAULT_MAX_RESUBMISSIONS
+from .security import check_security
 
 #: How many times a call may be running on a worker that dies before it fails with
 #: :class:`~futures_hpc.errors.WorkerLostError` (dask's ``allowed-failures`` is one less).
@@ -50,21 +51,6 @@ def _check_import_path(value: Any) -> Any:
 
     import_path_option(value)
     return value
-
-
-def _check_security(value: Any) -> Any:
-    from distributed.security import Security
-
-    if value is None or isinstance(value, (bool, Security)):
-        return value
-    from .security import RunCredentials
-
-    if isinstance(value, RunCredentials):
-        return value
-    raise OptionError(
-        f"security={value!r} is not allowed; security must be True (TLS with a key made for the "
-        "run, the default), False (no TLS) or a distributed.security.Security"
-    )
 
 
 def _check_profile(value: Any) -> Any:
@@ -122,7 +108,7 @@ OPTIONS: tuple[Option, ...] = (
            "the most workers (batch: jobs times `processes`; a job never runs more)", "20"),
     Option("profile", "executor", _check_profile, "`futures_hpc.profile`",
            "a named set of options from dask config `futures_hpc.profiles`", '"short"'),
-    Option("security", "executor", _check_security, "`True`",
+    Option("security", "executor", check_security, "`True`",
            "TLS with a key made for the run (see [security](security.md))", "True"),
     Option("dashboard_address", "executor", check_dashboard_address,
            '`futures_hpc.dashboard-address` (`"localhost:8787"`)',

@@ -257,15 +257,26 @@ def run_credentials(
         For any other value.
 
     """
+    security = check_security(security)
     if security is None:
         security = dask.config.get("futures_hpc.security", True)
-    if security is True:
-        return create_run_credentials(tls_directory())
-    if security is False or isinstance(security, Security):
-        return None
+    return create_run_credentials(tls_directory()) if security is True else None
+
+
+def check_security(value: Any) -> Any:
+    """``value`` if it is a valid ``security=``: None, True, False or a ``Security``.
+
+    Raises
+    ------
+    OptionError
+        For any other value, naming it and what is allowed.
+
+    """
+    if value is None or isinstance(value, (bool, Security)):
+        return value
     raise OptionError(
-        f"security={security!r} is not allowed; use True, False or a "
-        "distributed.security.Security"
+        f"security={value!r} is not allowed; security must be True (TLS with a key made for the "
+        "run, the default), False (no TLS) or a distributed.security.Security"
     )
 
 
