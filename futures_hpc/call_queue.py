@@ -23,6 +23,9 @@ to dask and *with which others*. dask still runs, places, retries and moves the 
   then gets its value, which passes through the client. A failed dependency fails the call
   (:class:`CallDependencyError`, the dependency's exception as its cause); a cancelled one
   cancels it.
+- **Stored results.** With a store (:mod:`futures_hpc.store`), each call gets a key when it is
+  queued; a call whose result an earlier run recorded is answered here at once, from the store,
+  and never sent. The others carry their keys to the worker, which records their results.
 - **Lost workers.** A packed task whose worker died too often is split: each of its calls is
   queued again alone, so that only the call that kills its worker fails
   (:class:`~futures_hpc.errors.WorkerLostError`).
@@ -51,6 +54,7 @@ from .bridge import FutureBridge
 from .calls import PlaceholderArgument, run_calls
 from .chunking import CallCosts, function_key
 from .errors import CallDependencyError, CallSerializationError, WorkerLostError
+from .store import MISSING, Occurrences, ResultStore, StoreSpec, call_key, function_identity
 
 logger = logging.getLogger("futures_hpc")
 
@@ -128,6 +132,8 @@ class QueuedCall:
     dask_dependencies: list[distributed.Future] = field(default_factory=list)
     alone: bool = False
     isolated: bool = False
+    function_id: bytes | None = None
+    store_key: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -189,13 +195,14 @@ class CallQueue:
         Returns the worker threads the cluster has, or will have (at least 1).
     run_name : str
         Goes into every task key (the workers report only the executor's own tasks).
-    max_call_retries : int
-        How many times a call may run on a worker that dies (for the message of split tasks).
+    store : ResultStore, optional
+        Where recorded results are looked up, and where the workers record new ones.
 
     """
 
     def __init__(self, client: distributed.Client, bridge: FutureBridge, call_costs: CallCosts,
-                 worker_slots: Callable[[], int], run_name: str) -> None:
+                 worker_slots: Callable[[], int], run_name: str,
+                 store: ResultStore | None = None) -> None:
         self._client = client
         self._bridge = bridge
         self._costs = call_costs
@@ -207,9 +214,10 @@ class CallQueue:
         self._long_in_flight = 0
         self._short_in_flight = 0
         self._unfinished: set[Future] = set()
-        self._packed_functions: weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._packed_functions: weakref.WeakKeyDictionary[
+            Any, tuple[bytes, bytes, bytes | None]] = weakref.WeakKeyDictionary()
+        self.store = store
+        self._occurrences = Occurrences()
         self._closed = False
         self._task_numbers = itertools.count()
 
@@ -228,8 +236,7 @@ class CallQueue:
         if dependencies:
             self._track(future)
             self._wait_for_dependencies(entry, function, args, kwargs, dependencies)
-        else:
-            self._prepare(entry, function, args, kwargs)
+        elif not self._prepare(entry, function, args, kwargs):
             with self._lock:
                 self._unfinished.add(future)
                 self._waiting.append(entry)
@@ -257,8 +264,9 @@ class CallQueue:
         with self._lock:
             self._unfinished.discard(future)
 
-    def _packed_function(self, function: Callable[..., Any]) -> tuple[bytes, bytes]:
-        """The pickled function and its cost key, remembered while the function lives.
+    def _packed_function(self, function: Callable[..., Any]
+                         ) -> tuple[bytes, bytes, bytes | None]:
+        """The pickled function, its cost key and store id, remembered while it lives.
 
         Only plain functions are remembered (by identity, as distributed remembers pickled
         functions): a bound method or a callable object is pickled at each call, so that the
@@ -270,14 +278,30 @@ class CallQueue:
             if known is not None:
                 return known
         packed = cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
-        known = (packed, function_key(packed))
+        known = (packed, function_key(packed), self.function_id(function, packed))
         if remembered:
             self._packed_functions[function] = known
         return known
 
+    def function_id(self, function: Callable[..., Any], packed: bytes) -> bytes | None:
+        """The function's identity in the store (None without a store); names it there."""
+        if self.store is None:
+            return None
+        identity = function_identity(function, packed)
+        self.store.name_function(identity, _qualified_name(function))
+        return identity
+
+    def store_keys(self, function_id: bytes, packed_arguments: Iterable[bytes]) -> list[bytes]:
+        """The store keys of calls of one function, in the order they are made."""
+        return [self._occurrences.key(call_key(function_id, packed))
+                for packed in packed_arguments]
+
     def _prepare(self, entry: QueuedCall, function: Callable[..., Any],
-                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Pickle the call (raises :class:`CallSerializationError` naming it)."""
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Pickle the call (raises :class:`CallSerializationError` naming it).
+
+        Returns True if the call was answered from the store (its future is done).
+        """
         dask_dependencies: list[distributed.Future] = []
 
         def placeholder(value: Any) -> Any:
@@ -289,13 +313,20 @@ class CallQueue:
         if any(isinstance(value, distributed.Future) for value in (*args, *kwargs.values())):
             args = tuple(placeholder(value) for value in args)
             kwargs = {key: placeholder(value) for key, value in kwargs.items()}
-        entry.packed_function, entry.cost_key = pickled(
+        entry.packed_function, entry.cost_key, entry.function_id = pickled(
             lambda: self._packed_function(function), entry.describe)
         entry.packed_arguments = pickled(lambda: pack_arguments(args, kwargs), entry.describe)
         entry.dask_dependencies = dask_dependencies
         entry.alone = bool(dask_dependencies) or (
             len(entry.packed_arguments) + len(entry.packed_function) > LARGE_PAYLOAD_BYTES
         )
+        if entry.function_id is not None and not dask_dependencies:
+            entry.store_key, = self.store_keys(entry.function_id, [entry.packed_arguments])
+            recorded = self.store.result(entry.store_key)
+            if recorded is not MISSING:
+                _set_result(entry.future, recorded)
+                return True
+        return False
 
     def _wait_for_dependencies(self, entry: QueuedCall, function: Callable[..., Any],
                                args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -338,8 +369,9 @@ class CallQueue:
                 _set_exception(future, failure)
                 return
         try:
-            self._prepare(entry, function, substitute_futures(args),
-                          {key: substitute_futures(value) for key, value in kwargs.items()})
+            if self._prepare(entry, function, substitute_futures(args),
+                             {key: substitute_futures(value) for key, value in kwargs.items()}):
+                return
         except CallSerializationError as error:
             _set_exception(future, error)
             return
@@ -409,7 +441,8 @@ class CallQueue:
         entries = [waiting.popleft()]
         while len(entries) < limit and waiting:
             entry = waiting[0]
-            if entry.cost_key != head.cost_key or entry.task is not None or entry.alone:
+            if (entry.cost_key != head.cost_key or entry.task is not None or entry.alone
+                    or entry.function_id != head.function_id):
                 break
             entries.append(waiting.popleft())
         started = [entry for entry in entries if _mark_running(entry)]
@@ -428,8 +461,12 @@ class CallQueue:
         if head.task is not None:
             worker_function, payload, decode = head.task
             return worker_function, payload, decode, head.describe()
+        store = None
+        if self.store is not None and head.store_key is not None:
+            store = StoreSpec(self.store.location, head.function_id,
+                              tuple(entry.store_key for entry in entries))
         payload = pickle.dumps(
-            (head.packed_function, [entry.packed_arguments for entry in entries]),
+            (head.packed_function, [entry.packed_arguments for entry in entries], store),
             protocol=pickle.HIGHEST_PROTOCOL,
         )
         if head.alone and len(payload) > LARGE_PAYLOAD_BYTES:
@@ -571,6 +608,13 @@ class CallQueue:
 
 def _decode_calls(outcome: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], float | None]:
     return outcome[1], outcome[2]
+
+
+def _qualified_name(function: Callable[..., Any]) -> str:
+    inner = getattr(function, "func", None) or getattr(function, "__func__", None) or function
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    module = getattr(inner, "__module__", None) or type(inner).__module__
+    return f"{module}.{name}"
 
 
 def _notify_if_cancelled(future: Future) -> None:

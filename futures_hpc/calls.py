@@ -19,6 +19,8 @@ from typing import Any
 
 import cloudpickle
 
+from .store.recorder import StoreSpec, end_task, record
+
 
 class RemoteTraceback(Exception):  # noqa: N818 - named as the standard library names it
     """The traceback of an exception raised on a worker, attached as its ``__cause__``."""
@@ -86,7 +88,8 @@ def pack_function(function: Callable[..., Any]) -> bytes:
     return cloudpickle.dumps(function, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def pack_chunk(packed_function: bytes, columns: Sequence[Sequence[Any]]) -> bytes:
+def pack_chunk(packed_function: bytes, columns: Sequence[Sequence[Any]],
+               store: StoreSpec | None = None) -> bytes:
     """Pickle a chunk of calls of one function into an opaque payload.
 
     Parameters
@@ -97,8 +100,11 @@ def pack_chunk(packed_function: bytes, columns: Sequence[Sequence[Any]]) -> byte
         One sequence of arguments per parameter, all of the chunk's length (call ``i`` is
         ``function(*(column[i] for column in columns))``). Slices of the caller's lists travel
         as they are, without building a tuple per call.
+    store : StoreSpec, optional
+        Where to record each successful call's result (one key per call).
     """
-    return cloudpickle.dumps((packed_function, columns), protocol=pickle.HIGHEST_PROTOCOL)
+    return cloudpickle.dumps((packed_function, columns, store),
+                             protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _pack_outcome(outcome: tuple[Any, ...]) -> bytes:
@@ -141,7 +147,9 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
     Parameters
     ----------
     payload : bytes
-        ``pickle.dumps((packed_function, [packed (args, kwargs) per call]))``.
+        ``pickle.dumps((packed_function, [packed (args, kwargs) per call], store))``, where
+        ``store`` is a :class:`~futures_hpc.store.StoreSpec` (each successful call's result is
+        recorded there) or None.
     *dependencies
         Values of the ``distributed.Future`` arguments (batches of one call only), put where
         :class:`PlaceholderArgument` stands.
@@ -154,23 +162,30 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
 
     """
     outcomes: list[tuple[str, Any]] = []
-    packed_function, packed_calls = pickle.loads(payload)
+    packed_function, packed_calls, store = pickle.loads(payload)
     try:
         function = pickle.loads(packed_function)
     except BaseException as error:  # noqa: BLE001 - every call fails with it
         failed = ("error", _ExceptionWithTraceback(error))
         return _pack_outcomes([failed] * len(packed_calls), None)
     started = time.perf_counter()
-    for packed in packed_calls:
+    for number, packed in enumerate(packed_calls):
         try:
             args, kwargs = pickle.loads(packed)
             if dependencies:
                 args = tuple(_substitute(value, dependencies) for value in args)
                 kwargs = {key: _substitute(value, dependencies) for key, value in kwargs.items()}
-            outcomes.append(("ok", function(*args, **kwargs)))
+            result = function(*args, **kwargs)
         except BaseException as error:  # noqa: BLE001 - every exception goes back to the caller
             outcomes.append(("error", _ExceptionWithTraceback(error)))
-    return _pack_outcomes(outcomes, time.perf_counter() - started)
+            continue
+        outcomes.append(("ok", result))
+        if store is not None:
+            record(store, number, result)
+        del result
+    seconds = time.perf_counter() - started
+    end_task(store)
+    return _pack_outcomes(outcomes, seconds)
 
 
 def run_chunk(payload: bytes) -> bytes:
@@ -186,11 +201,14 @@ def run_chunk(payload: bytes) -> bytes:
     """
     results: list[Any] = []
     started = None
+    store = None
     try:
-        packed_function, columns = pickle.loads(payload)
+        packed_function, columns, store = pickle.loads(payload)
         function = pickle.loads(packed_function)
         started = time.perf_counter()
-        if len(columns) == 1:
+        if store is not None:
+            _run_recorded(function, columns, store, results)
+        elif len(columns) == 1:
             for argument in columns[0]:
                 results.append(function(argument))
         else:
@@ -198,8 +216,20 @@ def run_chunk(payload: bytes) -> bytes:
                 results.append(function(*arguments))
     except BaseException as error:  # noqa: BLE001
         seconds = None if started is None else time.perf_counter() - started
+        end_task(store)
         return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error), seconds))
-    return _pack_outcome(("chunk", results, None, time.perf_counter() - started))
+    seconds = time.perf_counter() - started
+    end_task(store)
+    return _pack_outcome(("chunk", results, None, seconds))
+
+
+def _run_recorded(function: Callable[..., Any], columns: Sequence[Sequence[Any]],
+                  store: StoreSpec, results: list[Any]) -> None:
+    """Run a chunk's calls in order, recording each result in ``store``."""
+    for number, arguments in enumerate(zip(*columns, strict=True)):
+        result = function(*arguments)
+        results.append(result)
+        record(store, number, result)
 
 
 def unpack_outcome(packed: bytes) -> tuple[Any, ...]:

@@ -62,6 +62,7 @@ from .progress import track
 from .provider import BackendProvider, ProviderTrait, chosen_executor_class
 from .scaling import ScalingStatus, validate_scaling_options
 from .security import TLS_DIRECTORY, RunCredentials, dashboard_link_for, run_credentials
+from .store import ResultStore
 from .streams import connect_client
 
 logger = logging.getLogger("futures_hpc")
@@ -209,6 +210,10 @@ class HPCExecutor(BlockMethods, Executor):
             # and a run refused for another option leaves no directory behind.
             self.log_dir  # noqa: B018
         sweep_stale_runs()
+        store = executor_options.get("store")
+        #: Where results are recorded and looked up (``store=``), or None.
+        self.store: ResultStore | None = (
+            None if store is None else ResultStore(store, self.run_name))
         self.credentials: RunCredentials | None = None
         self.security: Security | None = self._make_security(security)
 
@@ -228,7 +233,7 @@ class HPCExecutor(BlockMethods, Executor):
             self._client = connect_client(self._cluster, self.security)
             self._bridge = FutureBridge(self._client, self.run_name)
             self._queue = CallQueue(self._client, self._bridge, self._call_costs,
-                                    self._dispatch_slots, self.run_name)
+                                    self._dispatch_slots, self.run_name, self.store)
             set_allowed_failures(self._client, self.max_call_retries - 1)
             if self.import_path:
                 self._client.register_plugin(ImportPathPlugin(self.import_path))
@@ -464,6 +469,7 @@ class HPCExecutor(BlockMethods, Executor):
             lambda: pack_function(fn), lambda: f"the function {describe_function(fn)}"
         )
         key = function_key(packed_function)  # for the call-cost memory, once per map
+        function_id = self._queue.function_id(fn, packed_function) if self._queue else None
         chunks, total = plan_chunks(
             iterables, chunksize, buffersize,
             lambda count: self._automatic_chunksize(count, key),
@@ -472,7 +478,7 @@ class HPCExecutor(BlockMethods, Executor):
         def submit(batch: Iterable[list[Sequence[Any]]]) -> list[Future]:
             with self._shutdown_lock:
                 self._check_open()
-                return submit_chunks(self._queue, fn, packed_function, batch, key)
+                return submit_chunks(self._queue, fn, packed_function, batch, key, function_id)
 
         pending = deque(submit(chunks if buffersize is None
                                else itertools.islice(chunks, buffersize)))
@@ -539,6 +545,7 @@ class HPCExecutor(BlockMethods, Executor):
                 ("results bridge", self._bridge and self._bridge.close),
                 ("client", self._client and self._client.close),
                 ("cluster", self._cluster and self._cluster.close),
+                ("result store", self.store and self.store.close),
             ):
                 if closer:
                     try:

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from .call_queue import CallQueue, function_name, pickled
+from .call_queue import CallQueue, function_name, pack_arguments, pickled
 from .calls import pack_chunk, run_chunk
+from .store import MISSING, StoreSpec
 
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
@@ -83,33 +84,105 @@ def submit_chunks(
     packed_function: bytes,
     chunks: Iterable[list[Sequence[Any]]],
     key: bytes | None = None,
+    function_id: bytes | None = None,
 ) -> list[Future]:
-    """Queue chunks of calls of ``fn``, one task each; their futures give decoded outcomes."""
+    """Queue chunks of calls of ``fn``, one task each; their futures give decoded outcomes.
+
+    With ``function_id`` (the executor has a store), calls recorded in the store are answered
+    from it, and a chunk's task runs only its other calls, recording their results.
+    """
     chunks = list(chunks)
     if not chunks:
         return []
+    if function_id is not None:
+        return _submit_stored_chunks(queue, fn, packed_function, chunks, key, function_id)
     payloads = [
         pickled(
             lambda columns=columns: pack_chunk(packed_function, columns),
-            lambda columns=columns: f"a chunk of calls of {describe_function(fn)} starting "
-            f"with {describe_call(fn, tuple(column[0] for column in columns), {})}",
+            lambda columns=columns: _describe_chunk(fn, columns),
         )
         for columns in chunks
     ]
-    name = f"{function_name(fn)}-map"
-    futures = []
-    for payload, columns in zip(payloads, chunks, strict=True):
-        count = min((len(column) for column in columns), default=0)
-        first = tuple(column[0] for column in columns) if count else ()
-        futures.append(queue.submit_task(
-            run_chunk, payload, _decode_chunk, name,
-            lambda first=first, count=count: (
-                f"{describe_call(fn, first, {})} (first of a chunk of {count} calls)"
-            ),
-            key, count,
-        ))
+    futures = [_queue_chunk(queue, fn, payload, columns, key, _decode_chunk)
+               for payload, columns in zip(payloads, chunks, strict=True)]
     queue.pump()
     return futures
+
+
+def _describe_chunk(fn: Callable[..., Any], columns: Sequence[Sequence[Any]]) -> str:
+    return (f"a chunk of calls of {describe_function(fn)} starting "
+            f"with {describe_call(fn, tuple(column[0] for column in columns), {})}")
+
+
+def _queue_chunk(queue: CallQueue, fn: Callable[..., Any], payload: bytes,
+                 columns: Sequence[Sequence[Any]], key: bytes | None,
+                 decode: Callable[[Any], Any]) -> Future:
+    count = min((len(column) for column in columns), default=0)
+    first = tuple(column[0] for column in columns) if count else ()
+    return queue.submit_task(
+        run_chunk, payload, decode, f"{function_name(fn)}-map",
+        lambda: f"{describe_call(fn, first, {})} (first of a chunk of {count} calls)",
+        key, count,
+    )
+
+
+def _submit_stored_chunks(queue: CallQueue, fn: Callable[..., Any], packed_function: bytes,
+                          chunks: list[list[Sequence[Any]]], key: bytes | None,
+                          function_id: bytes) -> list[Future]:
+    """Chunks of calls with a store: answer recorded calls, queue a task for the others."""
+    store = queue.store
+    planned = []
+    for columns in chunks:  # keys and payloads first: a call that cannot be pickled fails
+        calls = list(zip(*columns, strict=False))  # the map before anything is queued
+        keys = queue.store_keys(function_id, [
+            pickled(lambda call=call: pack_arguments(call, {}),
+                    lambda call=call: describe_call(fn, call, {}))
+            for call in calls
+        ])
+        recorded = store.results(keys)
+        missing = [index for index, value in enumerate(recorded) if value is MISSING]
+        payload = None
+        if missing:
+            spec = StoreSpec(store.location, function_id, tuple(keys[i] for i in missing))
+            sub_columns = [[calls[i][position] for i in missing]
+                           for position in range(len(columns))]
+            payload = pickled(lambda sub=sub_columns, spec=spec: pack_chunk(
+                packed_function, sub, spec), lambda sub=sub_columns: _describe_chunk(fn, sub))
+            planned.append((payload, sub_columns, recorded, missing))
+        else:
+            planned.append((None, None, recorded, missing))
+    futures = []
+    for payload, sub_columns, recorded, missing in planned:
+        if payload is None:
+            done: Future = Future()
+            done.set_result((recorded, None, None))
+            futures.append(done)
+            continue
+        futures.append(_queue_chunk(
+            queue, fn, payload, sub_columns, key,
+            lambda outcome, recorded=recorded, missing=missing: _merge_recorded(
+                _decode_chunk(outcome), recorded, missing)))
+    queue.pump()
+    return futures
+
+
+def _merge_recorded(
+    computed: tuple[list[Any], BaseException | None, float | None],
+    recorded: list[Any], missing: list[int],
+) -> tuple[list[Any], BaseException | None, float | None]:
+    """A chunk's results in order: recorded ones, and those its task computed, to a failure."""
+    results, error, seconds = computed
+    merged = recorded
+    computed_results = iter(results)
+    for index in missing:
+        value = next(computed_results, MISSING)
+        if value is MISSING:  # the call that failed: the chunk's results stop before it
+            del merged[index:]
+            break
+        merged[index] = value
+    if seconds is not None and results:  # seconds as if every call of the chunk had run
+        seconds *= (len(merged) + (error is not None)) / (len(results) + (error is not None))
+    return merged, error, seconds
 
 
 def results_in_order(

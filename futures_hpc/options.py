@@ -241,6 +241,31 @@ def check_log_dir(value: Any) -> Path:
     return Path(value).expanduser()
 
 
+def check_store(value: Any) -> str | None:
+    """``store`` checked: None, a directory path, or an ``fsspec`` URL whose scheme is known."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise _refused("store", value, "a directory path or an fsspec URL such as "
+                       "'s3://bucket/prefix'")
+    text = os.fspath(value)
+    if "://" in text and not text.startswith("file://"):
+        import fsspec
+
+        protocol = text.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as error:
+            raise OptionError(
+                f"store={text!r} is not allowed; its scheme {protocol!r} has no fsspec "
+                f"filesystem here ({error})"
+            ) from None
+    elif Path(text).expanduser().exists() and not Path(text).expanduser().is_dir():
+        raise OptionError(f"store={text!r} is not allowed; it is a file, and a store is a "
+                          "directory")
+    return text
+
+
 def check_max_workers(value: Any) -> int | None:
     """``max_workers`` as given, checked: None or a positive integer.
 

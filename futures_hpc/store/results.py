@@ -1,0 +1,167 @@
+"""The client's view of a store: what is recorded, a recorded result by its call's key.
+
+:class:`ResultStore` reads the index of every segment once, when the executor starts (headers
+only: the kind and keys of each record and where it is), and reads a result's bytes only when
+the call is made again. Records written after that, by this run or another program, are not
+looked for: a run uses what earlier runs left.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import pickle
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from . import frames, segments
+
+#: What a lookup returns when the call is not recorded (or its record is torn).
+MISSING = object()
+
+
+@dataclass
+class StoreIndex:
+    """Where each record of a store is.
+
+    Attributes
+    ----------
+    calls : dict
+        Call key to ``(segment number, offset)``.
+    blocks : dict
+        ``(job key, block key)`` to ``(segment number, offset)``.
+    functions : dict
+        Function id to the function's name.
+    calls_per_function : collections.Counter
+        Recorded calls of each function id.
+    runs : list of dict
+        What each run that used the store recorded about itself.
+    data : list
+        The bytes of each segment (memory maps for local files).
+    names : list of str
+        Each segment's path or URL.
+
+    """
+
+    calls: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    blocks: dict[tuple[bytes, bytes], tuple[int, int]] = field(default_factory=dict)
+    functions: dict[bytes, str] = field(default_factory=dict)
+    calls_per_function: Counter = field(default_factory=Counter)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    data: list[bytes | memoryview] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+def read_index(location: str, *, with_runs: bool = True) -> StoreIndex:
+    """Index every whole record of the store at ``location``."""
+    index = StoreIndex()
+    for name, data in segments.iter_segments(location):
+        number = len(index.data)
+        index.data.append(data)
+        index.names.append(name)
+        for offset, kind, first, second, _ in frames.scan(data):
+            if kind == frames.CALL:
+                index.calls[second] = (number, offset)
+                index.calls_per_function[first] += 1
+            elif kind == frames.BLOCK:
+                index.blocks[(first, second)] = (number, offset)
+            elif kind == frames.FUNCTION:
+                try:
+                    index.functions[first] = frames.read_payload(data, offset).decode()
+                except (frames.TornRecord, UnicodeDecodeError):
+                    pass
+            elif kind == frames.RUN and with_runs:
+                try:
+                    index.runs.append(pickle.loads(frames.read_payload(data, offset)))
+                except Exception:  # torn, or written by a newer version
+                    pass
+    return index
+
+
+class ResultStore:
+    """A run's link to its store: recorded results by key, and the run's own records.
+
+    Parameters
+    ----------
+    location : str or os.PathLike
+        A local or shared-filesystem directory, or an ``fsspec`` URL. Made if missing
+        (mode 700 on a filesystem: the results are the user's alone).
+    run_name : str
+        The run's name, recorded with when and where it ran.
+
+    """
+
+    def __init__(self, location: str | os.PathLike[str], run_name: str) -> None:
+        self.location = segments.normalized_location(location)
+        segments.create(self.location)
+        self.index = read_index(self.location, with_runs=False)
+        self.run_name = run_name
+        self.hits = 0
+        self._writer = segments.SegmentWriter(self.location, "r")
+        self._named: set[bytes] = set(self.index.functions)
+        self._writer.append(frames.frame(frames.RUN, frames.ZERO_KEY, frames.ZERO_KEY,
+                                         pickle.dumps(_run_facts(run_name))))
+        self._writer.flush()
+
+    def __repr__(self) -> str:
+        return f"ResultStore({self.location!r}, {len(self.index.calls)} calls recorded)"
+
+    def name_function(self, function_id: bytes, name: str) -> None:
+        """Record the name of a function this run calls (once per function and store)."""
+        if function_id in self._named:
+            return
+        self._named.add(function_id)
+        self._writer.append(frames.frame(frames.FUNCTION, function_id, frames.ZERO_KEY,
+                                         name.encode()))
+        self._writer.flush()
+
+    def result(self, key: bytes) -> Any:
+        """The recorded result of the call with ``key``, or :data:`MISSING`."""
+        where = self.index.calls.get(key)
+        if where is None:
+            return MISSING
+        return self._load(where)
+
+    def block(self, job_key: bytes, block_key: bytes) -> Any:
+        """The recorded outcome of a block of ``map_blocks``, or :data:`MISSING`."""
+        where = self.index.blocks.get((job_key, block_key))
+        return MISSING if where is None else self._load(where)
+
+    def _load(self, where: tuple[int, int]) -> Any:
+        number, offset = where
+        try:
+            value = pickle.loads(frames.read_payload(self.index.data[number], offset))
+        except frames.TornRecord:
+            return MISSING
+        self.hits += 1
+        return value
+
+    def results(self, keys: Sequence[bytes]) -> list[Any]:
+        """The recorded result of each key, or :data:`MISSING` for each not recorded."""
+        return [self.result(key) for key in keys]
+
+    def close(self) -> None:
+        """Write what is held and let go of the segments' memory maps."""
+        self._writer.close()
+        self.index = StoreIndex()
+
+
+def _run_facts(run_name: str) -> dict[str, Any]:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid()) if hasattr(os, "getuid") else "?"
+    return {"run": run_name, "started": time.time(), "host": socket.gethostname(),
+            "user": user, "pid": os.getpid(), "argv": list(sys.argv)}
+
+
+def pack_result(value: Any) -> bytes:
+    """A result's bytes as a store keeps them."""
+    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
