@@ -511,6 +511,26 @@ def command_config(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_store(arguments: argparse.Namespace) -> int:
+    """``futures-hpc store PATH``: what a result store holds; clear it, or one function."""
+    from .store import admin
+
+    try:
+        if arguments.clear:
+            admin.clear(arguments.path)
+            print(f"removed the store {arguments.path}")
+            return 0
+        if arguments.clear_function:
+            removed = admin.clear_function(arguments.path, arguments.clear_function)
+            print(f"removed {removed:,} recorded calls of {arguments.clear_function}")
+            return 0 if removed else 1
+        print("\n".join(admin.report(admin.summarize(arguments.path))))
+    except FileNotFoundError as error:
+        print(f"futures-hpc store: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------------
 
 
@@ -566,6 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="also cancel jobs of executors still alive (by default "
                                       "only jobs whose executor is gone are cancelled)")
         command.set_defaults(handler=handler)
+
+    store = commands.add_parser("store", help="what a result store holds (store=PATH); clear it")
+    store.add_argument("path", metavar="PATH", help="the store's directory or fsspec URL")
+    clearing = store.add_mutually_exclusive_group()
+    clearing.add_argument("--clear", action="store_true", help="delete the whole store")
+    clearing.add_argument("--clear-function", metavar="NAME",
+                          help="forget the recorded calls of one function (module.name)")
+    store.set_defaults(handler=command_store)
 
     config = commands.add_parser("config", help="show the merged configuration as YAML")
     config.add_argument("--profile", help="show only this profile's options")

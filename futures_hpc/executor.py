@@ -228,6 +228,7 @@ class HPCExecutor(BlockMethods, Executor):
         self._queue: CallQueue | None = None
         try:
             check_engine()
+            undo_foreign_interrupt_handler()  # check_engine may have imported dask-jobqueue
             cleanup.register(self)  # from now on: closed at exit, jobs cancelled on SIGTERM
             self._cluster = self._backend.create_cluster()
             self._client = connect_client(self._cluster, self.security)

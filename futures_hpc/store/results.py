@@ -85,6 +85,15 @@ def read_index(location: str, *, with_runs: bool = True) -> StoreIndex:
     return index
 
 
+def read_record(index: StoreIndex, where: tuple[int, int]) -> Any:
+    """The unpickled payload of the record at ``where``, or :data:`MISSING` if it is torn."""
+    number, offset = where
+    try:
+        return pickle.loads(frames.read_payload(index.data[number], offset))
+    except frames.TornRecord:
+        return MISSING
+
+
 class ResultStore:
     """A run's link to its store: recorded results by key, and the run's own records.
 
@@ -135,12 +144,9 @@ class ResultStore:
         return MISSING if where is None else self._load(where)
 
     def _load(self, where: tuple[int, int]) -> Any:
-        number, offset = where
-        try:
-            value = pickle.loads(frames.read_payload(self.index.data[number], offset))
-        except frames.TornRecord:
-            return MISSING
-        self.hits += 1
+        value = read_record(self.index, where)
+        if value is not MISSING:
+            self.hits += 1
         return value
 
     def results(self, keys: Sequence[bytes]) -> list[Any]:
