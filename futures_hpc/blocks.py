@@ -36,6 +36,7 @@ class BlockMethods:
         max_in_flight: int | None = None,
         blocks_per_task: int | tuple[int, int] | None = None,
         shared_memory: bool | None = None,
+        store: Any = None,
     ) -> Any:
         """Apply ``func`` block by block, with margins, over images far larger than memory.
 
@@ -70,6 +71,7 @@ class BlockMethods:
         max_in_flight: int | None = None,
         blocks_per_task: int | tuple[int, int] | None = None,
         shared_memory: bool | None = None,
+        store: Any = None,
     ) -> Any:
         """Compute a statistic per block in the workers and combine them into one value.
 

@@ -33,6 +33,7 @@ CALL = 1  #: a call's result: function id, call key, pickled result
 FUNCTION = 2  #: a function's name: function id, zero key, the name in UTF-8
 RUN = 3  #: a run of a program: zero key, run key, pickled facts about it
 BLOCK = 4  #: a block of ``map_blocks`` done: job key, block key, pickled partial (or None)
+OUTPUT = 5  #: an output claimed by a block job: output key, claim key, pickled (job key, time)
 
 ZERO_KEY = bytes(16)
 

@@ -37,6 +37,9 @@ class StoreIndex:
         Call key to ``(segment number, offset)``.
     blocks : dict
         ``(job key, block key)`` to ``(segment number, offset)``.
+    outputs : dict
+        Output key to ``(claim key, segment number, offset)`` of each claim of that output
+        by a block job (:meth:`ResultStore.claim`).
     functions : dict
         Function id to the function's name.
     calls_per_function : collections.Counter
@@ -52,6 +55,7 @@ class StoreIndex:
 
     calls: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     blocks: dict[tuple[bytes, bytes], tuple[int, int]] = field(default_factory=dict)
+    outputs: dict[bytes, list[tuple[bytes, int, int]]] = field(default_factory=dict)
     functions: dict[bytes, str] = field(default_factory=dict)
     calls_per_function: Counter = field(default_factory=Counter)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -72,6 +76,8 @@ def read_index(location: str, *, with_runs: bool = True) -> StoreIndex:
                 index.calls_per_function[first] += 1
             elif kind == frames.BLOCK:
                 index.blocks[(first, second)] = (number, offset)
+            elif kind == frames.OUTPUT:
+                index.outputs.setdefault(first, []).append((second, number, offset))
             elif kind == frames.FUNCTION:
                 try:
                     index.functions[first] = frames.read_payload(data, offset).decode()
@@ -115,6 +121,7 @@ class ResultStore:
         self.hits = 0
         self._writer = segments.SegmentWriter(self.location, "r")
         self._named: set[bytes] = set(self.index.functions)
+        self._claims_made: dict[bytes, list[tuple[int, bytes, bytes]]] = {}
         self._writer.append(frames.frame(frames.RUN, frames.ZERO_KEY, frames.ZERO_KEY,
                                          pickle.dumps(_run_facts(run_name))))
         self._writer.flush()
@@ -142,6 +149,30 @@ class ResultStore:
         """The recorded outcome of a block of ``map_blocks``, or :data:`MISSING`."""
         where = self.index.blocks.get((job_key, block_key))
         return MISSING if where is None else self._load(where)
+
+    def claims(self, output_key: bytes) -> list[tuple[int, bytes, bytes]]:
+        """The whole claims of an output: ``(time in ns, claim key, job key)``, oldest first."""
+        found = []
+        for claim_key, number, offset in self.index.outputs.get(output_key, []):
+            try:
+                job_key, when = pickle.loads(frames.read_payload(self.index.data[number],
+                                                                 offset))
+            except Exception:  # torn, or written by a newer version
+                continue
+            found.append((when, claim_key, job_key))
+        return sorted(found + self._claims_made.get(output_key, []))
+
+    def claim(self, output_key: bytes, job_key: bytes) -> bytes:
+        """Record that the block job ``job_key`` (re)creates an output; return the claim's key.
+
+        The output's blocks recorded under earlier claims are no longer its content.
+        """
+        claim_key, when = os.urandom(16), time.time_ns()
+        self._writer.append(frames.frame(frames.OUTPUT, output_key, claim_key,
+                                         pickle.dumps((job_key, when))))
+        self._writer.flush()
+        self._claims_made.setdefault(output_key, []).append((when, claim_key, job_key))
+        return claim_key
 
     def _load(self, where: tuple[int, int]) -> Any:
         value = read_record(self.index, where)

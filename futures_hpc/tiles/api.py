@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 
 from futures_hpc.errors import OptionError
-from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFileSink
-from futures_hpc.tiles.formats import create_sink, existing_sink
+from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFileSink, image_shape_of
+from futures_hpc.tiles.formats import create_sink, existing_sink, reopen_sink
 from futures_hpc.tiles.grid import TileGrid, Window, _Group
 from futures_hpc.tiles.plan import _check_out, _groups, _Plan, _plan, _start
 from futures_hpc.tiles.raster import GeoTiffSink
+from futures_hpc.tiles.resume import BlockResume, open_resume, output_identity
 from futures_hpc.tiles.runner import _Runner
 from futures_hpc.tiles.shared_memory import (
     _decide_shared_memory,
@@ -23,7 +24,7 @@ from futures_hpc.tiles.shared_memory import (
     map_shared_output,
     shared_memory_free,
 )
-from futures_hpc.tiles.worker import _Outcome
+from futures_hpc.tiles.worker import _BlockStore, _Outcome
 
 logger = logging.getLogger("futures_hpc")
 
@@ -34,7 +35,7 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
                fill_value: float = 0, on_error: str = "raise",
                max_in_flight: int | None = None,
                blocks_per_task: int | tuple[int, int] | None = None,
-               shared_memory: bool | None = None) -> Any:
+               shared_memory: bool | None = None, store: Any = None) -> Any:
     """Apply ``func`` to every block of the inputs (with margins) and assemble the result.
 
     Parameters
@@ -83,6 +84,12 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
     shared_memory : bool, optional
         Pass in-memory inputs and a returned array through ``/dev/shm`` when every worker runs
         on the client's host. None (default) decides by asking the workers.
+    store : str, os.PathLike or bool, optional
+        Where finished blocks are recorded, so that a rerun of the same job computes only the
+        blocks an interrupted run left (see docs/resume-blocks.md): a store directory or
+        ``fsspec`` URL; None (default) uses the executor's ``store=``, if it has one; False
+        records nothing. Only an ``out`` that outlives the run (a file, a memmap, a zarr array
+        on disk) is resumed; an output path is then reopened for update, not created again.
 
     Returns
     -------
@@ -99,17 +106,51 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
                  max_in_flight, blocks_per_task)
     sink = existing_sink(out)
     _check_out(out, sink, plan.grid.image_shape, plan.grid.block)
-    shared = _decide_shared_memory(
-        executor, shared_memory,
-        _shared_bytes_needed(plan.sources, _output_bytes(sink, out, plan.grid)))
-    runner = _start(executor, plan, func, shared, on_error, max_in_flight, progress, otherargs,
-                    dtype, combine=None)
-    with runner:
-        return _map_all(runner, plan, sink, out, shared)
+    resume = open_resume(executor, store, "map", func, plan.sources, output_identity(out, sink),
+                         plan.grid, plan.padding.boundary, plan.padding.fill_value, dtype,
+                         otherargs)
+    try:
+        if resume is not None and sink is None:
+            sink = _reopen_output(out, plan, dtype, resume)
+        shared = _decide_shared_memory(
+            executor, shared_memory,
+            _shared_bytes_needed(plan.sources, _output_bytes(sink, out, plan.grid)))
+        runner = _start(executor, plan, func, shared, on_error, max_in_flight, progress,
+                        otherargs, dtype, combine=None, resume=resume)
+        with runner:
+            return _map_all(runner, plan, sink, out, shared, resume)
+    finally:
+        if resume is not None:
+            resume.close()
+
+
+def _reopen_output(out: Any, plan: _Plan, dtype: Any,
+                   resume: BlockResume) -> ImageSink | None:
+    """The output an interrupted run of this job left, opened for update; else None.
+
+    None (and every block computed again) when nothing is recorded, or when the file is
+    missing, torn or of another image shape or dtype: the output is then created afresh.
+    """
+    if not resume.recorded:  # nothing to keep: the output is made afresh
+        return None
+    try:
+        sink = reopen_sink(out)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is made again
+        logger.warning("out=%s cannot be reopened (%s: %s): computing every block again",
+                       out, type(exc).__name__, exc)
+        resume.claim_output()
+        return None
+    if image_shape_of(sink.shape) != plan.grid.image_shape or (
+            dtype is not None and sink.dtype != np.dtype(dtype)):
+        logger.warning("out=%s has shape %s and dtype %s, not this job's: computing every "
+                       "block again", out, sink.shape, sink.dtype)
+        resume.claim_output()
+        return None
+    return sink
 
 
 def _map_all(runner: _Runner, plan: _Plan, sink: ImageSink | None, out: Any,
-             shared: bool) -> Any:
+             shared: bool, resume: BlockResume | None) -> Any:
     user_array = sink.array if isinstance(sink, ArraySink) else None
     if user_array is not None and shared and shared_memory_free() > user_array.nbytes:
         sink = create_shared_output(sink.shape, sink.dtype)
@@ -117,7 +158,10 @@ def _map_all(runner: _Runner, plan: _Plan, sink: ImageSink | None, out: Any,
     groups: Iterable[_Group] = _groups(plan.grid, plan.blocks_per_task)
     if sink is None:
         sink, groups = _create_output(runner, plan, out, shared)
-    runner.run(groups, sink, _write_on_client(sink))
+    if resume is not None and resume.recorded:
+        runner.progress.advance(len(resume.recorded))
+        groups = resume.remaining(groups)
+    runner.run(groups, sink, _write_on_client(sink, runner.job.store))
     if isinstance(sink, GeoTiffSink):
         sink.remove_lock()
     result = _result_of(sink, out, user_array)
@@ -125,10 +169,17 @@ def _map_all(runner: _Runner, plan: _Plan, sink: ImageSink | None, out: Any,
     return result
 
 
-def _write_on_client(sink: ImageSink) -> Callable[[_Group, _Outcome], None]:
+def _write_on_client(sink: ImageSink, store: _BlockStore | None = None,
+                     ) -> Callable[[_Group, _Outcome], None]:
+    """Write a group's output the worker could not write, and record its blocks."""
+
     def write(group: _Group, outcome: _Outcome) -> None:
         if outcome.data is not None:
             sink.write(group.window.rows, group.window.cols, outcome.data)
+            if store is not None:
+                failed = {window.index for window, _ in outcome.failures}
+                sink.sync()
+                store.record([window for window in group.windows if window.index not in failed])
 
     return write
 
@@ -163,13 +214,14 @@ def _create_output(runner: _Runner, plan: _Plan, out: Any,
         else:
             runner.raise_failures(None)
     shape = tuple(probed.shape[:-2]) + grid.image_shape
-    sink = _new_sink(out, shape, probed.dtype, shared, grid, runner.job.georeference)
+    sink = _new_sink(out, shape, probed.dtype, shared, grid, runner.job.georeference,
+                     preallocate=runner.job.store is not None)
     if isinstance(sink, RawFileSink) and out is None:
         runner.shared_paths.append(sink.path)
     groups = _groups(grid, plan.blocks_per_task)
     if written is None:
         return sink, groups
-    sink.write(written.window.rows, written.window.cols, probed)
+    _write_on_client(sink, runner.job.store)(written, _Outcome(probed))
     done = written.window.index
     return sink, (group for group in groups if group.window.index > done)
 
@@ -199,9 +251,10 @@ def _run_alone(runner: _Runner, group: _Group, probing: bool) -> np.ndarray | No
 
 
 def _new_sink(out: Any, shape: tuple[int, ...], dtype: np.dtype, shared: bool,
-              grid: TileGrid, georeference: Georeference | None) -> ImageSink:
+              grid: TileGrid, georeference: Georeference | None,
+              preallocate: bool = False) -> ImageSink:
     if out is not None:
-        return create_sink(out, shape, dtype, grid.block, georeference)
+        return create_sink(out, shape, dtype, grid.block, georeference, preallocate)
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if shared and shared_memory_free() > nbytes:
         return create_shared_output(shape, dtype)
@@ -227,7 +280,7 @@ def reduce_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
                   progress: bool | Callable[[int, int], None] = False, fill_value: float = 0,
                   on_error: str = "raise", max_in_flight: int | None = None,
                   blocks_per_task: int | tuple[int, int] | None = None,
-                  shared_memory: bool | None = None) -> Any:
+                  shared_memory: bool | None = None, store: Any = None) -> Any:
     """Compute a statistic per block in the workers and combine the partials.
 
     Parameters
@@ -250,6 +303,9 @@ def reduce_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
         As in :func:`map_blocks`.
     otherargs, progress, on_error, max_in_flight, blocks_per_task, shared_memory : optional
         As in :func:`map_blocks`.
+    store : str, os.PathLike or bool, optional
+        As in :func:`map_blocks`: each block's partial is recorded there, and a rerun
+        combines the recorded partials with those of the blocks it computes.
 
     Returns
     -------
@@ -260,21 +316,43 @@ def reduce_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
         raise OptionError("combine must be callable: combine(accumulated, partial)")
     plan = _plan(func, inputs, block, overlap, boundary, fill_value, otherargs, on_error,
                  max_in_flight, blocks_per_task)
+    resume = open_resume(executor, store, "reduce", func, plan.sources, None, plan.grid,
+                         plan.padding.boundary, plan.padding.fill_value, None, otherargs)
+    try:
+        return _reduce_all(executor, plan, func, combine, initial, shared_memory, on_error,
+                           max_in_flight, progress, otherargs, resume)
+    finally:
+        if resume is not None:
+            resume.close()
+
+
+def _reduce_all(executor: Any, plan: _Plan, func: Callable[..., Any],
+                combine: Callable[[Any, Any], Any], initial: Any, shared_memory: bool | None,
+                on_error: str, max_in_flight: int | None, progress: Any, otherargs: Any,
+                resume: BlockResume | None) -> Any:
     shared = _decide_shared_memory(executor, shared_memory,
                                    _shared_bytes_needed(plan.sources, 0))
     runner = _start(executor, plan, func, shared, on_error, max_in_flight, progress, otherargs,
-                    None, combine=combine)
+                    None, combine=combine, resume=resume)
     accumulated = [initial, initial is not None]
 
-    def accumulate(group: _Group, outcome: _Outcome) -> None:
-        if not outcome.has_partial:
-            return
+    def add(partial: Any) -> None:
         if accumulated[1]:
-            accumulated[0] = combine(accumulated[0], outcome.partial)
+            accumulated[0] = combine(accumulated[0], partial)
         else:
-            accumulated[:] = [outcome.partial, True]
+            accumulated[:] = [partial, True]
 
+    def accumulate(group: _Group, outcome: _Outcome) -> None:
+        if outcome.has_partial:
+            add(outcome.partial)
+
+    groups: Iterable[_Group] = _groups(plan.grid, plan.blocks_per_task)
+    if resume is not None and resume.recorded:
+        for partial in resume.recorded.values():
+            add(partial)
+        runner.progress.advance(len(resume.recorded))
+        groups = resume.remaining(groups)
     with runner:
-        runner.run(_groups(plan.grid, plan.blocks_per_task), None, accumulate)
+        runner.run(groups, None, accumulate)
     runner.raise_failures(accumulated[0])
     return accumulated[0]

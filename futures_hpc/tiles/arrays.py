@@ -39,6 +39,15 @@ def image_shape_of(shape: tuple[int, ...]) -> tuple[int, int]:
     return (int(shape[-2]), int(shape[-1]))
 
 
+def sync_file(path: str) -> None:
+    """``fsync`` the file at ``path`` (what every process wrote to it reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _leading(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return (slice(None),) * (len(shape) - 2)
 
@@ -277,6 +286,13 @@ class ImageSink:
         """Write ``data`` (already trimmed to the window) at ``[..., rows, cols]``."""
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Make what this process wrote durable before a block is recorded as done.
+
+        By default nothing: what a finished ``write`` handed to the operating system survives
+        the process being killed. Sinks backed by one file also ask for it on disk.
+        """
+
     def fit(self, data: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
         """Check ``data`` against the window and this sink's bands; add or drop a 1-band axis."""
         window_shape = (rows.stop - rows.start, cols.stop - cols.start)
@@ -333,6 +349,10 @@ class RawFileSink(ImageSink):
             write_raw_window(fd, self.offset, self.shape, self.dtype, rows, cols, data)
         finally:
             os.close(fd)
+
+    def sync(self) -> None:
+        """Ask for the file's written pages on disk."""
+        sync_file(self.path)
 
 
 class ZarrSink(ImageSink):

@@ -114,8 +114,13 @@ def output_format(path: str | os.PathLike) -> str:
 
 
 def create_sink(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any,
-                block: tuple[int, int], georeference: Georeference | None) -> ImageSink:
-    """Create the output file ``path`` (``.npy``, zarr or GeoTIFF), overwriting it."""
+                block: tuple[int, int], georeference: Georeference | None,
+                preallocate: bool = False) -> ImageSink:
+    """Create the output file ``path`` (``.npy``, zarr or GeoTIFF), overwriting it.
+
+    ``preallocate`` lays a GeoTIFF's tiles out now, so that its bytes do not depend on the
+    order blocks are written in (see :func:`~futures_hpc.tiles.raster._create_geotiff`).
+    """
     kind = output_format(path)
     path = Path(path)
     dtype = np.dtype(dtype)
@@ -126,7 +131,38 @@ def create_sink(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any,
         return RawFileSink(str(path.resolve()), offset, shape, dtype)
     if kind == "zarr":
         return ZarrSink(_create_zarr(str(path), shape, dtype, block))
-    _create_geotiff(str(path), shape, dtype, georeference)
+    _create_geotiff(str(path), shape, dtype, georeference, preallocate)
+    return GeoTiffSink(str(path.resolve()), shape, dtype)
+
+
+def reopen_sink(path: str | os.PathLike) -> ImageSink:
+    """Open the existing output file ``path`` for update, keeping every pixel it holds.
+
+    Raises
+    ------
+    OSError or ValueError
+        ``path`` is missing or is not a whole ``.npy``, zarr array or GeoTIFF.
+    """
+    kind = output_format(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if kind == "npy":
+        image = np.load(path, mmap_mode="r+")
+        if not image.flags.c_contiguous:
+            raise ValueError(f"{path} is stored in Fortran order")
+        sink = RawFileSink(str(path.resolve()), image.offset, image.shape, image.dtype)
+        del image
+        return sink
+    if kind == "zarr":
+        import zarr
+
+        return ZarrSink(zarr.open_array(str(path), mode="r+"))
+    with import_rasterio().open(str(path)) as dataset:
+        bands = dataset.count
+        shape = (dataset.height, dataset.width) if bands == 1 else (
+            bands, dataset.height, dataset.width)
+        dtype = np.result_type(*dataset.dtypes)
     return GeoTiffSink(str(path.resolve()), shape, dtype)
 
 

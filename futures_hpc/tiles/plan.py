@@ -230,7 +230,7 @@ def _plan(func: Callable[..., Any], inputs: Sequence[Any], block: Any, overlap: 
 
 def _start(executor: Any, plan: _Plan, func: Callable[..., Any], shared: bool, on_error: str,
            max_in_flight: int | None, progress: Any, otherargs: Any, dtype: Any,
-           combine: Callable[[Any, Any], Any] | None) -> _Runner:
+           combine: Callable[[Any, Any], Any] | None, resume: Any = None) -> _Runner:
     runner = _Runner(executor, None, _name_of(func), on_error, max_in_flight,
                      _Progress(progress, len(plan.grid)))
     sources = _stage_inputs(plan.sources, runner) if shared else plan.sources
@@ -241,7 +241,8 @@ def _start(executor: Any, plan: _Plan, func: Callable[..., Any], shared: bool, o
         passes_otherargs=otherargs is not None, otherargs=otherargs,
         georeference=plan.sources[0].georeference,
         dtype=None if dtype is None else np.dtype(dtype), combine=combine,
-        stops_at_first_error=on_error == "raise")
+        stops_at_first_error=on_error == "raise",
+        store=None if resume is None else resume.spec)
     if plan.blocks_per_task is None:
         plan.blocks_per_task = _choose_blocks_per_task(plan.grid, plan.sources, executor)
     logger.info("%s: %d blocks of %s in tasks of %s blocks, overlap %s, boundary %r%s",

@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from futures_hpc.tiles.arrays import Georeference, ImageSink, ImageSource, image_shape_of
+from futures_hpc.tiles.arrays import (
+    Georeference,
+    ImageSink,
+    ImageSource,
+    image_shape_of,
+    sync_file,
+)
 
 GEOTIFF_TILE = 256
 
@@ -89,6 +95,10 @@ class GeoTiffSink(ImageSink):
             else:
                 dataset.write(data, window=window)
 
+    def sync(self) -> None:
+        """Ask for the file's written pages on disk."""
+        sync_file(self.path)
+
     def remove_lock(self) -> None:
         """Delete the lock file once every block is written."""
         Path(self.lock_path).unlink(missing_ok=True)
@@ -120,14 +130,21 @@ class _file_lock:  # noqa: N801 - used as a context manager
         self.handle.close()
 
 def _create_geotiff(path: str, shape: tuple[int, ...], dtype: np.dtype,
-                    georeference: Georeference | None) -> None:
+                    georeference: Georeference | None, preallocate: bool = False) -> None:
+    """Create an empty tiled GeoTIFF.
+
+    By default its tiles are sparse: each is appended to the file when first written, so the
+    file's layout follows the order in which blocks finish. With ``preallocate`` every tile
+    is written (as zeros) now, in order, and later writes land in place: the file's bytes then
+    depend only on its pixels, which resuming a job (``store=``) needs.
+    """
     rasterio = import_rasterio()
     rows, cols = image_shape_of(shape)
     profile = {
         "driver": "GTiff", "height": rows, "width": cols,
         "count": 1 if len(shape) == 2 else shape[0], "dtype": dtype.name,
         "tiled": True, "blockxsize": GEOTIFF_TILE, "blockysize": GEOTIFF_TILE,
-        "BIGTIFF": "IF_SAFER", "SPARSE_OK": "TRUE",
+        "BIGTIFF": "IF_SAFER", "SPARSE_OK": "FALSE" if preallocate else "TRUE",
     }
     if georeference is not None:
         profile.update(transform=georeference.transform, crs=georeference.crs)

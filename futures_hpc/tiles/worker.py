@@ -6,7 +6,9 @@ worker process; :func:`forget_job` drops it when the run is over.
 
 from __future__ import annotations
 
+import logging
 import pickle
+import struct
 import threading
 import uuid
 from collections import OrderedDict, deque
@@ -18,6 +20,7 @@ import cloudpickle
 import numpy as np
 
 from futures_hpc.calls import with_remote_traceback
+from futures_hpc.store.recorder import record_block
 from futures_hpc.tiles.arrays import Georeference, ImageSink, ImageSource, RawFileSink
 from futures_hpc.tiles.grid import (
     BlockInfo,
@@ -27,6 +30,8 @@ from futures_hpc.tiles.grid import (
     _received_shape,
     read_padded,
 )
+
+logger = logging.getLogger("futures_hpc")
 
 
 class _RegionSource(ImageSource):
@@ -67,6 +72,32 @@ class _Outcome:
 WINDOW_ATTRIBUTE = "futures_hpc_window"
 
 
+def block_key(index: tuple[int, int]) -> bytes:
+    """The 16-byte key of block ``(block_row, block_col)`` of a job's grid."""
+    return struct.pack("<QQ", *index)
+
+
+@dataclass(frozen=True)
+class _BlockStore:
+    """Where a resumable job records its finished blocks: a store and the job's key."""
+
+    location: str
+    job_key: bytes
+
+    def record(self, windows: Sequence[Window], value: Any = None) -> None:
+        """Record ``windows`` as done (their outputs are written and flushed), with ``value``.
+
+        A value that cannot be pickled, or a store that cannot be written, leaves the blocks
+        unrecorded: they are computed again by the next run, which is always correct.
+        """
+        for window in windows:
+            try:
+                record_block(self.location, self.job_key, block_key(window.index), value)
+            except Exception as exc:  # noqa: BLE001 - recording is an optimisation
+                logger.warning("%s not recorded in the store %s: %s: %s", window,
+                               self.location, type(exc).__name__, exc)
+
+
 @dataclass
 class _BlockJob:
     """Everything constant across blocks; scattered once to every worker."""
@@ -82,6 +113,7 @@ class _BlockJob:
     dtype: np.dtype | None
     combine: Callable[[Any, Any], Any] | None  # None: map (trim and assemble), else reduce
     stops_at_first_error: bool
+    store: _BlockStore | None = None  # where finished blocks are recorded (resumable jobs)
 
     def regions(self, window: Window, data: Sequence[np.ndarray | None] | None) -> list:
         """Each input's pixels under a group's window and margin, clipped to the image."""
@@ -131,6 +163,7 @@ class _BlockJob:
         outcome = _Outcome()
         # raw files take positional writes, safe side by side: write each block as it is done
         block_sink = sink if isinstance(sink, RawFileSink) else None
+        placed: list[Window] = []  # blocks in outcome.data, written with the group
         for window in group.windows:
             try:
                 blocks = [self.block_of(region, group.window, window) for region in regions]
@@ -138,13 +171,18 @@ class _BlockJob:
                 if self.combine is None:
                     core = self.trim(result, window)
                     if block_sink is not None and _written(block_sink, window, core):
+                        self._record([window], sink)
                         continue
                     block_sink = None
                     outcome.data = _place(outcome.data, core, group, window)
-                elif outcome.has_partial:
-                    outcome.partial = self.combine(outcome.partial, result)
+                    placed.append(window)
                 else:
-                    outcome.partial, outcome.has_partial = result, True
+                    if self.store is not None:
+                        self.store.record([window], result)
+                    if outcome.has_partial:
+                        outcome.partial = self.combine(outcome.partial, result)
+                    else:
+                        outcome.partial, outcome.has_partial = result, True
             except Exception as exc:
                 if self.stops_at_first_error:
                     _label(exc, window)
@@ -155,8 +193,16 @@ class _BlockJob:
                 sink.write(group.window.rows, group.window.cols, outcome.data)
                 outcome.data = None
             except FileNotFoundError:
-                pass  # the client writes it
+                pass  # the client writes it (and records its blocks)
+            else:
+                self._record(placed, sink)
         return outcome
+
+    def _record(self, windows: list[Window], sink: ImageSink) -> None:
+        """Record blocks whose output ``sink`` holds, once it is flushed (resumable jobs)."""
+        if self.store is not None and windows:
+            sink.sync()
+            self.store.record(windows)
 
 
 def _written(sink: ImageSink, window: Window, core: np.ndarray) -> bool:
