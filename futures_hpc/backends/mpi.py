@@ -1,13 +1,14 @@
-"""The MPI backend: dask scheduler and workers on MPI ranks, through mpi4py.
+"""The MPI backend: dask workers on MPI ranks, through mpi4py; the scheduler beside the client.
 
 Two modes, chosen from the environment:
 
 - **Under mpirun** (``mpirun -n N python script.py``, or ``srun --mpi=pmix``): every rank runs the
-  script. Rank 0 is the client: ``MPIExecutor()`` returns there and the ``with`` body runs. Rank 1
-  runs the dask scheduler and ranks 2.. the workers: on those ranks ``MPIExecutor()`` serves
+  script. Rank 0 is the client: ``MPIExecutor()`` returns there and the ``with`` body runs; the
+  dask scheduler runs in that process too, on the cluster's event loop thread (as the local
+  backend's does). Ranks 1.. run one worker each: on those ranks ``MPIExecutor()`` serves
   (:func:`~futures_hpc.backends.mpi_worker.serve_world`) and ends the process when rank 0's
   process ends, with status 0, or 1 on every rank if rank 0 ended with an uncaught exception.
-  Each executor that rank 0 creates gets a cluster of its own on those ranks.
+  Each executor that rank 0 creates gets a scheduler and workers of its own.
 - **From an ordinary process**: ``MPIExecutor(max_workers=4)`` runs the scheduler in this process
   and launches 4 worker ranks with ``mpirun`` (or ``srun`` inside a SLURM allocation), which it
   ends on shutdown.
@@ -29,12 +30,7 @@ from ..import_path import pythonpath_value
 from ..provider import BackendProvider
 from . import mpi_world_size
 from .mpi_cluster import MPICluster
-from .mpi_worker import (
-    SCHEDULER_RANK,
-    ClusterConfig,
-    inline_security,
-    rank_host,
-)
+from .mpi_worker import CLIENT_RANK, ClusterConfig, inline_security, rank_host
 from .mpi_world import MPIWorld, join_world
 
 logger = logging.getLogger("futures_hpc")
@@ -115,7 +111,7 @@ class MPIProvider(BackendProvider):
             if self.executor.max_workers is not None and self.executor.max_workers > available:
                 raise OptionError(
                     f"max_workers={self.executor.max_workers} but this mpirun has {available} "
-                    f"worker ranks ({self.world.size} ranks: the client, the scheduler and "
+                    f"worker ranks ({self.world.size} ranks: the client with the scheduler, and "
                     f"{available} workers)"
                 )
             if launcher is not None or launcher_args:
@@ -138,59 +134,14 @@ class MPIProvider(BackendProvider):
         return float(self.executor.backend_options.get("startup_timeout", DEFAULT_STARTUP_TIMEOUT))
 
     def create_cluster(self) -> MPICluster:
-        """Start the scheduler: on its rank under mpirun, else in this process."""
-        if self.world is not None:
-            return self._create_world_cluster(self.world)
-        return self._create_launched_cluster()
-
-    def start_workers(self) -> None:
-        """Launch the worker ranks if this executor launches them; wait until all connect."""
-        if self.world is None:
-            self._launch_worker_ranks()
-        self._wait_for_workers()
-
-    # -- under mpirun ------------------------------------------------------------------------------
-
-    def _create_world_cluster(self, world: MPIWorld) -> MPICluster:
-        worker_ranks = tuple(range(SCHEDULER_RANK + 1, SCHEDULER_RANK + 1 + self._worker_count))
-        rank_security = inline_security(self.executor.security)
-
-        def make_config(cluster_id: int) -> ClusterConfig:
-            return ClusterConfig(
-                cluster_id=cluster_id,
-                name=self.executor.run_name,
-                worker_ranks=worker_ranks,
-                security=rank_security,
-                nthreads=self.executor.resources.cores or 1,
-                memory_limit=self.executor.resources.memory_bytes or "auto",
-                env=dict(self.executor.resources.env or {}),
-                interface=self.executor.backend_options.get("interface"),
-                several_nodes=world.several_nodes,
-                dashboard_address=self.executor.dashboard_address,
-            )
-
-        cluster_id, address = world.start_cluster(make_config, self._startup_timeout)
-        self._cluster_id = cluster_id
-        return MPICluster(
-            security=self.executor.security,
-            scheduler_address=address,
-            on_close=lambda: world.stop_cluster(cluster_id),
-            name=self.executor.run_name,
-        )
-
-    # -- launched from an ordinary process ---------------------------------------------------------
-
-    def _launcher_name(self) -> str:
-        launcher = self.executor.backend_options.get("launcher")
-        if launcher:
-            return launcher
-        return "srun" if _inside_slurm_allocation() else "mpirun"
-
-    def _create_launched_cluster(self) -> MPICluster:
+        """Start the scheduler in this process (the client rank's, under mpirun)."""
         interface = self.executor.backend_options.get("interface")
-        several_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1 or bool(
-            self.executor.backend_options.get("launcher_args")
-        )
+        if self.world is not None:
+            several_nodes = self.world.several_nodes
+        else:
+            several_nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1 or bool(
+                self.executor.backend_options.get("launcher_args")
+            )
         listen: dict[str, Any] = (
             {"interface": interface} if interface else {"host": rank_host(several_nodes)}
         )
@@ -202,8 +153,53 @@ class MPIProvider(BackendProvider):
                 dashboard_address=self.executor.dashboard_address,
                 **listen,
             ),
+            on_close=self._stop_world_workers,
             name=self.executor.run_name,
         )
+
+    def start_workers(self) -> None:
+        """Start the workers on the other ranks, or launch worker ranks; wait until all connect."""
+        if self.world is not None:
+            self._start_world_workers(self.world)
+        else:
+            self._launch_worker_ranks()
+        self._wait_for_workers()
+
+    # -- under mpirun ------------------------------------------------------------------------------
+
+    def _start_world_workers(self, world: MPIWorld) -> None:
+        worker_ranks = tuple(range(CLIENT_RANK + 1, CLIENT_RANK + 1 + self._worker_count))
+        rank_security = inline_security(self.executor.security)
+        scheduler_address = self.executor.cluster.scheduler_address
+
+        def make_config(cluster_id: int) -> ClusterConfig:
+            return ClusterConfig(
+                cluster_id=cluster_id,
+                scheduler_address=scheduler_address,
+                name=self.executor.run_name,
+                worker_ranks=worker_ranks,
+                security=rank_security,
+                nthreads=self.executor.resources.cores or 1,
+                memory_limit=self.executor.resources.memory_bytes or "auto",
+                env=dict(self.executor.resources.env or {}),
+                interface=self.executor.backend_options.get("interface"),
+                several_nodes=world.several_nodes,
+            )
+
+        self._cluster_id = world.start_cluster(make_config)
+
+    def _stop_world_workers(self) -> None:
+        """Stop this executor's workers on the ranks (the cluster closed); they stay serving."""
+        if self.world is not None and self._cluster_id is not None:
+            self.world.stop_cluster(self._cluster_id)
+
+    # -- launched from an ordinary process ---------------------------------------------------------
+
+    def _launcher_name(self) -> str:
+        launcher = self.executor.backend_options.get("launcher")
+        if launcher:
+            return launcher
+        return "srun" if _inside_slurm_allocation() else "mpirun"
 
     def _launch_command(self) -> list[str]:
         launcher = self._launcher_name()
@@ -270,7 +266,7 @@ class MPIProvider(BackendProvider):
             if connected >= self._worker_count:
                 logger.info("%d MPI workers connected", connected)
                 return
-            if self.world is not None:
+            if self.world is not None and self._cluster_id is not None:
                 self.world.raise_failures(self._cluster_id)
             else:
                 self.executor.cluster.check_launcher()
@@ -290,18 +286,18 @@ class MPIProvider(BackendProvider):
 
 
 class MPIExecutor(HPCExecutor):
-    """Executor whose dask scheduler and workers run on MPI ranks.
+    """Executor whose dask workers run on MPI ranks, its scheduler in this process.
 
-    Under ``mpirun -n N`` (N >= 3): rank 0 runs the script and this executor's client, rank 1
-    the scheduler, ranks 2..N-1 one worker each; on ranks 1.. this constructor never returns,
-    and they exit when rank 0's process ends. From an ordinary process: the scheduler runs here
-    and ``max_workers`` worker ranks are launched with ``mpirun`` (``srun`` inside a SLURM
+    Under ``mpirun -n N`` (N >= 2): rank 0 runs the script, this executor's client and its
+    scheduler, ranks 1..N-1 one worker each; on ranks 1.. this constructor never returns, and
+    they exit when rank 0's process ends. From an ordinary process: the scheduler runs here and
+    ``max_workers`` worker ranks are launched with ``mpirun`` (``srun`` inside a SLURM
     allocation) and ended on shutdown.
 
     Other Parameters
     ----------------
     max_workers : int, optional
-        Under mpirun: how many of the N-2 worker ranks to use (default: all). Otherwise: how many
+        Under mpirun: how many of the N-1 worker ranks to use (default: all). Otherwise: how many
         worker ranks to launch (default: ``SLURM_NTASKS`` inside an allocation, else the cores
         of this machine).
     cores : int, optional
@@ -328,7 +324,7 @@ class MPIExecutor(HPCExecutor):
     Raises
     ------
     BackendUnavailableError
-        Under mpirun with fewer than 3 ranks (on every rank); without mpirun, when neither
+        Under mpirun when MPI sees fewer than 2 ranks (on every rank); without mpirun, when neither
         ``mpirun`` nor ``srun`` is found.
 
     """

@@ -1,7 +1,7 @@
-"""The MPI backend's dask cluster: a fixed set of workers on MPI ranks.
+"""The MPI backend's dask cluster: a scheduler in this process, a fixed set of workers on MPI ranks.
 
-Either connected to a scheduler on another rank of an ``mpirun`` world, or with the scheduler in
-this process and worker ranks launched with ``mpirun``/``srun``.
+The workers are either the other ranks of this process's ``mpirun`` world (this process is rank
+0), or worker ranks launched with ``mpirun``/``srun``.
 """
 
 from __future__ import annotations
@@ -33,22 +33,21 @@ logger = logging.getLogger("futures_hpc")
 
 
 class MPICluster(ClusterHooks, Cluster):
-    """A fixed set of dask workers on MPI ranks.
+    """A dask scheduler in this process and a fixed set of dask workers on MPI ranks.
 
-    Either connected to a scheduler on another rank (under mpirun), or with the scheduler in this
-    process and worker ranks launched by :meth:`launch_workers`. :meth:`close` closes the
-    scheduler and ends the workers: it stops them on their ranks, or ends the launcher.
+    The workers run on the other ranks of this ``mpirun`` (started by the provider through
+    :class:`~futures_hpc.backends.mpi_world.MPIWorld`), or on ranks launched by
+    :meth:`launch_workers`. :meth:`close` closes the scheduler and ends the workers: it stops
+    them on their ranks (``on_close``), or ends the launcher.
 
     Parameters
     ----------
+    scheduler_options : dict
+        Keyword arguments of the :class:`distributed.Scheduler` run in this process.
     security : distributed.security.Security, optional
-        TLS settings of the client side.
-    scheduler_address : str, optional
-        The address of a scheduler already running (under mpirun).
-    scheduler_options : dict, optional
-        Keyword arguments of a :class:`distributed.Scheduler` to run in this process instead.
+        TLS settings of the scheduler and the client side.
     on_close : callable, optional
-        Called once the cluster closes (stops the cluster's ranks under mpirun).
+        Called once the cluster closes (stops the cluster's workers on the ranks under mpirun).
     name : str, optional
         The cluster's name (the executor's run name).
 
@@ -59,18 +58,14 @@ class MPICluster(ClusterHooks, Cluster):
     def __init__(
         self,
         *,
+        scheduler_options: dict[str, Any],
         security: Security | None = None,
-        scheduler_address: str | None = None,
-        scheduler_options: dict[str, Any] | None = None,
         on_close: Callable[[], None] | None = None,
         name: str | None = None,
     ) -> None:
-        if (scheduler_address is None) == (scheduler_options is None):
-            raise ValueError("give either scheduler_address or scheduler_options")
         super().__init__(asynchronous=False, name=name)
         self.security = security or Security()
         self.scheduler: distributed.Scheduler | None = None
-        self._given_scheduler_address = scheduler_address
         self._scheduler_options = scheduler_options
         self._on_close = on_close
         self._launcher: subprocess.Popen | None = None
@@ -78,8 +73,8 @@ class MPICluster(ClusterHooks, Cluster):
         self._finish_lock = threading.Lock()
         self._finished = False
         self._quiet_logs = contextlib.ExitStack()
-        if scheduler_options is not None:  # the scheduler's INFO lines would flood this process
-            self._quiet_logs.enter_context(silence_logging_cmgr(logging.WARNING))
+        # the scheduler's INFO lines would flood this process
+        self._quiet_logs.enter_context(silence_logging_cmgr(logging.WARNING))
         self.start_event_loop()
         try:
             self.sync(self.start_cluster)
@@ -88,17 +83,13 @@ class MPICluster(ClusterHooks, Cluster):
             raise
 
     async def start_cluster(self) -> None:
-        """Start the in-process scheduler (or connect to the given one)."""
-        if self._scheduler_options is not None:
-            self.scheduler = distributed.Scheduler(
-                security=self.security, plugins=[PromptStreams()], **self._scheduler_options
-            )
-            await self.scheduler
-            address = self.scheduler.address
-        else:
-            address = self._given_scheduler_address
+        """Start the in-process scheduler and connect to it."""
+        self.scheduler = distributed.Scheduler(
+            security=self.security, plugins=[PromptStreams()], **self._scheduler_options
+        )
+        await self.scheduler
         self.scheduler_comm = rpc(
-            address, connection_args=self.security.get_connection_args("client")
+            self.scheduler.address, connection_args=self.security.get_connection_args("client")
         )
         await super().start_cluster()
 

@@ -1,13 +1,14 @@
-"""The rank side of the MPI backend: dask servers on MPI ranks, and the protocol that drives them.
+"""The rank side of the MPI backend: dask workers on MPI ranks, and the protocol that drives them.
 
 Two ways in:
 
 - **Under** ``mpirun -n N python script.py``: every rank runs the user's script. The client rank
-  (0) returns from ``MPIExecutor()``; every other rank calls :func:`serve_world` from there and
-  never returns. It waits for commands from the client rank and runs, for each executor the
-  client creates, the dask scheduler (rank 1) or a dask worker (ranks 2..), until the client
-  stops that executor. When the client process ends, it sends every rank its exit status and
-  each rank exits with it (0, or 1 if the client raised).
+  (0) returns from ``MPIExecutor()`` and runs, in its own process, each executor's client and
+  dask scheduler; every other rank calls :func:`serve_world` from there and never returns. It
+  waits for commands from the client rank and runs, for each executor the client creates, a dask
+  worker connected to that executor's scheduler, until the client stops that executor. When the
+  client process ends, it sends every rank its exit status and each rank exits with it (0, or 1
+  if the client raised).
 - **Launched** by an ``MPIExecutor`` in an ordinary process: ``mpirun -n N python -m
   futures_hpc.backends.mpi_worker --scheduler-address ...`` (or ``srun``) runs :func:`main` on
   each rank, a dask worker that ends when the scheduler closes it.
@@ -38,26 +39,21 @@ import distributed
 from distributed.security import Security
 from distributed.utils import get_ip
 
-from ..streams import PromptStreams, make_worker_prompt
+from ..streams import make_worker_prompt
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 logger = logging.getLogger("futures_hpc")
 
-#: The rank that runs the user's script and the executor's client.
+#: The rank that runs the user's script, the executor's client and its dask scheduler.
 CLIENT_RANK = 0
-#: The rank that runs the dask scheduler.
-SCHEDULER_RANK = 1
-#: Client + scheduler + at least one worker.
-MIN_WORLD_SIZE = 3
+#: The client rank (with the scheduler) + at least one worker rank.
+MIN_WORLD_SIZE = 2
 
 #: Commands from the client rank: ("start", config), ("stop", cluster_id, sequence),
 #: ("exit", status).
 COMMAND_TAG = 7301
-#: From the scheduler rank to the client and worker ranks: ("address", cluster_id, address) or
-#: ("error", cluster_id, text).
-ADDRESS_TAG = 7302
 #: To the client rank: ("stopped", cluster_id, sequence, rank) once a rank's servers are closed.
 ACK_TAG = 7303
 #: To the client rank: ("failed", cluster_id, rank, text) when a rank's server failed to start.
@@ -65,6 +61,10 @@ REPORT_TAG = 7304
 
 #: Seconds between two probes for a message.
 POLL_INTERVAL = 0.01
+#: The longest wait between two probes for the client rank's next command: the wait grows from
+#: :data:`POLL_INTERVAL` to this while no command comes, so that a worker rank busy running calls
+#: (its worker shares the event loop) or idle between executors wakes up less often.
+LONGEST_COMMAND_POLL_INTERVAL = 0.05
 #: Seconds a rank has to close its servers and finish MPI once told to exit; then SIGALRM ends it.
 EXIT_GRACE_SECONDS = 20
 #: Seconds a worker keeps trying to reach a scheduler that went away before it closes itself.
@@ -80,16 +80,22 @@ def receive_ready(comm: MPI.Comm, source: int, tag: int) -> Any | None:
     return None if message is None else message.recv()
 
 
-async def receive_async(comm: MPI.Comm, source: int, tag: int) -> Any:
+async def receive_async(
+    comm: MPI.Comm, source: int, tag: int, longest_interval: float = POLL_INTERVAL
+) -> Any:
     """Wait for the next message from ``source`` with ``tag`` without spinning; return it.
 
-    Probes without blocking and yields to the event loop between probes.
+    Probes without blocking and yields to the event loop between probes: every
+    :data:`POLL_INTERVAL` seconds at first, then less and less often, up to every
+    ``longest_interval`` seconds.
     """
+    interval = POLL_INTERVAL
     while True:
         message = comm.improbe(source=source, tag=tag)
         if message is not None:
             return message.recv()
-        await asyncio.sleep(POLL_INTERVAL)
+        await asyncio.sleep(interval)
+        interval = min(longest_interval, interval * 1.5)
 
 
 def barrier(comm: MPI.Comm) -> None:
@@ -141,6 +147,8 @@ class ClusterConfig:
     ----------
     cluster_id : int
         Numbers the clusters of one ``mpirun``; messages of a stopped cluster are ignored.
+    scheduler_address : str
+        The address of the cluster's scheduler, which runs in the client rank's process.
     name : str
         The executor's run name; workers are named ``<name>-rank-<rank>``.
     worker_ranks : tuple of int
@@ -154,16 +162,15 @@ class ClusterConfig:
     env : dict of str to str
         Environment variables set in the worker ranks while the cluster runs.
     interface : str or None
-        Network interface (``"ib0"``) the scheduler and workers listen on; default: the address
-        of the rank's host name (any non-loopback address when the ranks span several nodes).
+        Network interface (``"ib0"``) the workers listen on; default: the address of the rank's
+        host name (any non-loopback address when the ranks span several nodes).
     several_nodes : bool
         Whether the ranks run on more than one node.
-    dashboard_address : str
-        Where the scheduler's dashboard listens, on the scheduler rank's node.
 
     """
 
     cluster_id: int
+    scheduler_address: str
     name: str
     worker_ranks: tuple[int, ...]
     security: Security | None
@@ -172,7 +179,6 @@ class ClusterConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     interface: str | None = None
     several_nodes: bool = False
-    dashboard_address: str = "localhost:0"
 
 
 def rank_host(several_nodes: bool) -> str:
@@ -242,24 +248,22 @@ def _listen_options(config: ClusterConfig) -> dict[str, Any]:
 
 
 class _RankServer:
-    """One non-client rank: runs its part of every cluster the client rank starts."""
+    """One worker rank: runs a worker of every cluster the client rank starts that names it."""
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.stop_events: dict[int, asyncio.Event] = {}
         self.servers: dict[int, asyncio.Task] = {}
-        self.addresses: dict[int, asyncio.Future] = {}
         self.background: set[asyncio.Task] = set()
 
     async def run(self) -> int:
         """Serve commands until the client rank says exit; return the exit status it sent."""
-        address_listener = None
-        if self.rank != SCHEDULER_RANK:
-            address_listener = asyncio.ensure_future(self._route_addresses())
         try:
             while True:
-                command = await receive_async(self.comm, CLIENT_RANK, COMMAND_TAG)
+                command = await receive_async(
+                    self.comm, CLIENT_RANK, COMMAND_TAG, LONGEST_COMMAND_POLL_INTERVAL
+                )
                 kind = command[0]
                 if kind == "start":
                     self._start(command[1])
@@ -270,8 +274,6 @@ class _RankServer:
                 else:
                     logger.error("rank %d: unknown command %r", self.rank, command)
         finally:
-            if address_listener is not None:
-                address_listener.cancel()
             for event in self.stop_events.values():
                 event.set()
             if self.servers:
@@ -282,20 +284,10 @@ class _RankServer:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _route_addresses(self) -> None:
-        """Hand each scheduler address to the cluster waiting for it; drop stale ones."""
-        while True:
-            message = await receive_async(self.comm, SCHEDULER_RANK, ADDRESS_TAG)
-            waiting = self.addresses.get(message[1])
-            if waiting is not None and not waiting.done():
-                waiting.set_result(message)
-
     def _start(self, config: ClusterConfig) -> None:
-        if self.rank != SCHEDULER_RANK and self.rank not in config.worker_ranks:
+        if self.rank not in config.worker_ranks:
             return  # an idle rank for this cluster (max_workers below the ranks given)
         self.stop_events[config.cluster_id] = asyncio.Event()
-        if self.rank != SCHEDULER_RANK:
-            self.addresses[config.cluster_id] = asyncio.get_running_loop().create_future()
         self.servers[config.cluster_id] = asyncio.ensure_future(self._serve(config))
 
     async def _stop(self, cluster_id: int, sequence: int) -> None:
@@ -307,17 +299,13 @@ class _RankServer:
             await asyncio.wait([server])
         self.servers.pop(cluster_id, None)
         self.stop_events.pop(cluster_id, None)
-        self.addresses.pop(cluster_id, None)
         await send_async(
             self.comm, ("stopped", cluster_id, sequence, self.rank), [CLIENT_RANK], ACK_TAG
         )
 
     async def _serve(self, config: ClusterConfig) -> None:
         try:
-            if self.rank == SCHEDULER_RANK:
-                await self._serve_scheduler(config)
-            else:
-                await self._serve_worker(config)
+            await self._serve_worker(config)
         except Exception as error:
             text = "".join(traceback.format_exception(error))
             logger.error("rank %d failed in cluster %s:\n%s", self.rank, config.name, text)
@@ -333,43 +321,10 @@ class _RankServer:
         finished.cancel()
         await self.stop_events[config.cluster_id].wait()  # stay until the client says stop
 
-    async def _serve_scheduler(self, config: ClusterConfig) -> None:
-        others = (CLIENT_RANK, *config.worker_ranks)
-        try:
-            scheduler = distributed.Scheduler(
-                port=0,
-                protocol=_protocol(config.security),
-                security=config.security,
-                dashboard_address=config.dashboard_address,
-                plugins=[PromptStreams()],
-                **_listen_options(config),
-            )
-            await scheduler
-        except Exception:
-            text = traceback.format_exc()
-            await send_async(self.comm, ("error", config.cluster_id, text), others, ADDRESS_TAG)
-            raise
-        try:
-            await send_async(
-                self.comm, ("address", config.cluster_id, scheduler.address), others, ADDRESS_TAG
-            )
-            await self._until_stopped(config, scheduler)
-        finally:
-            await scheduler.close(reason="futures_hpc: the executor was shut down")
-
     async def _serve_worker(self, config: ClusterConfig) -> None:
-        address_future = self.addresses[config.cluster_id]
-        stop = asyncio.ensure_future(self.stop_events[config.cluster_id].wait())
-        await asyncio.wait([address_future, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not address_future.done():
-            return  # stopped before the scheduler started
-        stop.cancel()
-        kind, _, address = address_future.result()
-        if kind != "address":
-            return  # the scheduler failed; the client rank hears it from the scheduler rank
         with environment_set(config.env):
             worker = make_prompt(distributed.Worker(
-                address,
+                config.scheduler_address,
                 name=f"{config.name}-rank-{self.rank}",
                 nthreads=config.nthreads,
                 memory_limit=config.memory_limit,
@@ -390,7 +345,7 @@ class _RankServer:
 
 
 def serve_world(comm: MPI.Comm) -> NoReturn:
-    """Serve the client rank's clusters on this rank, then exit the process.
+    """Serve the client rank's clusters' workers on this rank, then exit the process.
 
     Called by ``MPIExecutor()`` on every rank but the client rank. Returns never: when the client
     process ends, this rank exits with the status the client sent (0 after a normal end, 1 after

@@ -1,7 +1,8 @@
-"""The client rank's side of an ``mpirun`` world: it starts and stops clusters on the others.
+"""The client rank's side of an ``mpirun`` world: it starts and stops workers on the others.
 
 Under ``mpirun -n N python script.py`` every rank calls :func:`join_world` (``MPIExecutor()``
-does). Rank 0 gets the :class:`MPIWorld` and runs the script; the other ranks serve clusters
+does). Rank 0 gets the :class:`MPIWorld` and runs the script, and each executor's client and
+scheduler in its own process; the other ranks run workers for those schedulers
 (:func:`~futures_hpc.backends.mpi_worker.serve_world`) and end with rank 0's exit status.
 """
 
@@ -21,12 +22,10 @@ from ..errors import BackendUnavailableError
 from . import mpi_world_size
 from .mpi_worker import (
     ACK_TAG,
-    ADDRESS_TAG,
     CLIENT_RANK,
     COMMAND_TAG,
     MIN_WORLD_SIZE,
     REPORT_TAG,
-    SCHEDULER_RANK,
     ClusterConfig,
     barrier,
     receive_ready,
@@ -48,7 +47,7 @@ STOP_TIMEOUT = 15.0
 
 
 class MPIWorld:
-    """The client rank's link to the other ranks of an ``mpirun``: starts and stops clusters.
+    """The client rank's link to the other ranks of an ``mpirun``: starts and stops workers.
 
     One per process, made by :func:`join_world` on rank 0. At exit it tells every rank to exit
     with this process's status: 1 after an uncaught exception (or a ``SystemExit`` with a non-zero
@@ -73,7 +72,6 @@ class MPIWorld:
         self._sequences = itertools.count(1)
         self._lock = threading.Lock()
         self._failures: dict[int, list[str]] = {}
-        self._answers: dict[int, tuple[str, int, str]] = {}  # scheduler answers, by cluster id
         self._finished = False
         atexit.register(self.finish)
         self._finish_before_mpi_finalize()
@@ -96,63 +94,33 @@ class MPIWorld:
 
     @property
     def worker_rank_count(self) -> int:
-        """Ranks available for workers: all but the client and the scheduler."""
-        return self.size - 2
+        """Ranks available for workers: all but the client rank, which runs the scheduler."""
+        return self.size - 1
 
-    def start_cluster(
-        self, make_config: Callable[[int], ClusterConfig], timeout: float
-    ) -> tuple[int, str]:
-        """Start a scheduler and workers on the ranks; return the cluster id and scheduler address.
+    def start_cluster(self, make_config: Callable[[int], ClusterConfig]) -> int:
+        """Start the workers of a new cluster on their ranks; return the cluster id.
+
+        The scheduler already runs in this process; the workers connect to it by themselves.
+        :meth:`raise_failures` reports ranks whose worker failed to start.
 
         Parameters
         ----------
         make_config : callable
             Called with the new cluster id; returns the :class:`ClusterConfig` to send.
-        timeout : float
-            Seconds to wait for the scheduler's address.
 
         Raises
         ------
         BackendUnavailableError
-            If the scheduler failed to start, or did not answer in time (a rank that never
-            reached ``MPIExecutor()``: every rank must run the same script).
+            If the ranks have already been told to exit.
 
         """
         with self._lock:
             self._check_open()
             cluster_id = next(self._cluster_ids)
             send(self.comm, ("start", make_config(cluster_id)), self.other_ranks, COMMAND_TAG)
-        try:
-            address = self._receive_address(cluster_id, timeout)
-        except BaseException:
-            self.stop_cluster(cluster_id, timeout=5.0)
-            raise
-        logger.info("MPI cluster %d: scheduler at %s", cluster_id, address)
-        return cluster_id, address
-
-    def _receive_address(self, cluster_id: int, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                # Another thread's executor may be starting too: keep the answers for it.
-                while (answer := receive_ready(self.comm, SCHEDULER_RANK, ADDRESS_TAG)):
-                    self._answers[answer[1]] = answer
-                answer = self._answers.pop(cluster_id, None)
-            if answer is not None:
-                break
-            if time.monotonic() > deadline:
-                raise BackendUnavailableError(
-                    f"the scheduler rank {SCHEDULER_RANK} did not answer within {timeout} s. "
-                    "Every rank must run the same script and reach MPIExecutor(); a rank "
-                    "busy elsewhere (or waiting on an MPI call rank 0 never makes) cannot serve."
-                )
-            time.sleep(0.005)
-        kind, _, value = answer
-        if kind != "address":
-            raise BackendUnavailableError(
-                f"the dask scheduler on rank {SCHEDULER_RANK} failed to start:\n{value}"
-            )
-        return value
+        logger.info("MPI cluster %d: workers starting on ranks %s", cluster_id,
+                    list(self.other_ranks))
+        return cluster_id
 
     def raise_failures(self, cluster_id: int) -> None:
         """Raise the failures ranks reported for ``cluster_id`` (a worker that did not start)."""
@@ -169,7 +137,7 @@ class MPIWorld:
             )
 
     def stop_cluster(self, cluster_id: int, timeout: float = STOP_TIMEOUT) -> None:
-        """Close the cluster's scheduler and workers on the ranks; wait until they are closed."""
+        """Close the cluster's workers on the ranks; wait until they are closed."""
         from mpi4py import MPI
 
         with self._lock:
@@ -186,7 +154,6 @@ class MPIWorld:
                 elif answer[1:3] == (cluster_id, sequence):
                     waiting.discard(answer[3])
             self._failures.pop(cluster_id, None)
-            self._answers.pop(cluster_id, None)
         if waiting:
             logger.warning(
                 "MPI ranks %s did not confirm within %s s that cluster %d is closed",
@@ -219,13 +186,13 @@ _world: MPIWorld | None = None
 def join_world() -> MPIWorld:
     """Join this process's MPI world; on rank 0 return its :class:`MPIWorld`.
 
-    On every other rank, serve clusters and exit the process (never return). Collective: every
+    On every other rank, serve workers and exit the process (never return). Collective: every
     rank must call it (``MPIExecutor()`` does).
 
     Raises
     ------
     BackendUnavailableError
-        On every rank, if the world has fewer than 3 ranks, or if mpi4py sees fewer ranks than
+        On every rank, if the world has fewer than 2 ranks, or if mpi4py sees fewer ranks than
         the launcher started (``srun`` without ``--mpi=pmix``, an mpi4py built for another MPI).
 
     """
@@ -244,8 +211,8 @@ def join_world() -> MPIWorld:
                 "check that mpi4py is built for the MPI library of your mpirun."
             )
         raise BackendUnavailableError(
-            f"MPIExecutor needs at least {MIN_WORLD_SIZE} MPI ranks (rank 0 runs your script, "
-            f"rank 1 the dask scheduler, ranks 2.. the workers), but this world has {size}. "
+            f"MPIExecutor needs at least {MIN_WORLD_SIZE} MPI ranks (rank 0 runs your script "
+            f"and the dask scheduler, ranks 1.. the workers), but this world has {size}. "
             f"Run with `mpirun -n {MIN_WORLD_SIZE}` or more, or without mpirun to let "
             "MPIExecutor(max_workers=...) launch its workers itself."
         )

@@ -4,8 +4,9 @@ Two modes:
 
 - under ``mpirun``: scripts in ``mpi_scripts/`` run as ``mpirun -n N python script.py`` in a
   subprocess, and the tests check the exit status and what each rank wrote: the shared executor
-  suite on rank 0 of ``mpirun -n 4``, a normal end, an exception on the client rank, too few ranks,
-  and ``mpirun`` inside an ``sbatch`` job;
+  suite on rank 0 of ``mpirun -n 4``, the layout (scheduler in the client's process, a worker on
+  every other rank), a normal end, an exception on the client rank, the smallest world, ranks
+  that each see a world of 1, and ``mpirun`` inside an ``sbatch`` job;
 - launched from this process: the shared executor suite runs here on ``MPIExecutor(max_workers=3)``
   (the ``ex`` fixture), plus tests of the launched ranks' life cycle.
 """
@@ -155,9 +156,25 @@ def test_normal_end_exits_every_rank_with_0(tmp_path):
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["executor"] == "MPIExecutor"  # HPCExecutor() chose MPI by itself
     assert [square for square, _ in written["results"]] == [number**2 for number in range(20)]
-    assert {rank for _, rank in written["results"]} <= {"2", "3"}
+    assert {rank for _, rank in written["results"]} <= {"1", "2", "3"}
     assert {path.name: path.read_text() for path in tmp_path.glob("rank-*.exit")} == {
         "rank-1.exit": "0", "rank-2.exit": "0", "rank-3.exit": "0"
+    }
+
+
+def test_three_ranks_give_two_workers_and_the_scheduler_runs_in_the_clients_process(tmp_path):
+    outcome = run_under_mpirun(3, "client_script.py", "layout", tmp_path=tmp_path, timeout=60)
+    assert outcome.returncode == 0, outcome.output
+    layout = json.loads((tmp_path / "layout.json").read_text())
+    assert layout["client rank"] == "0"
+    assert layout["scheduler pid"] == layout["client pid"]
+    assert layout["scheduler in this process"] is True
+    assert layout["scheduler address"].startswith("tls://")  # TLS by default
+    assert [rank for rank, _ in layout["workers"]] == ["1", "2"]
+    assert layout["client pid"] not in {pid for _, pid in layout["workers"]}
+    assert layout["status workers"] == 2
+    assert {path.name: path.read_text() for path in tmp_path.glob("rank-*.exit")} == {
+        "rank-1.exit": "0", "rank-2.exit": "0"
     }
 
 
@@ -181,14 +198,34 @@ def test_explicit_mpi_finalize_on_the_client_rank_ends_every_rank(tmp_path):
     }
 
 
-def test_two_ranks_give_a_clear_error_on_every_rank(tmp_path):
+def test_two_ranks_are_enough_one_client_and_scheduler_one_worker(tmp_path):
     outcome = run_under_mpirun(2, "client_script.py", "ok", tmp_path=tmp_path, timeout=60)
-    assert outcome.returncode != 0
+    assert outcome.returncode == 0, outcome.output
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["results"] == [[number**2, "1"] for number in range(20)]
+    assert {path.name: path.read_text() for path in tmp_path.glob("rank-*.exit")} == {
+        "rank-1.exit": "0"
+    }
+
+
+def test_ranks_that_each_see_a_world_of_one_give_a_clear_error_on_every_rank(tmp_path):
+    """What a bare ``srun`` of an Open MPI program does: 2 tasks, each its own MPI world."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "client_script.py"), str(tmp_path), "ok"],
+            cwd=tmp_path, env=dict(_subprocess_environment(tmp_path), PMI_SIZE="2",
+                                   PMI_RANK=str(rank)),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    outputs = [process.communicate(timeout=60)[0].decode(errors="replace")
+               for process in processes]
+    assert all(process.returncode != 0 for process in processes), outputs
     errors = {path.name: path.read_text() for path in tmp_path.glob("rank-*.error")}
-    assert sorted(errors) == ["rank-0.error", "rank-1.error"], outcome.output
+    assert sorted(errors) == ["rank-0.error", "rank-1.error"], outputs
     for message in errors.values():
-        assert "needs at least 3 MPI ranks" in message
-        assert "this world has 2" in message
+        assert "the launcher started 2 ranks but MPI sees a world of 1" in message
     assert not (tmp_path / "results.json").exists()
 
 
@@ -200,7 +237,7 @@ def test_the_documented_example_runs_under_mpirun(tmp_path):
     assert outcome.returncode == 0, outcome.output
     total = sum(len(str(math.factorial(number))) for number in range(1, 501))
     assert outcome.output.count("digits, computed by") == 1, outcome.output  # rank 0 only
-    assert f"{total} digits, computed by 1 worker ranks" in outcome.output
+    assert f"{total} digits, computed by 2 worker ranks" in outcome.output
 
 
 # -- inside a SLURM job ---------------------------------------------------------------------------
@@ -251,7 +288,8 @@ def test_sbatch_job_running_mpirun_runs_a_map_and_exits_0(tmp_path):
     assert outcome.returncode == 0, outcome.output
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["executor"] == "MPIExecutor"
-    assert written["results"] == [[number**2, "2"] for number in range(20)]
+    assert [square for square, _ in written["results"]] == [number**2 for number in range(20)]
+    assert {rank for _, rank in written["results"]} <= {"1", "2"}
     assert (tmp_path / "rank-1.exit").read_text() == "0"
     assert (tmp_path / "rank-2.exit").read_text() == "0"
 

@@ -1,6 +1,7 @@
 """The executor suite on MPIExecutor under mpirun, plus what only the mpirun mode promises.
 
-Run on rank 0 of ``mpirun -n 4`` by ``run_suite.py`` (rank 1: scheduler, ranks 2 and 3: workers);
+Run on rank 0 of ``mpirun -n 4`` by ``run_suite.py`` (rank 0: client and scheduler, ranks 1 to 3:
+workers);
 ``tests/backends/test_mpi.py`` starts that and checks the outcome.
 """
 
@@ -22,7 +23,7 @@ from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-WORKER_RANKS = {"2", "3"}
+WORKER_RANKS = {"1", "2", "3"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,16 @@ def test_runs_on_the_ranks_of_this_mpirun(ex):
     assert ex.cluster.scheduler_address.startswith("tls://")
     names = {worker["name"] for worker in ex.client.scheduler_info()["workers"].values()}
     assert names == {f"{ex.run_name}-rank-{rank}" for rank in WORKER_RANKS}
+    assert ex.status().workers == len(WORKER_RANKS)
+
+
+def test_the_scheduler_runs_in_the_clients_process(ex):
+    assert isinstance(ex.cluster.scheduler, distributed.Scheduler)
+    assert ex.cluster.scheduler.address == ex.cluster.scheduler_address
+    assert ex.client.run_on_scheduler(os.getpid) == os.getpid()
+    worker_pids = ex.client.run(os.getpid)
+    assert len(worker_pids) == len(WORKER_RANKS)
+    assert os.getpid() not in worker_pids.values()
 
 
 def test_calls_run_on_every_worker_rank(ex):
@@ -66,7 +77,7 @@ def test_hpc_executor_detects_mpirun_and_runs_beside_another_executor(ex):
     with HPCExecutor(max_workers=1) as second:
         assert type(second) is MPIExecutor
         assert second.cluster.scheduler_address != ex.cluster.scheduler_address
-        assert set(second.map(rank_of_call, [0.0] * 10)) == {"2"}
+        assert set(second.map(rank_of_call, [0.0] * 10)) == {"1"}
         assert ex.submit(rank_of_call, 0.0).result(timeout=60) in WORKER_RANKS
 
 
@@ -78,8 +89,8 @@ def test_cores_env_and_plain_tcp_reach_the_worker_ranks():
 
 
 def test_more_workers_than_worker_ranks_is_an_option_error():
-    with pytest.raises(OptionError, match="max_workers=3 but this mpirun has 2 worker ranks"):
-        MPIExecutor(max_workers=3)
+    with pytest.raises(OptionError, match="max_workers=4 but this mpirun has 3 worker ranks"):
+        MPIExecutor(max_workers=4)
 
 
 def test_dask_collections_and_joblib_run_on_the_worker_ranks():
