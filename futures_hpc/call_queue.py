@@ -54,7 +54,8 @@ from .bridge import FutureBridge
 from .calls import PlaceholderArgument, run_calls
 from .chunking import CallCosts, function_key
 from .errors import CallDependencyError, CallSerializationError, WorkerLostError
-from .store import MISSING, Occurrences, ResultStore, StoreSpec, call_key, function_identity
+from .store import MISSING, Occurrences, ResultStore, StoreSpec, function_identity
+from .store.identity import call_keys
 
 logger = logging.getLogger("futures_hpc")
 
@@ -144,6 +145,11 @@ class _SentTask:
 
 #: Argument types that the standard pickle module pickles exactly as cloudpickle would.
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+def all_plain(columns: Iterable[Iterable[Any]]) -> bool:
+    """Whether every value in ``columns`` is of a type the standard pickle module packs."""
+    return {type(value) for column in columns for value in column} <= _PLAIN_TYPES
 
 
 def pack_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -293,8 +299,7 @@ class CallQueue:
 
     def store_keys(self, function_id: bytes, packed_arguments: Iterable[bytes]) -> list[bytes]:
         """The store keys of calls of one function, in the order they are made."""
-        return [self._occurrences.key(call_key(function_id, packed))
-                for packed in packed_arguments]
+        return self._occurrences.keys(call_keys(function_id, packed_arguments))
 
     def _prepare(self, entry: QueuedCall, function: Callable[..., Any],
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

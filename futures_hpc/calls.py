@@ -19,7 +19,7 @@ from typing import Any
 
 import cloudpickle
 
-from .store.recorder import StoreSpec, end_task, record
+from .store.recorder import StoreSpec, TaskRecorder
 
 
 class RemoteTraceback(Exception):  # noqa: N818 - named as the standard library names it
@@ -168,6 +168,7 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
     except BaseException as error:  # noqa: BLE001 - every call fails with it
         failed = ("error", _ExceptionWithTraceback(error))
         return _pack_outcomes([failed] * len(packed_calls), None)
+    recorder = None if store is None else TaskRecorder(store)
     started = time.perf_counter()
     for number, packed in enumerate(packed_calls):
         try:
@@ -180,11 +181,12 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
             outcomes.append(("error", _ExceptionWithTraceback(error)))
             continue
         outcomes.append(("ok", result))
-        if store is not None:
-            record(store, number, result)
+        if recorder is not None:
+            recorder.add(number, result)
         del result
     seconds = time.perf_counter() - started
-    end_task(store)
+    if recorder is not None:
+        recorder.flush()
     return _pack_outcomes(outcomes, seconds)
 
 
@@ -201,13 +203,14 @@ def run_chunk(payload: bytes) -> bytes:
     """
     results: list[Any] = []
     started = None
-    store = None
+    recorder = None
     try:
         packed_function, columns, store = pickle.loads(payload)
         function = pickle.loads(packed_function)
         started = time.perf_counter()
         if store is not None:
-            _run_recorded(function, columns, store, results)
+            recorder = TaskRecorder(store)
+            _run_recorded(function, columns, recorder, results)
         elif len(columns) == 1:
             for argument in columns[0]:
                 results.append(function(argument))
@@ -216,20 +219,23 @@ def run_chunk(payload: bytes) -> bytes:
                 results.append(function(*arguments))
     except BaseException as error:  # noqa: BLE001
         seconds = None if started is None else time.perf_counter() - started
-        end_task(store)
+        if recorder is not None:
+            recorder.flush()
         return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error), seconds))
     seconds = time.perf_counter() - started
-    end_task(store)
+    if recorder is not None:
+        recorder.flush()
     return _pack_outcome(("chunk", results, None, seconds))
 
 
 def _run_recorded(function: Callable[..., Any], columns: Sequence[Sequence[Any]],
-                  store: StoreSpec, results: list[Any]) -> None:
-    """Run a chunk's calls in order, recording each result in ``store``."""
+                  recorder: TaskRecorder, results: list[Any]) -> None:
+    """Run a chunk's calls in order, recording each result."""
+    add = recorder.add
     for number, arguments in enumerate(zip(*columns, strict=True)):
         result = function(*arguments)
         results.append(result)
-        record(store, number, result)
+        add(number, result)
 
 
 def unpack_outcome(packed: bytes) -> tuple[Any, ...]:

@@ -7,6 +7,7 @@ the executor's call queue (:mod:`futures_hpc.call_queue`) decides when each goes
 from __future__ import annotations
 
 import itertools
+import pickle
 import reprlib
 import time
 from collections import deque
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from .call_queue import CallQueue, function_name, pack_arguments, pickled
+from .call_queue import CallQueue, all_plain, function_name, pack_arguments, pickled
 from .calls import pack_chunk, run_chunk
 from .store import MISSING, StoreSpec
 
@@ -129,41 +130,64 @@ def _queue_chunk(queue: CallQueue, fn: Callable[..., Any], payload: bytes,
 def _submit_stored_chunks(queue: CallQueue, fn: Callable[..., Any], packed_function: bytes,
                           chunks: list[list[Sequence[Any]]], key: bytes | None,
                           function_id: bytes) -> list[Future]:
-    """Chunks of calls with a store: answer recorded calls, queue a task for the others."""
-    store = queue.store
-    planned = []
-    for columns in chunks:  # keys and payloads first: a call that cannot be pickled fails
-        calls = list(zip(*columns, strict=False))  # the map before anything is queued
-        keys = queue.store_keys(function_id, [
-            pickled(lambda call=call: pack_arguments(call, {}),
-                    lambda call=call: describe_call(fn, call, {}))
-            for call in calls
-        ])
-        recorded = store.results(keys)
-        missing = [index for index, value in enumerate(recorded) if value is MISSING]
-        payload = None
-        if missing:
-            spec = StoreSpec(store.location, function_id, tuple(keys[i] for i in missing))
-            sub_columns = [[calls[i][position] for i in missing]
-                           for position in range(len(columns))]
-            payload = pickled(lambda sub=sub_columns, spec=spec: pack_chunk(
-                packed_function, sub, spec), lambda sub=sub_columns: _describe_chunk(fn, sub))
-            planned.append((payload, sub_columns, recorded, missing))
-        else:
-            planned.append((None, None, recorded, missing))
-    futures = []
-    for payload, sub_columns, recorded, missing in planned:
-        if payload is None:
-            done: Future = Future()
-            done.set_result((recorded, None, None))
-            futures.append(done)
-            continue
-        futures.append(_queue_chunk(
-            queue, fn, payload, sub_columns, key,
-            lambda outcome, recorded=recorded, missing=missing: _merge_recorded(
-                _decode_chunk(outcome), recorded, missing)))
+    """Chunks of calls with a store: answer recorded calls, queue a task for the others.
+
+    Calls of plain values (numbers, strings, bytes) cannot fail to pickle: each chunk is then
+    queued as soon as its keys are made, so that the workers start while later chunks are
+    keyed. Otherwise every chunk is keyed first, and a call that cannot be pickled fails the
+    map before anything is queued.
+    """
+    if all(all_plain(columns) for columns in chunks):
+        futures = []
+        for columns in chunks:
+            futures.append(_queue_planned(queue, fn, key, *_plan_stored_chunk(
+                queue, fn, packed_function, columns, function_id, plain=True)))
+            queue.pump()
+        return futures
+    planned = [_plan_stored_chunk(queue, fn, packed_function, columns, function_id,
+                                  plain=False) for columns in chunks]
+    futures = [_queue_planned(queue, fn, key, *plan) for plan in planned]
     queue.pump()
     return futures
+
+
+def _plan_stored_chunk(
+    queue: CallQueue, fn: Callable[..., Any], packed_function: bytes,
+    columns: Sequence[Sequence[Any]], function_id: bytes, plain: bool,
+) -> tuple[bytes | None, list[Sequence[Any]] | None, list[Any], list[int]]:
+    """A chunk's keys, what the store holds, and the payload of a task for the rest."""
+    calls = list(zip(*columns, strict=False))
+    if plain:  # as pack_arguments(call, {}) packs them, without its checks
+        dumps, protocol, no_keywords = pickle.dumps, pickle.HIGHEST_PROTOCOL, {}
+        packed = [dumps((call, no_keywords), protocol) for call in calls]
+    else:
+        packed = [pickled(lambda call=call: pack_arguments(call, {}),
+                          lambda call=call: describe_call(fn, call, {})) for call in calls]
+    keys = queue.store_keys(function_id, packed)
+    del packed
+    recorded = queue.store.results(keys)
+    missing = [index for index, value in enumerate(recorded) if value is MISSING]
+    if not missing:
+        return None, None, recorded, missing
+    spec = StoreSpec(queue.store.location, function_id, tuple(keys[i] for i in missing))
+    if len(missing) == len(calls):
+        sub_columns = list(columns)  # as they are: a slice of a range stays small
+    else:
+        sub_columns = [[calls[i][position] for i in missing] for position in range(len(columns))]
+    payload = pickled(lambda: pack_chunk(packed_function, sub_columns, spec),
+                      lambda: _describe_chunk(fn, sub_columns))
+    return payload, sub_columns, recorded, missing
+
+
+def _queue_planned(queue: CallQueue, fn: Callable[..., Any], key: bytes | None,
+                   payload: bytes | None, sub_columns: list[Sequence[Any]] | None,
+                   recorded: list[Any], missing: list[int]) -> Future:
+    if payload is None:
+        done: Future = Future()
+        done.set_result((recorded, None, None))
+        return done
+    return _queue_chunk(queue, fn, payload, sub_columns, key,
+                        lambda outcome: _merge_recorded(_decode_chunk(outcome), recorded, missing))
 
 
 def _merge_recorded(

@@ -355,14 +355,15 @@ def test_a_torn_tail_is_ignored_and_a_torn_record_runs_again(tmp_path):
 def test_object_store_writes_one_object_per_flush():
     """fsspec's in-memory filesystem stands in for an object store (no append): it is a real
     fsspec filesystem, but only this process sees it, so no executor runs here."""
-    from futures_hpc.store.recorder import StoreSpec, end_task, record
+    from futures_hpc.store.recorder import StoreSpec, TaskRecorder
 
     location = f"memory://store-{os.getpid()}-{random.random()}"
     store = ResultStore(location, "fhpc-test")
     spec = StoreSpec(store.location, b"f" * 16, tuple(bytes([n]) * 16 for n in range(5)))
+    recorder = TaskRecorder(spec)
     for number in range(5):
-        record(spec, number, number * 10)
-    end_task(spec)
+        recorder.add(number, number * 10)
+    recorder.flush()
     index = read_index(store.location)
     assert sorted(ResultStore(location, "again").result(key) for key in spec.keys) == [
         0, 10, 20, 30, 40]

@@ -20,7 +20,7 @@ import hashlib
 import marshal
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -63,6 +63,17 @@ def call_key(function_id: bytes, packed_arguments: bytes) -> bytes:
     return hashlib.blake2b(packed_arguments, digest_size=16, key=function_id).digest()
 
 
+def call_keys(function_id: bytes, packed_arguments: Iterable[bytes]) -> list[bytes]:
+    """:func:`call_key` of many calls of one function (the keyed hash is set up once)."""
+    base = hashlib.blake2b(digest_size=16, key=function_id)
+    keys = []
+    for packed in packed_arguments:
+        digest = base.copy()
+        digest.update(packed)
+        keys.append(digest.digest())
+    return keys
+
+
 class Occurrences:
     """Numbers the repeats of one call in a run: the first keeps its key, the next get others.
 
@@ -73,6 +84,15 @@ class Occurrences:
         self._seen: set[bytes] = set()
         self._repeats: dict[bytes, int] = {}
         self._lock = threading.Lock()
+
+    def keys(self, first_keys: list[bytes]) -> list[bytes]:
+        """:meth:`key` of each of ``first_keys``, in order."""
+        with self._lock:
+            seen = self._seen
+            if seen.isdisjoint(first_keys) and len(set(first_keys)) == len(first_keys):
+                seen.update(first_keys)
+                return first_keys
+        return [self.key(first_key) for first_key in first_keys]
 
     def key(self, first_key: bytes) -> bytes:
         """The key of this occurrence of the call whose first occurrence has ``first_key``."""

@@ -11,13 +11,15 @@ be pickled for the store is not recorded either (it still goes back to the clien
 from __future__ import annotations
 
 import atexit
+import pickle
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import frames
 from .results import pack_result
-from .segments import SegmentWriter
+from .segments import FLUSH_SECONDS, SegmentWriter
 
 _writers: dict[str, SegmentWriter] = {}
 _writers_lock = threading.Lock()
@@ -43,14 +45,44 @@ def writer_for(location: str) -> SegmentWriter:
     return writer
 
 
-def record(spec: StoreSpec, index: int, value: Any) -> None:
-    """Record the result of the ``index``-th call of the task."""
-    try:
-        payload = pack_result(value)
-    except Exception:  # not picklable for the store: it will run again next time
-        return
-    writer_for(spec.location).append(
-        frames.frame(frames.CALL, spec.function_id, spec.keys[index], payload))
+class TaskRecorder:
+    """Records the calls of one task: held in the task, handed to the writer in batches.
+
+    Parameters
+    ----------
+    spec : StoreSpec
+        The store, the function and a key per call of the task.
+
+    """
+
+    def __init__(self, spec: StoreSpec) -> None:
+        self.spec = spec
+        self.writer = writer_for(spec.location)
+        self._held: list[bytes] = []
+        self._last = time.monotonic()
+
+    def add(self, number: int, value: Any) -> None:
+        """Record the result of the task's ``number``-th call."""
+        try:
+            payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            try:
+                payload = pack_result(value)
+            except Exception:  # not picklable for the store: it will run again next time
+                return
+        self._held.append(frames.frame(frames.CALL, self.spec.function_id,
+                                       self.spec.keys[number], payload))
+        now = time.monotonic()
+        if now - self._last >= FLUSH_SECONDS:
+            self._last = now
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every record held now."""
+        if self._held:
+            self.writer.append_all(self._held)
+            self._held = []
+        self.writer.flush()
 
 
 def record_block(location: str, job_key: bytes, block_key: bytes, value: Any) -> None:
@@ -58,12 +90,6 @@ def record_block(location: str, job_key: bytes, block_key: bytes, value: Any) ->
     writer = writer_for(location)
     writer.append(frames.frame(frames.BLOCK, job_key, block_key, pack_result(value)))
     writer.flush()
-
-
-def end_task(spec: StoreSpec | None) -> None:
-    """Write what the task's calls left held."""
-    if spec is not None:
-        writer_for(spec.location).flush()
 
 
 @atexit.register

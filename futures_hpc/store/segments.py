@@ -192,6 +192,15 @@ class SegmentWriter:
                     or time.monotonic() - self._last_write >= FLUSH_SECONDS):
                 self._write()
 
+    def append_all(self, records: list[bytes]) -> None:
+        """Add framed records; write what is held if it is time."""
+        with self._lock:
+            self._held.extend(records)
+            self._held_bytes += sum(len(record) for record in records)
+            if (self._held_bytes >= FLUSH_BYTES
+                    or time.monotonic() - self._last_write >= FLUSH_SECONDS):
+                self._write()
+
     def flush(self) -> None:
         """Write every record held now."""
         with self._lock:
