@@ -6,7 +6,12 @@ A 3x3 mean filter (``scipy.ndimage.uniform_filter(size=3, mode="nearest")``):
 2. over a 16384 x 16384 float32 zarr array (1 GiB) on disk, result written to zarr.
 
 Each is run by scipy on the whole array in one process, by ``map_blocks`` on 2 local workers and
-by ``dask.array.map_overlap`` on the same cluster. The client's peak memory (RSS sampled every
+by ``dask.array.map_overlap`` on the same cluster, with blocks of the same size. In memory, the
+strongest single-process alternative is also run: the same filter over the same blocks with a
+one-pixel margin in a loop (what RIOS does with one worker; the whole-array call is slowed by
+cache effects, so beating it says "tiling helps", not "two workers help"). The ratio to the
+tiled loop is the one that measures the workers (targets: >= 1.7x the tiled loop, >= 2x
+``map_overlap``). The client's peak memory (RSS sampled every
 5 ms, above what it held before the run) is measured on the zarr run.
 
 Run: ``python benchmarks/tiles.py [--quick] [--repeat N] [--workdir DIR]``.
@@ -121,6 +126,23 @@ def report(title, seconds, baseline_name):
 # ------------------------------------------------------------------------------------------
 
 
+def tiled_loop(image, block):
+    """The filter over ``block``-sized tiles with a one-pixel margin, in this process."""
+    rows, columns = image.shape
+    out = np.empty_like(image)
+    for row in range(0, rows, block[0]):
+        for column in range(0, columns, block[1]):
+            top, left = max(row - 1, 0), max(column - 1, 0)
+            bottom = min(row + block[0] + 1, rows)
+            right = min(column + block[1] + 1, columns)
+            filtered = mean3(image[top:bottom, left:right])
+            height = min(block[0], rows - row)
+            width = min(block[1], columns - column)
+            out[row:row + height, column:column + width] = filtered[
+                row - top:row - top + height, column - left:column - left + width]
+    return out
+
+
 def in_memory_case(ex, size, block, repeat):
     import dask
     import dask.array as da
@@ -135,20 +157,25 @@ def in_memory_case(ex, size, block, repeat):
 
     names = ("scipy.ndimage, whole array, one process",
              f"futures_hpc map_blocks, block {block}",
-             f"dask map_overlap, chunks {block}")
+             f"dask map_overlap, chunks {block}",
+             f"tiled loop, block {block}, one process")
     methods = {
         names[0]: lambda: (mean3(image), None),
         names[1]: lambda: (map_blocks(ex, mean3, image, block=block, overlap=1), None),
         names[2]: lambda: (dask_run(), None),
+        names[3]: lambda: (tiled_loop(image, block), None),
     }
     map_blocks(ex, mean3, image[:256, :256], block=128, overlap=1)  # workers import scipy
+    dask_run()  # the same warm-up for dask's side (its graph code, the workers' imports)
+    tiled_loop(image[:256, :256], (128, 128))
     seconds, _, results = interleaved(methods, repeat)
-    assert np.array_equal(results[names[1]], expected), "map_blocks differs from scipy"
-    assert np.array_equal(results[names[2]], expected), "map_overlap differs from scipy"
+    for name in names[1:]:
+        assert np.array_equal(results[name], expected), f"{name} differs from scipy"
     report(f"In memory: {size} x {size} float32 ({size * size * 4 / MIB:.0f} MiB), 2 workers",
            seconds, names[0])
     best = {name: min(times) for name, times in seconds.items()}
-    return {"vs_scipy": best[names[0]] / best[names[1]],
+    return {"vs_tiled_loop": best[names[3]] / best[names[1]],
+            "vs_scipy": best[names[0]] / best[names[1]],
             "vs_map_overlap": best[names[2]] / best[names[1]]}
 
 
@@ -283,7 +310,7 @@ def main():
     finally:
         if arguments.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print("\nRatios, best times (targets: vs_scipy >= 1.4, vs_map_overlap >= 1.0, "
+    print("\nRatios, best times (targets: vs_tiled_loop >= 1.7 in memory, vs_map_overlap >= 2, "
           "client_memory_share <= 0.25):")
     for case, figures in results.items():
         print(f"  {case}: " + ", ".join(f"{key} {value:.3f}" for key, value in figures.items()))
