@@ -238,6 +238,22 @@ def test_submit_and_map_share_records_and_repeats_stay_apart(tmp_path):
         assert ex.store.hits == 22
 
 
+def test_lazy_maps_and_chained_futures_are_recorded(tmp_path):
+    store = tmp_path / "store"
+    side = tmp_path / "side"
+    for run in range(2):
+        with HPCExecutor("local", max_workers=2, store=store) as ex:
+            lazy = list(ex.map(_square_noted, (x for x in range(30)), [str(side)] * 30,
+                               buffersize=3, chunksize=4))
+            first = ex.submit(_square_noted, 3, str(side))
+            chained = ex.submit(_square_noted, first, str(side))
+            assert lazy == [x * x for x in range(30)] and chained.result() == 81
+            hits = ex.store.hits
+        ran = [int(word) for word in side.read_text().split()]
+        assert sorted(ran) == sorted([*range(30), 3, 9])  # the second run ran nothing
+        assert hits == (0 if run == 0 else 32)
+
+
 def test_an_edited_function_does_not_reuse_results(tmp_path):
     store = tmp_path / "store"
     script = tmp_path / "edited.py"
