@@ -50,7 +50,11 @@ def _filesystem(location: str) -> tuple[Any, str]:
 
 
 def create(location: str) -> None:
-    """Make the store at ``location`` if it does not exist: private to the user (mode 700)."""
+    """Make the store at ``location`` if it does not exist: private to the user (mode 700).
+
+    An existing directory keeps its permissions; the ``segments`` directory in it, which holds
+    the results, is made with mode 700.
+    """
     if is_url(location):
         fs, root = _filesystem(location)
         marker = f"{root}/{MARKER}"
@@ -58,8 +62,10 @@ def create(location: str) -> None:
             fs.pipe_file(marker, MARKER_TEXT.encode())
         return
     root = Path(location)
+    made = not root.exists()
     (root / SEGMENTS).mkdir(parents=True, exist_ok=True, mode=0o700)
-    root.chmod(0o700)
+    if made:  # a directory the user had already keeps its permissions
+        root.chmod(0o700)
     marker = root / MARKER
     if not marker.exists():
         marker.write_text(MARKER_TEXT)
