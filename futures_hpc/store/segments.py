@@ -28,6 +28,10 @@ SUFFIX = ".fhs"
 FLUSH_SECONDS = 0.05
 #: ... or once it holds this many bytes (and always at the end of each task).
 FLUSH_BYTES = 4 * 1024 * 1024
+#: On an object store, where each write is an object of its own (a request, and an object every
+#: later run lists and reads), held records are written once the oldest is this many seconds
+#: old (or at :data:`FLUSH_BYTES`, and at the end of each task): one object per task, not two.
+OBJECT_FLUSH_SECONDS = 5.0
 
 
 def is_url(location: str) -> bool:
@@ -167,8 +171,10 @@ class SegmentWriter:
     """Appends records to one segment of its own; thread-safe.
 
     Records are held until :data:`FLUSH_SECONDS` have passed since the last write or
-    :data:`FLUSH_BYTES` are held, or :meth:`flush` is called, then written with one ``write``
-    (on an object store, one new object per flush).
+    :data:`FLUSH_BYTES` are held, or :meth:`flush` is called, then written with one ``write``.
+    On an object store each flush is one new object, and records are held until the oldest
+    is :data:`OBJECT_FLUSH_SECONDS` old (a record written alone, as soon as a task's first call
+    ends, would make two objects per task).
 
     Parameters
     ----------
@@ -185,6 +191,8 @@ class SegmentWriter:
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._last_write = time.monotonic()
+        self._object_store = is_url(location)
+        self._held_since = 0.0
         self._lock = threading.Lock()
         self._descriptor: int | None = None
         self._objects = 0
@@ -192,10 +200,16 @@ class SegmentWriter:
     def append(self, record: bytes) -> None:
         """Add a framed record; write what is held if it is time."""
         with self._lock:
+            now = time.monotonic()
+            if not self._held:
+                self._held_since = now
             self._held.append(record)
             self._held_bytes += len(record)
-            if (self._held_bytes >= FLUSH_BYTES
-                    or time.monotonic() - self._last_write >= FLUSH_SECONDS):
+            if self._object_store:
+                due = now - self._held_since >= OBJECT_FLUSH_SECONDS
+            else:
+                due = now - self._last_write >= FLUSH_SECONDS
+            if self._held_bytes >= FLUSH_BYTES or due:
                 self._write()
 
     def append_all(self, records: list[bytes]) -> None:
@@ -219,7 +233,7 @@ class SegmentWriter:
         data = b"".join(self._held)
         self._held.clear()
         self._held_bytes = 0
-        if is_url(self.location):
+        if self._object_store:
             fs, root = _filesystem(self.location)
             self._objects += 1
             fs.pipe_file(f"{root}/{SEGMENTS}/{self.name}-{self._objects:06d}{SUFFIX}", data)

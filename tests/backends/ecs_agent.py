@@ -18,7 +18,8 @@ agent. This module supplies both missing halves so that the whole chain runs for
 * :class:`ECSAgent` is a thread that does what the ECS agent does on a container instance:
   it registers EC2 instances whose user data names an ECS cluster as container instances,
   starts every RUNNING task's container command as a local process (task definition
-  environment + container overrides), ships its output to CloudWatch Logs when the task
+  environment + container overrides, over this machine's environment without its ``DASK_``,
+  ``AWS_`` and ``FSSPEC_`` variables), ships its output to CloudWatch Logs when the task
   definition asks for ``awslogs``, reports the exit code and stops the task when the process
   exits, and kills the process when the client stops the task.
 """
@@ -49,6 +50,8 @@ from botocore.exceptions import ClientError
 AGENT_USER_AGENT = "ecs-agent-emulator"
 ESSENTIAL_CONTAINER_EXITED = "Essential container in task exited"
 DUMMY_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+#: Variables of this process that the container processes do not inherit.
+CLIENT_ONLY_PREFIXES = ("DASK_", "AWS_", "FSSPEC_")
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,8 +459,11 @@ class ECSAgent:
              if override.get("name") == container["name"]), {})
         command = overrides.get("command") or container.get("command") or []
         argv = list(container.get("entryPoint") or []) + list(command)
+        # A container does not see the client's environment: this machine's (PATH, PYTHONPATH
+        # for the local interpreter) stands in for the image's, without the client's dask
+        # config, AWS settings and credentials, or fsspec config (they must come in the task).
         environment = {key: value for key, value in os.environ.items()
-                       if not key.startswith("DASK_")}
+                       if not key.startswith(CLIENT_ONLY_PREFIXES)}
         environment.update(_aws_pairs(container.get("environment")))
         environment.update(_aws_pairs(overrides.get("environment")))
         task_id = task["taskArn"].split("/")[-1]

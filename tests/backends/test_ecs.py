@@ -51,6 +51,7 @@ from futures_hpc.backends.ecs import (
     fargate_options,
     private_options,
 )
+from futures_hpc.cli import main as cli_main
 from futures_hpc.scaling import FairShareAdaptive
 from tests.backends.ecs_agent import ECSAgent, MotoServer
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
@@ -415,6 +416,99 @@ def test_ctrl_c_or_sigterm_in_another_process_leaves_nothing(private, emulator, 
     process.send_signal(signal_number)
     process.wait(60)
     assert wait_nothing_left(emulator, agent, run_name) == []
+
+
+# -- a result store on S3 ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_store(emulator, monkeypatch):
+    """A bucket of the emulator's S3 and the environment that reaches it: ``(bucket, env)``.
+
+    No file holds the endpoint or the dummy keys: this process (the client's s3fs, through
+    botocore) gets them as environment variables for this test only, the workers through the
+    executor's ``env=`` (the emulated agent passes on none of this process's ``AWS_``
+    variables, as a real container would not).
+    """
+    require(importlib.util.find_spec("s3fs") is not None,
+            "a store on S3 needs s3fs (pip install 'futures_hpc[s3]')")
+    bucket = f"fhpc-store-{uuid.uuid4().hex[:8]}"
+    emulator.client("s3").create_bucket(Bucket=bucket)
+    environment = {"AWS_ENDPOINT_URL_S3": emulator.endpoint_url,
+                   "AWS_DEFAULT_REGION": REGION, **DUMMY_CREDENTIALS}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return bucket, environment
+
+
+def _store_objects(emulator, bucket, prefix):
+    s3 = emulator.client("s3")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return [item["Key"][len(prefix) + 1:] for page in pages for item in page.get("Contents", [])]
+
+
+def test_store_on_s3_records_each_call_and_a_rerun_runs_none(fargate, emulator, s3_store,
+                                                             tmp_path, capsys):
+    bucket, environment = s3_store
+    prefix = "runs/squares"
+    url = f"s3://{bucket}/{prefix}"
+    side_file = tmp_path / "ran.txt"   # the workers are processes of this machine
+    calls, chunksize = 60, 10
+    expected = [number * number for number in range(calls)]
+
+    def square(number):
+        with open(side_file, "a") as file:
+            file.write(f"{number} {os.getpid()}\n")
+        return number * number
+
+    with HPCExecutor("ecs", max_workers=2, store=url, **fargate(env=environment)) as ex:
+        assert list(ex.map(square, range(calls), chunksize=chunksize)) == expected
+        assert ex.store.hits == 0
+    ran = side_file.read_text().splitlines()
+    assert sorted(int(line.split()[0]) for line in ran) == list(range(calls))
+    assert os.getpid() not in {int(line.split()[1]) for line in ran}
+
+    objects = _store_objects(emulator, bucket, prefix)
+    worker_objects = [name for name in objects if name.startswith("segments/w-")]
+    client_objects = [name for name in objects if name.startswith("segments/r-")]
+    assert "FUTURES_HPC_STORE" in objects
+    assert len(objects) == 1 + len(worker_objects) + len(client_objects)
+    # One object per flush: at most one per chunk on the workers; the client's run record and
+    # its function's name.
+    assert 1 <= len(worker_objects) <= calls // chunksize
+    assert len(client_objects) <= 2
+
+    with HPCExecutor("ecs", max_workers=1, store=url, **fargate(env=environment)) as ex:
+        assert list(ex.map(square, range(calls), chunksize=chunksize)) == expected
+        assert ex.store.hits == calls
+    assert side_file.read_text().splitlines() == ran, "no call ran again"
+    again = _store_objects(emulator, bucket, prefix)
+    assert set(again) - set(objects) == {name for name in again if name.startswith(
+        "segments/r-")} - set(client_objects), "only the second run's record is new"
+    assert len(again) == len(objects) + 1
+
+    capsys.readouterr()
+    assert cli_main(["store", url]) == 0
+    shown = capsys.readouterr().out
+    assert f"store {url}: {len(again) - 1} segment files" in shown
+    assert f"2 runs, {calls} calls recorded" in shown
+    assert cli_main(["store", url, "--clear"]) == 0
+    assert _store_objects(emulator, bucket, prefix) == []
+
+
+@pytest.mark.parametrize("store", ["results", "file:///tmp/fhpc-results"])
+def test_store_on_ecs_must_be_a_url(store, fargate, emulator, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    options = fargate()
+    options["boto3_session"], marker = marked_session(options["region"])
+    emulator.reset_recording()
+    with pytest.raises(OptionError) as caught:
+        HPCExecutor("ecs", max_workers=1, store=store, **options)
+    message = str(caught.value)
+    assert f"store={store!r} is not allowed on the 'ecs' backend" in message
+    assert "s3://bucket/prefix" in message
+    assert our_requests(emulator, marker) == []
+    assert list(tmp_path.iterdir()) == [], "no store was made"
 
 
 # -- failed workers ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from futures_hpc.scaling import (
     ScalingStatus,
     validate_scaling_options,
 )
+from futures_hpc.store.segments import is_url, normalized_location
 
 from .aws import boto3
 from .cluster import ECSCluster
@@ -76,7 +77,17 @@ class ECSProvider(BackendProvider):
         return arguments
 
     def check_options(self) -> None:
-        """Check the ECS options; ECS runs a fixed number of tasks unless ``adaptive=True``."""
+        """Check the ECS options; ECS runs a fixed number of tasks unless ``adaptive=True``.
+
+        A ``store`` must be an ``fsspec`` URL (``s3://bucket/prefix``): the workers run in
+        containers elsewhere and would record their results in their own filesystems.
+        """
+        store = self.executor.executor_options.get("store")
+        if store is not None and not is_url(normalized_location(store)):
+            raise OptionError(
+                f"store={store!r} is not allowed on the 'ecs' backend: its workers run in "
+                "containers that cannot write this machine's directories; give an fsspec URL "
+                "both reach, such as 's3://bucket/prefix' (pip install 'futures_hpc[s3]')")
         options = dict(self.executor.executor_options)
         if options.get("adaptive") is None:
             options["adaptive"] = False  # ECS: a fixed number of tasks unless asked
