@@ -3,7 +3,8 @@
 A task of an executor with a store carries a :class:`StoreSpec`: where the store is, the
 function's id, and one key per call. The worker appends a record per successful call to a
 segment of its own process (:class:`~futures_hpc.store.segments.SegmentWriter`), at most
-:data:`~futures_hpc.store.segments.FLUSH_SECONDS` after it finished, and writes whatever is
+:data:`~futures_hpc.store.segments.FLUSH_SECONDS` after it finished (on an object store,
+:data:`~futures_hpc.store.segments.OBJECT_FLUSH_SECONDS`), and writes whatever is
 held at the end of the task. Failed calls are not recorded: they run again. A result that cannot
 be pickled for the store is not recorded either (it still goes back to the client).
 """
