@@ -20,7 +20,7 @@ from typing import Any
 
 from . import frames
 from .results import pack_result
-from .segments import FLUSH_SECONDS, SegmentWriter
+from .segments import SegmentWriter
 
 _writers: dict[str, SegmentWriter] = {}
 _writers_lock = threading.Lock()
@@ -74,7 +74,7 @@ class TaskRecorder:
         self._held.append(frames.frame(frames.CALL, self.spec.function_id,
                                        self.spec.keys[number], payload))
         now = time.monotonic()
-        if now - self._last >= FLUSH_SECONDS:
+        if now - self._last >= self.writer.flush_seconds:
             self._last = now
             self.flush()
 

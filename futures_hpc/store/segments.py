@@ -192,6 +192,9 @@ class SegmentWriter:
         self._held_bytes = 0
         self._last_write = time.monotonic()
         self._object_store = is_url(location)
+        #: Seconds records may wait to be written (:data:`FLUSH_SECONDS`, or
+        #: :data:`OBJECT_FLUSH_SECONDS` on an object store).
+        self.flush_seconds = OBJECT_FLUSH_SECONDS if self._object_store else FLUSH_SECONDS
         self._held_since = 0.0
         self._lock = threading.Lock()
         self._descriptor: int | None = None
@@ -199,26 +202,20 @@ class SegmentWriter:
 
     def append(self, record: bytes) -> None:
         """Add a framed record; write what is held if it is time."""
-        with self._lock:
-            now = time.monotonic()
-            if not self._held:
-                self._held_since = now
-            self._held.append(record)
-            self._held_bytes += len(record)
-            if self._object_store:
-                due = now - self._held_since >= OBJECT_FLUSH_SECONDS
-            else:
-                due = now - self._last_write >= FLUSH_SECONDS
-            if self._held_bytes >= FLUSH_BYTES or due:
-                self._write()
+        self.append_all([record])
 
     def append_all(self, records: list[bytes]) -> None:
         """Add framed records; write what is held if it is time."""
         with self._lock:
+            now = time.monotonic()
+            if not self._held:
+                self._held_since = now
             self._held.extend(records)
             self._held_bytes += sum(len(record) for record in records)
-            if (self._held_bytes >= FLUSH_BYTES
-                    or time.monotonic() - self._last_write >= FLUSH_SECONDS):
+            # A file: time since the last write. An object store: the age of the oldest
+            # record held, so that a task's first record does not make an object alone.
+            since = self._held_since if self._object_store else self._last_write
+            if self._held_bytes >= FLUSH_BYTES or now - since >= self.flush_seconds:
                 self._write()
 
     def flush(self) -> None:
