@@ -37,6 +37,7 @@ class BlockMethods:
         blocks_per_task: int | tuple[int, int] | None = None,
         shared_memory: bool | None = None,
         store: Any = None,
+        creation_options: dict[str, Any] | None = None,
     ) -> Any:
         """Apply ``func`` block by block, with margins, over images far larger than memory.
 

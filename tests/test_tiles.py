@@ -387,6 +387,81 @@ def test_geotiff_in_and_out_keeps_georeferencing(executor, tmp_path):
     assert not os.path.exists(str(target) + ".lock")
 
 
+GEOTIFF_OPTIONS = {
+    "plain": {},
+    "deflate": {"compress": "deflate"},
+    "deflate-band-interleave": {"compress": "deflate", "interleave": "band"},
+    "lzw-predictor": {"compress": "lzw", "predictor": 2},
+}
+
+
+def ndvi_and_red(image):
+    return np.stack([ndvi(image[2], image[3]), image[2].astype(np.float32)])
+
+
+def serial_geotiff(source, target, func, options, block):
+    """What a plain windowed rasterio loop writes (RIOS with one worker)."""
+    import rasterio
+    from rasterio.windows import Window as RasterioWindow
+
+    with rasterio.open(source) as inputs:
+        profile = {"driver": "GTiff", "width": inputs.width, "height": inputs.height,
+                   "count": 2, "dtype": "float32", "crs": inputs.crs,
+                   "transform": inputs.transform, "nodata": -9.0, "tiled": True,
+                   "blockxsize": 16, "blockysize": 16, **options}
+        with rasterio.open(target, "w", **profile) as out:
+            for row in range(0, inputs.height, block):
+                for col in range(0, inputs.width, block):
+                    window = RasterioWindow(col, row, min(block, inputs.width - col),
+                                            min(block, inputs.height - row))
+                    out.write(func(inputs.read(window=window)), window=window)
+
+
+@pytest.mark.parametrize("options", list(GEOTIFF_OPTIONS.values()), ids=list(GEOTIFF_OPTIONS))
+def test_geotiff_output_equals_the_serial_loop_and_takes_no_lock(executor, tmp_path, options):
+    rasterio = pytest.importorskip("rasterio")
+    from affine import Affine
+
+    bands = np.random.default_rng(8).integers(1, 5000, (4, 83, 101)).astype(np.uint16)
+    write_geotiff(tmp_path / "in.tif", bands, Affine(30.0, 0, 500000.0, 0, -30.0, 6.1e6),
+                  "EPSG:32755")
+    serial_geotiff(tmp_path / "in.tif", tmp_path / "serial.tif", ndvi_and_red, options, 32)
+    target = tmp_path / "out.tif"
+    map_blocks(executor, ndvi_and_red, str(tmp_path / "in.tif"), block=32, out=str(target),
+               blocks_per_task=(1, 2),
+               creation_options={**options, "nodata": -9.0, "blockxsize": 16,
+                                 "blockysize": 16})
+    with rasterio.open(target) as ours, rasterio.open(tmp_path / "serial.tif") as theirs:
+        assert ours.profile == theirs.profile
+        assert (ours.crs, ours.transform, ours.nodata) == (theirs.crs, theirs.transform, -9.0)
+        np.testing.assert_array_equal(ours.read(), theirs.read())
+    assert sorted(os.listdir(tmp_path)) == ["in.tif", "out.tif", "serial.tif"]  # no lock file
+
+
+def test_compressed_geotiff_blocks_that_cut_tiles_and_failed_blocks(executor, tmp_path):
+    """Blocks that are not whole tiles: the client writes; a failed block leaves empty tiles."""
+    rasterio = pytest.importorskip("rasterio")
+    image = rng_image((70, 90), seed=3)
+
+    def fails_on_one_block(block, info):
+        if info.index == (1, 1):
+            raise ValueError("on purpose")
+        return block + 1
+
+    for block, out in ((24, "cut.tif"), (32, "whole.tif")):
+        with pytest.raises(BlockError) as caught:
+            map_blocks(executor, fails_on_one_block, image, block=block, out=str(tmp_path / out),
+                       on_error="continue", creation_options={"compress": "deflate"})
+        assert [window.index for window, _ in caught.value.failures] == [(1, 1)]
+        with rasterio.open(tmp_path / out) as result:
+            assert result.profile["compress"] == "deflate"
+            pixels = result.read(1)
+        expected = image + 1
+        expected[block:2 * block, block:2 * block] = 0
+        np.testing.assert_array_equal(pixels, expected)
+    assert sorted(os.listdir(tmp_path)) == ["cut.tif", "whole.tif"]
+
+
 class ClientOnlySource(ImageSource):
     """An input only the client's process can read, as a file outside the workers' view."""
 

@@ -125,13 +125,15 @@ if __name__ == "__main__":
         with open(facts, "w") as file:
             file.write(ex.run_name)
         ex.map_blocks(doubled, source, block={block!r}, overlap=1, out=out,
-                      blocks_per_task=json.loads(per_task))
+                      blocks_per_task=json.loads(per_task),
+                      creation_options=json.loads(sys.argv[8]) or None)
     print("DONE", flush=True)
 '''
 
 
 def start_program(tmp_path: Path, backend: str, source: Path, out: Path, store: Path,
-                  per_task: tuple[int, int]) -> subprocess.Popen:
+                  per_task: tuple[int, int], creation_options: dict | None = None,
+                  ) -> subprocess.Popen:
     program = tmp_path / "program.py"
     if not program.exists():
         program.write_text(PROGRAM.format(side=str(tmp_path / "side.txt"), delay=0.15,
@@ -142,7 +144,7 @@ def start_program(tmp_path: Path, backend: str, source: Path, out: Path, store: 
     return subprocess.Popen(
         [sys.executable, str(program), backend, str(source), str(out), str(store),
          str(tmp_path / "run_name.txt"), json.dumps(list(per_task)),
-         json.dumps(BACKEND_OPTIONS[backend])],
+         json.dumps(BACKEND_OPTIONS[backend]), json.dumps(creation_options or {})],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
 
@@ -181,7 +183,11 @@ def wait_until_gone(process_group: int, run_name: str, backend: str) -> None:
         time.sleep(0.2)
 
 
-KILL_CASES = [("local", "tif"), ("local", "npy"), ("local", "zarr"), ("slurm", "tif")]
+KILL_CASES = [("local", "tif"), ("local", "tif-deflate"), ("local", "npy"), ("local", "zarr"),
+              ("slurm", "tif"), ("slurm", "tif-deflate")]
+#: How each kind of output is created: suffix and GeoTIFF creation options.
+KINDS = {"tif": ("tif", None), "tif-deflate": ("tif", {"compress": "deflate"}),
+         "npy": ("npy", None), "zarr": ("zarr", None)}
 
 
 @pytest.mark.parametrize(("backend", "kind"), KILL_CASES,
@@ -190,17 +196,18 @@ def test_run_killed_mid_raster_resumes_with_the_missing_blocks_only(backend, kin
     if backend == "slurm":
         require(shutil.which("sbatch") is not None, "the SLURM tests need ci/slurm.sh")
     data = image()
-    source = write_input(tmp_path, "tif" if kind == "tif" else "npy", data)
-    out, store = tmp_path / f"out.{kind}", tmp_path / "store"
+    suffix, options = KINDS[kind]
+    source = write_input(tmp_path, "tif" if suffix == "tif" else "npy", data)
+    out, store = tmp_path / f"out.{suffix}", tmp_path / "store"
 
-    killed = start_program(tmp_path, backend, source, out, store, per_task=(1, 2))
+    killed = start_program(tmp_path, backend, source, out, store, (1, 2), options)
     kill_when_recorded(killed, store, at_least=TOTAL_BLOCKS // 4, timeout=300)
     wait_until_gone(killed.pid, (tmp_path / "run_name.txt").read_text(), backend)
     recorded = recorded_count(store)
     assert 0 < recorded < TOTAL_BLOCKS
     (tmp_path / "side.txt").rename(tmp_path / "side-killed.txt")
 
-    rerun = start_program(tmp_path, backend, source, out, store, per_task=(2, 3))
+    rerun = start_program(tmp_path, backend, source, out, store, (2, 3), options)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0 and "DONE" in stdout, stderr[-4000:]
     computed = side_blocks(tmp_path / "side.txt")
@@ -210,17 +217,24 @@ def test_run_killed_mid_raster_resumes_with_the_missing_blocks_only(backend, kin
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    clean_out = clean / f"out.{kind}"
-    whole = start_program(clean, backend, source, clean_out, clean / "store", per_task=(1, 1))
+    clean_out = clean / f"out.{suffix}"
+    whole = start_program(clean, backend, source, clean_out, clean / "store", (1, 1), options)
     stdout, stderr = whole.communicate(timeout=300)
     assert whole.returncode == 0 and "DONE" in stdout, stderr[-4000:]
     assert len(side_blocks(clean / "side.txt")) == FRESH_CALLS
     assert digest(out) == digest(clean_out)
+    if suffix == "tif":
+        import rasterio
+
+        with rasterio.open(out) as result:
+            np.testing.assert_array_equal(result.read(1), data * 2 + 1)
+            assert result.profile.get("compress") == (options or {}).get("compress")
+        assert not list(tmp_path.glob("*.lock"))
     if kind == "npy":
         np.testing.assert_array_equal(np.load(out), data * 2 + 1)
 
     (tmp_path / "side.txt").rename(tmp_path / "side-rerun.txt")
-    again = start_program(tmp_path, backend, source, out, store, per_task=(2, 2))
+    again = start_program(tmp_path, backend, source, out, store, (2, 2), options)
     stdout, stderr = again.communicate(timeout=300)
     assert again.returncode == 0 and "DONE" in stdout, stderr[-4000:]
     assert side_blocks(tmp_path / "side.txt") == []  # everything was stored

@@ -50,6 +50,7 @@ from futures_hpc.tiles.formats import (
     open_source,
     output_format,
 )
+from futures_hpc.tiles.geotiff import GEOTIFF_TILE, GeoTiffSink
 from futures_hpc.tiles.grid import BlockInfo, TileGrid, Window, read_padded
 from futures_hpc.tiles.plan import (
     ERROR_POLICIES,
@@ -61,7 +62,7 @@ from futures_hpc.tiles.plan import (
     TASKS_PER_THREAD,
     UNKNOWN_THREAD_MEMORY,
 )
-from futures_hpc.tiles.raster import GEOTIFF_TILE, GeoTiffSink, RasterioSource, import_rasterio
+from futures_hpc.tiles.raster import RasterioSource, import_rasterio
 from futures_hpc.tiles.runner import IN_FLIGHT_PER_THREAD, IN_FLIGHT_REFRESH_SECONDS, BlockError
 from futures_hpc.tiles.shared_memory import (
     SHARED_MEMORY_DIR,

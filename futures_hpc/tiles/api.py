@@ -11,9 +11,9 @@ import numpy as np
 from futures_hpc.errors import OptionError
 from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFileSink, image_shape_of
 from futures_hpc.tiles.formats import create_sink, existing_sink, reopen_sink
+from futures_hpc.tiles.geotiff import GeoTiffSink, TileAppender
 from futures_hpc.tiles.grid import TileGrid, Window, _Group
 from futures_hpc.tiles.plan import _check_out, _groups, _Plan, _plan, _start
-from futures_hpc.tiles.raster import GeoTiffSink
 from futures_hpc.tiles.resume import BlockResume, open_resume, output_identity
 from futures_hpc.tiles.runner import _Runner
 from futures_hpc.tiles.shared_memory import (
@@ -35,7 +35,8 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
                fill_value: float = 0, on_error: str = "raise",
                max_in_flight: int | None = None,
                blocks_per_task: int | tuple[int, int] | None = None,
-               shared_memory: bool | None = None, store: Any = None) -> Any:
+               shared_memory: bool | None = None, store: Any = None,
+               creation_options: dict[str, Any] | None = None) -> Any:
     """Apply ``func`` to every block of the inputs (with margins) and assemble the result.
 
     Parameters
@@ -90,6 +91,10 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
         ``fsspec`` URL; None (default) uses the executor's ``store=``, if it has one; False
         records nothing. Only an ``out`` that outlives the run (a file, a memmap, a zarr array
         on disk) is resumed; an output path is then reopened for update, not created again.
+    creation_options : dict, optional
+        For a GeoTIFF ``out`` path: rasterio creation options over the defaults (tiled
+        256 x 256, uncompressed), e.g. ``{"compress": "deflate", "nodata": -1}``. Deflate
+        without predictor is compressed by the workers; see docs/tiles.md.
 
     Returns
     -------
@@ -106,26 +111,28 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
                  max_in_flight, blocks_per_task)
     sink = existing_sink(out)
     _check_out(out, sink, plan.grid.image_shape, plan.grid.block)
-    resume = open_resume(executor, store, "map", func, plan.sources, output_identity(out, sink),
-                         plan.grid, plan.padding.boundary, plan.padding.fill_value, dtype,
-                         otherargs)
+    output = output_identity(out, sink)
+    if output is not None and creation_options:
+        output = (*output, repr(sorted(creation_options.items())))
+    resume = open_resume(executor, store, "map", func, plan.sources, output, plan.grid,
+                         plan.padding.boundary, plan.padding.fill_value, dtype, otherargs)
     try:
         if resume is not None and sink is None:
-            sink = _reopen_output(out, plan, dtype, resume)
+            sink = _reopen_output(out, plan, dtype, resume, creation_options)
         shared = _decide_shared_memory(
             executor, shared_memory,
             _shared_bytes_needed(plan.sources, _output_bytes(sink, out, plan.grid)))
         runner = _start(executor, plan, func, shared, on_error, max_in_flight, progress,
                         otherargs, dtype, combine=None, resume=resume)
         with runner:
-            return _map_all(runner, plan, sink, out, shared, resume)
+            return _map_all(runner, plan, sink, out, shared, resume, creation_options)
     finally:
         if resume is not None:
             resume.close()
 
 
-def _reopen_output(out: Any, plan: _Plan, dtype: Any,
-                   resume: BlockResume) -> ImageSink | None:
+def _reopen_output(out: Any, plan: _Plan, dtype: Any, resume: BlockResume,
+                   creation_options: dict[str, Any] | None) -> ImageSink | None:
     """The output an interrupted run of this job left, opened for update; else None.
 
     None (and every block computed again) when nothing is recorded, or when the file is
@@ -134,7 +141,7 @@ def _reopen_output(out: Any, plan: _Plan, dtype: Any,
     if not resume.recorded:  # nothing to keep: the output is made afresh
         return None
     try:
-        sink = reopen_sink(out)
+        sink = reopen_sink(out, creation_options)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is made again
         logger.warning("out=%s cannot be reopened (%s: %s): computing every block again",
                        out, type(exc).__name__, exc)
@@ -150,38 +157,91 @@ def _reopen_output(out: Any, plan: _Plan, dtype: Any,
 
 
 def _map_all(runner: _Runner, plan: _Plan, sink: ImageSink | None, out: Any,
-             shared: bool, resume: BlockResume | None) -> Any:
+             shared: bool, resume: BlockResume | None,
+             creation_options: dict[str, Any] | None) -> Any:
     user_array = sink.array if isinstance(sink, ArraySink) else None
     if user_array is not None and shared and shared_memory_free() > user_array.nbytes:
         sink = create_shared_output(sink.shape, sink.dtype)
         runner.shared_paths.append(sink.path)
     groups: Iterable[_Group] = _groups(plan.grid, plan.blocks_per_task)
+    written = None
     if sink is None:
-        sink, groups = _create_output(runner, plan, out, shared)
-    if resume is not None and resume.recorded:
-        runner.progress.advance(len(resume.recorded))
-        groups = resume.remaining(groups)
-    runner.run(groups, sink, _write_on_client(sink, runner.job.store))
-    if isinstance(sink, GeoTiffSink):
-        sink.remove_lock()
+        sink, groups, written = _create_output(runner, plan, out, shared, creation_options)
+    write = _ClientWriter(sink, runner, plan.grid)
+    try:
+        if written is not None:
+            write(*written)
+        if resume is not None and resume.recorded:
+            write.resume(resume, plan.grid)
+            runner.progress.advance(len(resume.recorded))
+            groups = resume.remaining(groups)
+        runner.run(groups, sink, write)
+    except BaseException:
+        write.close(complete=False)
+        raise
+    write.close()
     result = _result_of(sink, out, user_array)
     runner.raise_failures(result)
     return result
 
 
-def _write_on_client(sink: ImageSink, store: _BlockStore | None = None,
-                     ) -> Callable[[_Group, _Outcome], None]:
-    """Write a group's output the worker could not write, and record its blocks."""
+#: Compressed tiles the client may hold ahead of their turn, per task in flight.
+HELD_TILES_PER_TASK = 64
 
-    def write(group: _Group, outcome: _Outcome) -> None:
+
+class _ClientWriter:
+    """Writes on the client what the workers could not, and records blocks once durable.
+
+    For a compressed GeoTIFF it appends the tiles the workers compressed (a
+    :class:`~futures_hpc.tiles.geotiff.TileAppender`), holding back the runner while too many
+    wait for their turn.
+    """
+
+    def __init__(self, sink: ImageSink, runner: _Runner, grid: TileGrid):
+        self.sink = sink
+        self.store: _BlockStore | None = runner.job.store
+        self.appender = None
+        if isinstance(sink, GeoTiffSink) and sink.encodes_tiles:
+            if not sink.aligned_with(grid.block):
+                sink.use_client_writes()  # blocks cut tiles: the client writes with rasterio
+            else:
+                self.appender = TileAppender(sink, grid.block)
+                runner.backlog = lambda: self.appender.held > HELD_TILES_PER_TASK * max(
+                    1, runner.in_flight_limit())
+                runner.on_group_failed = self.skip
+
+    def resume(self, resume: BlockResume, grid: TileGrid) -> None:
+        """Keep what the interrupted run wrote (a compressed GeoTIFF: its first blocks)."""
+        if self.appender is None:
+            return
+        recorded = [grid.window(*index) for index in sorted(resume.recorded)]
+        kept = {window.index for window in self.appender.resume(recorded)}
+        for index in [index for index in resume.recorded if index not in kept]:
+            del resume.recorded[index]
+
+    def skip(self, group: _Group) -> None:
+        """A task failed: its tiles stay empty."""
+        self.appender.add(group.window.rows, group.window.cols, None, [])
+
+    def __call__(self, group: _Group, outcome: _Outcome) -> None:
+        failed = {window.index for window, _ in outcome.failures}
+        done = [window for window in group.windows if window.index not in failed]
+        if self.appender is not None:
+            durable = self.appender.add(group.window.rows, group.window.cols, outcome.data,
+                                        done, sync=self.store is not None)
+            if self.store is not None and durable:
+                self.store.record(durable)
+            return
         if outcome.data is not None:
-            sink.write(group.window.rows, group.window.cols, outcome.data)
-            if store is not None:
-                failed = {window.index for window, _ in outcome.failures}
-                sink.sync()
-                store.record([window for window in group.windows if window.index not in failed])
+            self.sink.write(group.window.rows, group.window.cols, outcome.data)
+            if self.store is not None:
+                self.sink.sync()
+                self.store.record(done)
 
-    return write
+    def close(self, complete: bool = True) -> None:
+        """Write what the appender still holds and close it."""
+        if self.appender is not None:
+            self.appender.close(complete)
 
 
 PROBE_SIZE = 16
@@ -195,12 +255,14 @@ def _probe_group(grid: TileGrid) -> _Group:
                              window.read_cols, window.overlap, grid.shape, grid.image_shape)])
 
 
-def _create_output(runner: _Runner, plan: _Plan, out: Any,
-                   shared: bool) -> tuple[ImageSink, Iterable[_Group]]:
+def _create_output(runner: _Runner, plan: _Plan, out: Any, shared: bool,
+                   creation_options: dict[str, Any] | None,
+                   ) -> tuple[ImageSink, Iterable[_Group], tuple[_Group, _Outcome] | None]:
     """Learn the output's bands and dtype from func, then create the output.
 
     func first runs on a small window; if that fails (a func may need whole blocks), the first
-    group that succeeds is used instead and written by the client.
+    group that succeeds is used instead, to be written by the client (returned with its
+    outcome).
     """
     grid = plan.grid
     probed = _run_alone(runner, _probe_group(grid), probing=True)
@@ -215,15 +277,15 @@ def _create_output(runner: _Runner, plan: _Plan, out: Any,
             runner.raise_failures(None)
     shape = tuple(probed.shape[:-2]) + grid.image_shape
     sink = _new_sink(out, shape, probed.dtype, shared, grid, runner.job.georeference,
-                     preallocate=runner.job.store is not None)
+                     creation_options)
     if isinstance(sink, RawFileSink) and out is None:
         runner.shared_paths.append(sink.path)
     groups = _groups(grid, plan.blocks_per_task)
     if written is None:
-        return sink, groups
-    _write_on_client(sink, runner.job.store)(written, _Outcome(probed))
+        return sink, groups, None
     done = written.window.index
-    return sink, (group for group in groups if group.window.index > done)
+    return (sink, (group for group in groups if group.window.index > done),
+            (written, _Outcome(probed)))
 
 
 def _run_alone(runner: _Runner, group: _Group, probing: bool) -> np.ndarray | None:
@@ -252,9 +314,9 @@ def _run_alone(runner: _Runner, group: _Group, probing: bool) -> np.ndarray | No
 
 def _new_sink(out: Any, shape: tuple[int, ...], dtype: np.dtype, shared: bool,
               grid: TileGrid, georeference: Georeference | None,
-              preallocate: bool = False) -> ImageSink:
+              creation_options: dict[str, Any] | None = None) -> ImageSink:
     if out is not None:
-        return create_sink(out, shape, dtype, grid.block, georeference, preallocate)
+        return create_sink(out, shape, dtype, grid.block, georeference, creation_options)
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if shared and shared_memory_free() > nbytes:
         return create_shared_output(shape, dtype)

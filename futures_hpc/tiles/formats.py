@@ -22,7 +22,8 @@ from futures_hpc.tiles.arrays import (
     image_shape_of,
     is_file_backed,
 )
-from futures_hpc.tiles.raster import GeoTiffSink, RasterioSource, _create_geotiff, import_rasterio
+from futures_hpc.tiles.geotiff import GeoTiffSink, create_geotiff
+from futures_hpc.tiles.raster import RasterioSource, import_rasterio
 
 NPY_SUFFIX = ".npy"
 ZARR_SUFFIX = ".zarr"
@@ -115,11 +116,11 @@ def output_format(path: str | os.PathLike) -> str:
 
 def create_sink(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any,
                 block: tuple[int, int], georeference: Georeference | None,
-                preallocate: bool = False) -> ImageSink:
+                creation_options: dict[str, Any] | None = None) -> ImageSink:
     """Create the output file ``path`` (``.npy``, zarr or GeoTIFF), overwriting it.
 
-    ``preallocate`` lays a GeoTIFF's tiles out now, so that its bytes do not depend on the
-    order blocks are written in (see :func:`~futures_hpc.tiles.raster._create_geotiff`).
+    ``creation_options`` are a GeoTIFF's rasterio creation options (``compress``, ...); see
+    :func:`~futures_hpc.tiles.geotiff.create_geotiff` for how it is laid out.
     """
     kind = output_format(path)
     path = Path(path)
@@ -131,12 +132,15 @@ def create_sink(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any,
         return RawFileSink(str(path.resolve()), offset, shape, dtype)
     if kind == "zarr":
         return ZarrSink(_create_zarr(str(path), shape, dtype, block))
-    _create_geotiff(str(path), shape, dtype, georeference, preallocate)
-    return GeoTiffSink(str(path.resolve()), shape, dtype)
+    return create_geotiff(str(path.resolve()), shape, dtype, georeference, block,
+                          creation_options)
 
 
-def reopen_sink(path: str | os.PathLike) -> ImageSink:
+def reopen_sink(path: str | os.PathLike,
+                creation_options: dict[str, Any] | None = None) -> ImageSink:
     """Open the existing output file ``path`` for update, keeping every pixel it holds.
+
+    ``creation_options`` are those a GeoTIFF was created with (its tiles' compression).
 
     Raises
     ------
@@ -163,7 +167,7 @@ def reopen_sink(path: str | os.PathLike) -> ImageSink:
         shape = (dataset.height, dataset.width) if bands == 1 else (
             bands, dataset.height, dataset.width)
         dtype = np.result_type(*dataset.dtypes)
-    return GeoTiffSink(str(path.resolve()), shape, dtype)
+    return GeoTiffSink(str(path.resolve()), shape, dtype, creation_options)
 
 
 def _create_zarr(path: str, shape: tuple[int, ...], dtype: np.dtype,

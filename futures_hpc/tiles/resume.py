@@ -45,8 +45,9 @@ from futures_hpc.tiles.arrays import (
     _is_memory_store,
     _zarr_root,
 )
+from futures_hpc.tiles.geotiff import GeoTiffSink
 from futures_hpc.tiles.grid import TileGrid, _Group
-from futures_hpc.tiles.raster import GeoTiffSink, RasterioSource
+from futures_hpc.tiles.raster import RasterioSource
 from futures_hpc.tiles.worker import _BlockStore, block_key
 
 logger = logging.getLogger("futures_hpc")

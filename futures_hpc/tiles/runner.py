@@ -90,6 +90,10 @@ class _Runner:
     failures: list[tuple[Window, BaseException]] = field(default_factory=list)
     job_future: Any = None
     shared_job: _SharedJob | None = None
+    #: True while the client holds too much output: submit nothing more until it is written.
+    backlog: Callable[[], bool] | None = None
+    #: Told of a group none of whose blocks produced output (a failed task).
+    on_group_failed: Callable[[_Group], None] | None = None
     _limit: int = 2
     _limit_checked: float = float("-inf")
 
@@ -147,7 +151,8 @@ class _Runner:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < self.in_flight_limit():
+                while not exhausted and len(pending) < self.in_flight_limit() and not (
+                        pending and self.backlog is not None and self.backlog()):
                     group = next(remaining, None)
                     if group is None:
                         exhausted = True
@@ -174,10 +179,12 @@ class _Runner:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is reported with its window
             window = getattr(exc, WINDOW_ATTRIBUTE, None)
+            self._group_failed(group)
             self._fail([window] if window is not None else list(group.windows), exc)
             return True
         if isinstance(outcome, _NotVisible):
             if resent:
+                self._group_failed(group)
                 self._fail(list(group.windows), RuntimeError(outcome.reason))
                 return True
             logger.info("%s: %s; sending its data through the client", group, outcome.reason)
@@ -190,6 +197,10 @@ class _Runner:
         except Exception as exc:  # noqa: BLE001 - e.g. the client's write of the group
             self._fail(list(group.windows), exc)
         return True
+
+    def _group_failed(self, group: _Group) -> None:
+        if self.on_group_failed is not None and self.on_error != "raise":
+            self.on_group_failed(group)
 
     def _fail(self, windows: list[Window], exc: BaseException) -> None:
         self.failures.extend((window, exc) for window in windows)

@@ -188,7 +188,10 @@ class _BlockJob:
                     _label(exc, window)
                     raise
                 outcome.failures.append((window, with_remote_traceback(exc)))
-        if outcome.data is not None and sink is not None:
+        if outcome.data is not None and getattr(sink, "encodes_tiles", False):
+            # a compressed GeoTIFF: compress here, the client appends the tiles
+            outcome.data = sink.encode(group.window.rows, group.window.cols, outcome.data)
+        elif outcome.data is not None and sink is not None:
             try:
                 sink.write(group.window.rows, group.window.cols, outcome.data)
                 outcome.data = None
@@ -258,6 +261,7 @@ class _SharedJob:
         return cls(uuid.uuid4().hex, cloudpickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
 
     def resolve(self) -> _BlockJob:
+        _steady_allocator()
         with _UNPICKLED_JOBS_LOCK:
             job = _UNPICKLED_JOBS.get(self.token)
             if job is not None:
@@ -269,6 +273,35 @@ class _SharedJob:
                 while len(_UNPICKLED_JOBS) > UNPICKLED_JOBS_KEPT:
                     _UNPICKLED_JOBS.popitem(last=False)
             return job
+
+
+#: glibc ``mallopt`` parameters and the values a plain process settles on for large arrays.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STEADY_MMAP_THRESHOLD = 32 << 20
+STEADY_TRIM_THRESHOLD = 64 << 20
+_ALLOCATOR_SET: list[bool] = []
+
+
+def _steady_allocator() -> None:
+    """Let this worker reuse freed memory for block-sized arrays, as a plain process does.
+
+    distributed starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also turns off
+    glibc's adaptive mmap threshold: every array over 128 KiB is then a fresh ``mmap`` whose
+    pages fault in zeroed, and a windowed raster loop runs about 3 times slower (0.93 s against
+    3.06 s for the NDVI benchmark's serial loop). Once per process, on glibc only, this sets the
+    thresholds glibc reaches by itself in a process without that variable (32 MiB, 64 MiB).
+    """
+    if _ALLOCATOR_SET:
+        return
+    _ALLOCATOR_SET.append(True)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its allocator is left alone
+        logger.debug("mallopt not available", exc_info=True)
 
 
 async def forget_job(token: str) -> None:
