@@ -56,6 +56,16 @@ class _Record:
     dask_future: distributed.Future
     decode: Callable[[tuple[Any, ...]], Any]
     description: str
+    on_calls: Callable[[list[int], list[bytes]], None] | None = None
+
+
+@dataclass
+class _CallsNews:
+    """Finished calls of a packed task, relayed while it runs."""
+
+    record: _Record
+    calls: list[int]
+    outcomes: list[bytes]
 
 
 def decode_call_outcome(outcome: tuple[Any, ...]) -> Any:
@@ -87,7 +97,7 @@ class FutureBridge:
         self._gathering = False
         # Gathered batches go to the collector thread, which completes the standard futures
         # (so that their callbacks never run on, or block, the event loop).
-        self._deliveries: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+        self._deliveries: queue.SimpleQueue[_Delivery | _CallsNews | None] = queue.SimpleQueue()
         self._topic = f"futures_hpc-running-{client.id}"
         # Outcomes relayed from the workers, by key, until their task is reported done.
         self._relayed: dict[str, bytes] = {}
@@ -131,15 +141,19 @@ class FutureBridge:
         dask_future: distributed.Future,
         decode: Callable[[tuple[Any, ...]], Any] = decode_call_outcome,
         description: str = "",
+        on_calls: Callable[[list[int], list[bytes]], None] | None = None,
     ) -> Future:
         """Return a standard future completed from ``dask_future``'s packed outcome.
 
         ``description`` names the call in errors that are not the call's own (a lost worker).
+        ``on_calls(numbers, packed_outcomes)`` gets, on the collector thread, the finished calls
+        of a packed task relayed while it runs (:class:`futures_hpc.relay.TaskNews`), before
+        the task's own outcome; it is never called once the returned future is done.
         """
         future: Future = Future()
         with self._lock:
             self._records[dask_future.key] = _Record(
-                future, dask_future, decode, description or dask_future.key
+                future, dask_future, decode, description or dask_future.key, on_calls
             )
         future.add_done_callback(self._on_future_done)
         future._futures_hpc_key = dask_future.key  # type: ignore[attr-defined]
@@ -191,9 +205,17 @@ class FutureBridge:
         if record is not None:
             self._mark_running(record.future)
 
-    def _on_news(self, key: str, outcome: bytes | None = None) -> None:
-        """A worker's relayed news of ``key`` (on the event loop): started, or its outcome."""
-        if outcome is None:
+    def _on_news(self, key: str, outcome: bytes | None = None, calls: list[int] | None = None,
+                 outcomes: list[bytes] | None = None) -> None:
+        """A worker's relayed news of ``key`` (on the event loop).
+
+        Started, its outcome, or (``calls``) the outcomes of calls of a packed task.
+        """
+        if calls is not None:
+            record = self._records.get(key)
+            if record is not None and record.on_calls is not None:
+                self._deliveries.put(_CallsNews(record, calls, outcomes or []))
+        elif outcome is None:
             self._on_running(key)
         elif key in self._records:
             self._relayed[key] = outcome
@@ -258,6 +280,10 @@ class FutureBridge:
             if delivery is None:
                 return
             try:
+                if isinstance(delivery, _CallsNews):
+                    if not delivery.record.future.done():
+                        delivery.record.on_calls(delivery.calls, delivery.outcomes)
+                    continue
                 self._resolve(delivery)
             except Exception:  # never let the collector die: that would hang callers
                 logger.exception("futures_hpc: failed to deliver results")

@@ -26,14 +26,18 @@ to dask and *with which others*. dask still runs, places, retries and moves the 
 - **Stored results.** With a store (:mod:`futures_hpc.store`), each call gets a key when it is
   queued; a call whose result an earlier run recorded is answered here at once, from the store,
   and never sent. The others carry their keys to the worker, which records their results.
-- **Lost workers.** A packed task whose worker died too often is split: each of its calls is
-  queued again alone, so that only the call that kills its worker fails
-  (:class:`~futures_hpc.errors.WorkerLostError`).
+- **Finished calls of a packed task.** The worker sends each call's outcome as it finishes
+  (:class:`futures_hpc.relay.TaskNews`): its future completes at once, not with the whole task.
+  If the worker dies, dask runs the task again elsewhere without the calls that finished.
+- **Lost workers.** A packed task whose worker died too often is split: its calls without an
+  outcome are queued again, the first of them (the one that was running) alone, so that only
+  the call that kills its worker fails (:class:`~futures_hpc.errors.WorkerLostError`).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
@@ -44,16 +48,29 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 import distributed
 
 from .bridge import FutureBridge
-from .calls import PlaceholderArgument, run_calls
+from .calls import SKIPPED, PlaceholderArgument, run_calls
 from .chunking import CallCosts, function_key
 from .errors import CallDependencyError, CallSerializationError, WorkerLostError
+from .queued_call import (
+    QueuedCall,
+    find_futures,
+    function_name,
+    mark_running,
+    notify_if_cancelled,
+    pack_arguments,
+    pickled,
+    qualified_name,
+    set_exception,
+    set_result,
+    substitute_futures,
+)
 from .store import MISSING, Occurrences, ResultStore, StoreSpec, function_identity
 from .store.identity import call_keys
 
@@ -71,119 +88,11 @@ SHORT_TASK_SECONDS = 0.5
 LARGE_PAYLOAD_BYTES = 1024 * 1024
 
 
-def function_name(function: Callable[..., Any]) -> str:
-    """A name for task keys: letters, digits and ``_`` only, at most 40 characters."""
-    name = getattr(function, "__name__", None) or type(function).__name__
-    return "".join(character if character.isalnum() else "_" for character in name)[:40]
-
-
-def pickled(pack: Callable[[], Any], describe: Callable[[], str]) -> Any:
-    """Run ``pack``; a pickling failure becomes a CallSerializationError naming the call."""
-    try:
-        return pack()
-    except Exception as error:
-        raise CallSerializationError(
-            f"cannot send {describe()} to the workers: it cannot be pickled "
-            f"({type(error).__name__}: {error}). Functions and arguments must be picklable by "
-            "cloudpickle: define them at module level or pass plain data instead of open "
-            "files, locks, connections or generators."
-        ) from error
-
-
-@dataclass(eq=False)
-class QueuedCall:
-    """One entry of the queue: a call of ``submit``, or a prepared task (a chunk of ``map``).
-
-    Attributes
-    ----------
-    future : concurrent.futures.Future
-        What the caller holds.
-    name : str
-        The function's name, for the task key.
-    describe : callable
-        Names the call in errors (built only when needed).
-    cost_key : bytes or None
-        The function's key in the executor's :class:`~futures_hpc.chunking.CallCosts`.
-    packed_function, packed_arguments : bytes or None
-        For a call: the pickled function and ``(args, kwargs)``.
-    task : tuple or None
-        For a prepared task: ``(worker function, payload, decode)``; the future gets the decoded
-        outcome of the whole task.
-    calls : int
-        Calls in the entry (a chunk has many).
-    dask_dependencies : list of distributed.Future
-        Top-level ``distributed.Future`` arguments, passed to the task by dask.
-    alone : bool
-        Never packed with others (dask dependencies, a large payload, or split from a lost task).
-    isolated : bool
-        Split from a task whose worker died: sent only to a free worker thread, never as a
-        look-ahead behind another task, so that a call that kills its worker takes no other
-        call with it.
-
-    """
-
-    future: Future
-    name: str
-    describe: Callable[[], str]
-    cost_key: bytes | None = None
-    packed_function: bytes | None = None
-    packed_arguments: bytes | None = None
-    task: tuple[Callable[..., Any], Any, Callable[[Any], Any]] | None = None
-    calls: int = 1
-    dask_dependencies: list[distributed.Future] = field(default_factory=list)
-    alone: bool = False
-    isolated: bool = False
-    function_id: bytes | None = None
-    store_key: bytes | None = None
-
-
 @dataclass(eq=False)
 class _SentTask:
     entries: list[QueuedCall]
     short: bool
-
-
-#: Argument types that the standard pickle module pickles exactly as cloudpickle would.
-_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-def all_plain(columns: Iterable[Iterable[Any]]) -> bool:
-    """Whether every value in ``columns`` is of a type the standard pickle module packs."""
-    return {type(value) for column in columns for value in column} <= _PLAIN_TYPES
-
-
-def pack_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle ``(args, kwargs)``: with the C pickler for plain values, else with cloudpickle."""
-    if all(type(value) in _PLAIN_TYPES for value in args) and all(
-        type(value) in _PLAIN_TYPES for value in kwargs.values()
-    ):
-        return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-    return cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def find_futures(value: Any, found: list[Future]) -> None:
-    """Collect the standard futures in ``value``: itself, or inside lists, tuples, sets, dicts."""
-    kind = type(value)
-    if kind is Future or isinstance(value, Future):
-        found.append(value)
-    elif kind in (list, tuple, set, frozenset):
-        for item in value:
-            find_futures(item, found)
-    elif kind is dict:
-        for item in value.values():
-            find_futures(item, found)
-
-
-def substitute_futures(value: Any) -> Any:
-    """``value`` with every standard future replaced by its result (the futures are done)."""
-    kind = type(value)
-    if kind is Future or isinstance(value, Future):
-        return value.result()
-    if kind in (list, tuple, set, frozenset):
-        return kind(substitute_futures(item) for item in value)
-    if kind is dict:
-        return {key: substitute_futures(item) for key, item in value.items()}
-    return value
+    over: bool = False  # the task's own outcome is in: later news of its calls is stale
 
 
 class CallQueue:
@@ -294,7 +203,7 @@ class CallQueue:
         if self.store is None:
             return None
         identity = function_identity(function, packed)
-        self.store.name_function(identity, _qualified_name(function))
+        self.store.name_function(identity, qualified_name(function))
         return identity
 
     def store_keys(self, function_id: bytes, packed_arguments: Iterable[bytes]) -> list[bytes]:
@@ -329,7 +238,7 @@ class CallQueue:
             entry.store_key, = self.store_keys(entry.function_id, [entry.packed_arguments])
             recorded = self.store.result(entry.store_key)
             if recorded is not MISSING:
-                _set_result(entry.future, recorded)
+                set_result(entry.future, recorded)
                 return True
         return False
 
@@ -362,7 +271,7 @@ class CallQueue:
         for dependency in dependencies:
             if dependency.cancelled():
                 future.cancel()
-                _notify_if_cancelled(future)
+                notify_if_cancelled(future)
                 return
             error = dependency.exception()
             if error is not None:
@@ -371,14 +280,14 @@ class CallQueue:
                     f"failed with {type(error).__name__}: {error}"
                 )
                 failure.__cause__ = error
-                _set_exception(future, failure)
+                set_exception(future, failure)
                 return
         try:
             if self._prepare(entry, function, substitute_futures(args),
                              {key: substitute_futures(value) for key, value in kwargs.items()}):
                 return
         except CallSerializationError as error:
-            _set_exception(future, error)
+            set_exception(future, error)
             return
         self._enqueue([entry])
 
@@ -417,7 +326,7 @@ class CallQueue:
         """
         waiting = self._waiting
         while waiting and waiting[0].future.done():  # cancelled while waiting
-            _notify_if_cancelled(waiting[0].future)
+            notify_if_cancelled(waiting[0].future)
             self._unfinished.discard(waiting.popleft().future)
         if not waiting:
             return None
@@ -450,7 +359,7 @@ class CallQueue:
                     or entry.function_id != head.function_id):
                 break
             entries.append(waiting.popleft())
-        started = [entry for entry in entries if _mark_running(entry)]
+        started = [entry for entry in entries if mark_running(entry)]
         if not started:
             return self._take_task()
         if short:
@@ -512,14 +421,38 @@ class CallQueue:
             return
         for task, (_, _, decode, description), dask_future in zip(
                 sent, tasks, dask_futures, strict=True):
+            on_calls = None
+            if len(task.entries) > 1 and task.entries[0].task is None:
+                on_calls = functools.partial(self._calls_done, task)
             task_future = self._bridge.track(dask_future, decode=decode,
-                                             description=description)
+                                             description=description, on_calls=on_calls)
             task_future.add_done_callback(lambda done, task=task: self._task_done(task, done))
 
     # -- outcomes -------------------------------------------------------------------------------
 
+    def _calls_done(self, sent: _SentTask, numbers: list[int], outcomes: list[bytes]) -> None:
+        """Complete the futures of calls of a running packed task (news from its worker)."""
+        if sent.over:
+            return
+        entries = sent.entries
+        for number, packed in zip(numbers, outcomes, strict=False):
+            future = entries[number].future if 0 <= number < len(entries) else None
+            if future is None or future.done():
+                continue
+            try:
+                kind, value = pickle.loads(packed)
+            except Exception:  # left to the task's outcome
+                continue
+            with self._lock:
+                self._unfinished.discard(future)
+            if kind == "ok":
+                set_result(future, value)
+            else:
+                set_exception(future, value)
+
     def _task_done(self, sent: _SentTask, task_future: Future | None = None,
                    error: BaseException | None = None) -> None:
+        sent.over = True
         with self._lock:
             if sent.short:
                 self._short_in_flight -= 1
@@ -545,29 +478,42 @@ class CallQueue:
         if error is not None:
             if (isinstance(error, WorkerLostError) and len(entries) > 1
                     and not self._closed):
-                # Split: each call again alone, so that only the one that kills fails.
-                again = [entry for entry in entries if not entry.future.done()]
-                for entry in again:  # each stays RUNNING: to the caller it is one long run
-                    entry.alone = entry.isolated = True
-                with self._lock:
-                    self._unfinished.update(entry.future for entry in again)
-                self._enqueue(again, front=True)
+                # Split: the calls without an outcome go again (each stays RUNNING: to the
+                # caller it is one long run); the first, which was running when the worker
+                # died, alone, so that only the call that kills fails.
+                self._queue_again([entry for entry in entries if not entry.future.done()])
                 return
             for entry in entries:
-                _set_exception(entry.future, error)
+                set_exception(entry.future, error)
             return
         outcome = task_future.result()
         if head.task is not None:
-            _set_result(head.future, outcome)
+            set_result(head.future, outcome)
             return
         outcomes, seconds = outcome
-        if seconds is not None and head.cost_key is not None:
-            self._costs.record(head.cost_key, len(outcomes), seconds)
+        skipped = []
         for entry, (kind, value) in zip(entries, outcomes, strict=True):
+            if entry.future.done():  # completed by the news of its call
+                continue
             if kind == "ok":
-                _set_result(entry.future, value)
-            else:
-                _set_exception(entry.future, value)
+                set_result(entry.future, value)
+            elif kind == "error":
+                set_exception(entry.future, value)
+            else:  # finished on a lost worker, but its news never came: run it again
+                skipped.append(entry)
+        if seconds is not None and head.cost_key is not None:
+            ran = sum(kind != SKIPPED[0] for kind, _ in outcomes)
+            self._costs.record(head.cost_key, ran, seconds)
+        self._queue_again(skipped)
+
+    def _queue_again(self, entries: list[QueuedCall]) -> None:
+        """Queue calls of a lost task again, at the front; the first alone and isolated."""
+        if not entries:
+            return
+        entries[0].alone = entries[0].isolated = True
+        with self._lock:
+            self._unfinished.update(entry.future for entry in entries)
+        self._enqueue(entries, front=True)
 
     # -- the executor's view ----------------------------------------------------------------
 
@@ -595,7 +541,7 @@ class CallQueue:
         for future in pending:
             if future.cancel():
                 cancelled += 1
-            _notify_if_cancelled(future)
+            notify_if_cancelled(future)
         return cancelled
 
     def close(self) -> None:
@@ -607,54 +553,9 @@ class CallQueue:
             self._unfinished.clear()
         for future in unfinished:
             if not future.cancel():
-                _set_exception(future, CancelledError("the executor's cluster was closed"))
-            _notify_if_cancelled(future)
+                set_exception(future, CancelledError("the executor's cluster was closed"))
+            notify_if_cancelled(future)
 
 
 def _decode_calls(outcome: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], float | None]:
     return outcome[1], outcome[2]
-
-
-def _qualified_name(function: Callable[..., Any]) -> str:
-    inner = getattr(function, "func", None) or getattr(function, "__func__", None) or function
-    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
-    module = getattr(inner, "__module__", None) or type(inner).__module__
-    return f"{module}.{name}"
-
-
-def _notify_if_cancelled(future: Future) -> None:
-    """Move a cancelled future on to CANCELLED_AND_NOTIFIED, which ``wait()`` counts as done.
-
-    The standard library's executors do this when their queue reaches a cancelled call. The
-    queue calls it once per future: where it does, it also forgets the future.
-    """
-    if future.cancelled():
-        try:
-            future.set_running_or_notify_cancel()
-        except RuntimeError:  # notified already
-            pass
-
-
-def _mark_running(entry: QueuedCall) -> bool:
-    if entry.future.running():  # queued again after its task was lost
-        return True
-    try:
-        return entry.future.set_running_or_notify_cancel()
-    except RuntimeError:  # already finished (failed by the executor while waiting)
-        return False
-
-
-def _set_result(future: Future, value: Any) -> None:
-    try:
-        future.set_result(value)
-    except Exception:  # cancelled or completed in between
-        pass
-
-
-def _set_exception(future: Future, error: BaseException) -> None:
-    try:
-        future.set_exception(error)
-    except Exception:  # cancelled or completed in between
-        pass
-
-

@@ -19,7 +19,11 @@ from typing import Any
 
 import cloudpickle
 
+from .relay import packed_task_news
 from .store.recorder import StoreSpec, TaskRecorder
+
+#: The outcome of a call that the task skipped: it finished on a worker that died since.
+SKIPPED = ("skip", None)
 
 
 class RemoteTraceback(Exception):  # noqa: N818 - named as the standard library names it
@@ -159,6 +163,12 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
     bytes
         The packed ``("calls", outcomes, seconds)``: ``("ok", result)`` or ``("error",
         exception)`` per call, and the seconds the calls took (for :mod:`futures_hpc.chunking`).
+        A call that finished before the task's earlier worker died is skipped (:data:`SKIPPED`).
+
+    Notes
+    -----
+    With more than one call and the relay installed, the outcomes of finished calls also go to
+    the client while the task runs (:class:`futures_hpc.relay.TaskNews`).
 
     """
     outcomes: list[tuple[str, Any]] = []
@@ -168,9 +178,13 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
     except BaseException as error:  # noqa: BLE001 - every call fails with it
         failed = ("error", _ExceptionWithTraceback(error))
         return _pack_outcomes([failed] * len(packed_calls), None)
+    news, finished = packed_task_news(len(packed_calls))
     recorder = None if store is None else TaskRecorder(store)
     started = time.perf_counter()
     for number, packed in enumerate(packed_calls):
+        if finished and number in finished:
+            outcomes.append(SKIPPED)
+            continue
         try:
             args, kwargs = pickle.loads(packed)
             if dependencies:
@@ -178,13 +192,18 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
                 kwargs = {key: _substitute(value, dependencies) for key, value in kwargs.items()}
             result = function(*args, **kwargs)
         except BaseException as error:  # noqa: BLE001 - every exception goes back to the caller
-            outcomes.append(("error", _ExceptionWithTraceback(error)))
-            continue
-        outcomes.append(("ok", result))
-        if recorder is not None:
-            recorder.add(number, result)
-        del result
+            outcome: tuple[str, Any] = ("error", _ExceptionWithTraceback(error))
+        else:
+            outcome = ("ok", result)
+            if recorder is not None:
+                recorder.add(number, result)
+            del result
+        outcomes.append(outcome)
+        if news is not None:
+            news.add(number, outcome)
     seconds = time.perf_counter() - started
+    if news is not None:
+        news.close()
     if recorder is not None:
         recorder.flush()
     return _pack_outcomes(outcomes, seconds)

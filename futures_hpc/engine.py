@@ -13,8 +13,10 @@ public form live here, each with what it relies on and what happens if a release
                                        ``Scheduler.stream_comms``/``client_comms``)
     :func:`send_from_worker`           ``Worker.batched_stream.send``                   error (1)
     :func:`send_to_client`             ``Scheduler.client_comms``                       False
+    :func:`send_to_worker`             ``Scheduler.stream_comms``                       False
     :func:`add_scheduler_stream_       ``Scheduler.stream_handlers``                    error (1)
     handler`
+    :func:`add_worker_stream_handler`  ``Worker.stream_handlers``                       False (7)
     :func:`add_client_stream_handler`  ``Client._stream_handlers``                      False (2)
     :func:`stored_result`              ``Worker.data``                                  KeyError (3)
     :func:`future_state_waiter`        ``distributed.Future._state.wait()``             None (4)
@@ -42,7 +44,9 @@ then learn outcomes by gathering, one more round trip each; (3) the client gathe
 instead; (4) the bridge waits through ``Future.add_done_callback``; (5)
 :func:`check_engine` raises at executor start, naming the installed versions; (6) joblib's
 backend is then never taken for the configured one, so an executor the backend made is shut
-down at interpreter exit instead of at the end of its ``parallel_config`` block.
+down at interpreter exit instead of at the end of its ``parallel_config`` block; (7) the
+scheduler then never tells a worker which calls of a packed task finished before its first
+worker died, and the retried task runs them again (their futures keep the first outcome).
 
 ``tests/test_engine_boundary.py`` fails if a private name of these libraries is used anywhere
 else in the package, and CI runs the suite on the oldest and newest versions
@@ -69,6 +73,7 @@ __all__ = [
     "adapt_afresh",
     "add_client_stream_handler",
     "add_scheduler_stream_handler",
+    "add_worker_stream_handler",
     "allowed_failures",
     "check_engine",
     "configured_joblib_backend",
@@ -79,6 +84,7 @@ __all__ = [
     "pause_worker",
     "send_from_worker",
     "send_to_client",
+    "send_to_worker",
     "set_allowed_failures",
     "set_scheduler_stream_intervals",
     "set_stream_interval",
@@ -176,6 +182,28 @@ def send_to_client(scheduler: Any, client: str, message: dict[str, Any]) -> bool
     if stream is None:
         return False
     stream.send(message)
+    return True
+
+
+def send_to_worker(scheduler: Any, worker: str, message: dict[str, Any]) -> bool:
+    """Send ``message`` on the scheduler's stream to ``worker``; False if it is not connected.
+
+    Messages sent inside a scheduler plugin's ``transition`` hook go before the messages the
+    transition itself sends (dask sends those once its transitions are done).
+    """
+    stream = getattr(scheduler, "stream_comms", {}).get(worker)
+    if stream is None:
+        return False
+    stream.send(message)
+    return True
+
+
+def add_worker_stream_handler(worker: Any, op: str, handler: Callable[..., Any]) -> bool:
+    """Make a worker call ``handler(**message)`` for scheduler messages ``op``; False if not."""
+    handlers = getattr(worker, "stream_handlers", None)
+    if not isinstance(handlers, dict):
+        return False
+    handlers[op] = handler
     return True
 
 

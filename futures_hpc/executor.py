@@ -29,7 +29,7 @@ from . import cleanup
 from . import config as _config  # noqa: F401 - registers the default configuration
 from .blocks import BlockMethods
 from .bridge import FutureBridge
-from .call_queue import CallQueue, function_name, pickled
+from .call_queue import CallQueue
 from .calls import pack_function
 from .chunking import CallCosts, automatic_chunksize, function_key
 from .cleanup import undo_foreign_interrupt_handler
@@ -60,6 +60,7 @@ from .options import (
 )
 from .progress import track
 from .provider import BackendProvider, ProviderTrait, chosen_executor_class
+from .queued_call import function_name, pickled
 from .scaling import ScalingStatus, validate_scaling_options
 from .security import TLS_DIRECTORY, RunCredentials, dashboard_link_for, run_credentials
 from .store import ResultStore

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from .call_queue import CallQueue, all_plain, function_name, pack_arguments, pickled
+from .call_queue import CallQueue
 from .calls import pack_chunk, run_chunk
+from .queued_call import all_plain, function_name, pack_arguments, pickled
 from .store import MISSING, StoreSpec
 
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
