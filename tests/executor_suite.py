@@ -477,3 +477,58 @@ def test_map_frees_each_result_once_yielded(ex):
             del obj
             gc.collect()
             assert reference() is None
+
+
+# -- a worker killed in the middle of a task of packed calls (backends whose workers restart) ----
+
+
+def record_or_kill(directory, value, killer, always):
+    """Append ``value`` and this process's id to a side file; the killer's call kills its worker.
+
+    The killer kills every time (``always``) or only the first time (a marker file remembers);
+    it writes its process id to the marker file first, and sleeps, so that the calls before it
+    in its task have finished and been reported when it dies.
+    """
+    marker = os.path.join(directory, "killed")
+    if value == killer and (always or not os.path.exists(marker)):
+        with open(marker, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        os._exit(1)
+    with open(os.path.join(directory, "side"), "a") as handle:
+        handle.write(f"{value} {os.getpid()}\n")
+    return 2 * value
+
+
+def check_killed_batch(executor, directory, always, killer=5, count=40):
+    """Kill a worker in the middle of a packed task; check no call is lost, failed or rerun.
+
+    ``executor`` has 2 worker slots whose workers restart when they die; ``directory`` is seen
+    by the workers. Not a test of the shared suite: some backends' workers do not come back.
+    """
+    from futures_hpc import WorkerLostError
+
+    # One call first: the function is then measured as quick, and its calls get packed.
+    assert executor.submit(record_or_kill, str(directory), -1, killer, always).result(120) == -2
+    # Both workers busy: the calls wait in the client together, and go out packed.
+    blockers = occupy(executor, 1.0)
+    futures = [executor.submit(record_or_kill, str(directory), value, killer, always)
+               for value in range(count)]
+    assert [blocker.result(timeout=60) for blocker in blockers] == [None] * len(blockers)
+    for value, future in enumerate(futures):
+        if value == killer and always:
+            with pytest.raises(WorkerLostError, match="record_or_kill"):
+                future.result(timeout=300)
+        else:
+            assert future.result(timeout=300) == 2 * value
+    assert executor.submit(sum, [1, 2]).result(timeout=300) == 3  # the executor goes on
+    lines = (directory / "side").read_text().split("\n")
+    recorded = [tuple(int(word) for word in line.split()) for line in lines if line]
+    expected = [-1, *(value for value in range(count) if not always or value != killer)]
+    # Every call once: none lost, none run twice.
+    assert sorted(value for value, _ in recorded) == sorted(expected)
+    killer_pids = [int(line) for line in (directory / "killed").read_text().split()]
+    # Killed once; or max_call_retries times in its packed task, then as often alone.
+    assert len(killer_pids) == (2 * executor.max_call_retries if always else 1)
+    # The calls before the killer ran in its task, in the process it killed: they had finished.
+    assert {pid for value, pid in recorded if 0 <= value < killer} == {killer_pids[0]}

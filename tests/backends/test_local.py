@@ -100,61 +100,11 @@ def test_bad_max_call_retries_is_refused_before_start():
 # -- a worker killed in the middle of a task of packed calls -----------------------------------
 
 
-def _record(directory, value, killer, always):
-    """Append ``value`` and this process's id to a side file; the killer's call kills its worker.
-
-    The killer kills every time (``always``) or only the first time (a marker file remembers);
-    it writes its process id to the marker file first, and sleeps, so that the calls before it
-    in its task have finished and been reported when it dies.
-    """
-    marker = os.path.join(directory, "killed")
-    if value == killer and (always or not os.path.exists(marker)):
-        with open(marker, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        time.sleep(0.3)
-        os._exit(1)
-    with open(os.path.join(directory, "side"), "a") as handle:
-        handle.write(f"{value} {os.getpid()}\n")
-    return 2 * value
-
-
-def _side_file(directory) -> list[tuple[int, int]]:
-    lines = (directory / "side").read_text().split("\n")
-    return [tuple(int(word) for word in line.split()) for line in lines if line]
-
-
 @pytest.mark.parametrize("always", [False, True], ids=["kills-once", "kills-always"])
 def test_a_worker_killed_mid_batch_loses_no_call_and_runs_no_finished_call_again(tmp_path,
                                                                                 always):
-    from futures_hpc import WorkerLostError
-
-    killer, count = 5, 40
     with LocalExecutor(max_workers=2, max_call_retries=2) as executor:
-        # One call first: the function is then measured as quick, and its calls get packed.
-        assert executor.submit(_record, str(tmp_path), -1, killer, always).result(60) == -2
-        # Both workers busy: the calls wait in the client together, and go out packed.
-        blockers = occupy(executor, 1.0)  # noqa: F405 - from the executor suite
-        futures = [executor.submit(_record, str(tmp_path), value, killer, always)
-                   for value in range(count)]
-        assert [blocker.result(timeout=60) for blocker in blockers] == [None] * len(blockers)
-        for value, future in enumerate(futures):
-            if value == killer and always:
-                with pytest.raises(WorkerLostError, match="_record"):
-                    future.result(timeout=180)
-            else:
-                assert future.result(timeout=180) == 2 * value
-        # The executor goes on.
-        assert executor.submit(sum, [1, 2]).result(timeout=120) == 3
-    recorded = _side_file(tmp_path)
-    values = [value for value, _ in recorded]
-    expected = [-1, *(value for value in range(count) if always is False or value != killer)]
-    assert sorted(values) == sorted(expected)  # every call once: none lost, none run twice
-    killer_pids = [int(line) for line in (tmp_path / "killed").read_text().split()]
-    # Killed once; or twice in its packed task, then twice alone (max_call_retries=2 each).
-    assert len(killer_pids) == (4 if always else 1)
-    # The calls before the killer ran in its task, in the process it killed: they had finished.
-    pids_before = {pid for value, pid in recorded if 0 <= value < killer}
-    assert pids_before == {killer_pids[0]}
+        check_killed_batch(executor, tmp_path, always)  # noqa: F405 - from the executor suite
 
 
 def _quick_or_slow(value, slow):

@@ -282,6 +282,15 @@ def failed_job(batch) -> str:
     return failed_job_id
 
 
+@pytest.mark.parametrize("always", [False, True], ids=["kills-once", "kills-always"])
+def test_a_worker_killed_mid_batch_loses_no_call_and_runs_no_finished_call_again(batch, tmp_path,
+                                                                                always):
+    """The worker's nanny restarts it inside its SLURM job; tmp_path is on this machine."""
+    with batch.executor(max_workers=2, max_call_retries=2, adaptive=False) as executor:
+        wait_for_workers(executor, 2)
+        check_killed_batch(executor, tmp_path, always)  # noqa: F405 - from the executor suite
+
+
 def test_a_dependency_that_can_never_be_satisfied_fails_the_run(batch):
     """afterok on a job that failed: SLURM says DependencyNeverSatisfied, which never clears."""
     failed_job_id = failed_job(batch)
