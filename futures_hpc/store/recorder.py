@@ -20,7 +20,7 @@ from typing import Any
 
 from . import frames
 from .results import pack_result
-from .segments import SegmentWriter
+from .segments import FLUSH_BYTES, SegmentWriter
 
 _writers: dict[str, SegmentWriter] = {}
 _writers_lock = threading.Lock()
@@ -60,37 +60,45 @@ class TaskRecorder:
         self.spec = spec
         self.writer = writer_for(spec.location)
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._last = time.monotonic()
 
     def add(self, number: int, value: Any) -> None:
         """Record the result of the task's ``number``-th call."""
-        try:
-            payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            try:
-                payload = pack_result(value)
-            except Exception:  # not picklable for the store: it will run again next time
-                return
-        self._held.append(frames.frame(frames.CALL, self.spec.function_id,
-                                       self.spec.keys[number], payload))
+        payload = _packed_or_none(value)
+        if payload is None:  # not picklable for the store: it will run again next time
+            return
+        record = frames.frame(frames.CALL, self.spec.function_id, self.spec.keys[number],
+                              payload)
+        self._held.append(record)
+        self._held_bytes += len(record)
         now = time.monotonic()
-        if now - self._last >= self.writer.flush_seconds:
+        if self._held_bytes >= FLUSH_BYTES or now - self._last >= self.writer.flush_seconds:
             self._last = now
             self.flush()
 
     def flush(self) -> None:
         """Write every record held now."""
-        if self._held:
-            self.writer.append_all(self._held)
-            self._held = []
-        self.writer.flush()
+        self.writer.write(self._held)
+        self._held = []
+        self._held_bytes = 0
+
+
+def _packed_or_none(value: Any) -> bytes | None:
+    """A result's bytes: the standard pickler first (faster), cloudpickle for the rest."""
+    try:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        try:
+            return pack_result(value)
+        except Exception:
+            return None
 
 
 def record_block(location: str, job_key: bytes, block_key: bytes, value: Any) -> None:
     """Record that a block of ``map_blocks`` is written (with its partial result, if any)."""
-    writer = writer_for(location)
-    writer.append(frames.frame(frames.BLOCK, job_key, block_key, pack_result(value)))
-    writer.flush()
+    writer_for(location).write([frames.frame(frames.BLOCK, job_key, block_key,
+                                             pack_result(value))])
 
 
 @atexit.register

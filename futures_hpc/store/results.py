@@ -122,9 +122,8 @@ class ResultStore:
         self._writer = segments.SegmentWriter(self.location, "r")
         self._named: set[bytes] = set(self.index.functions)
         self._claims_made: dict[bytes, list[tuple[int, bytes, bytes]]] = {}
-        self._writer.append(frames.frame(frames.RUN, frames.ZERO_KEY, frames.ZERO_KEY,
-                                         pickle.dumps(_run_facts(run_name))))
-        self._writer.flush()
+        self._writer.write([frames.frame(frames.RUN, frames.ZERO_KEY, frames.ZERO_KEY,
+                                         pickle.dumps(_run_facts(run_name)))])
 
     def __repr__(self) -> str:
         return f"ResultStore({self.location!r}, {len(self.index.calls)} calls recorded)"
@@ -134,9 +133,8 @@ class ResultStore:
         if function_id in self._named:
             return
         self._named.add(function_id)
-        self._writer.append(frames.frame(frames.FUNCTION, function_id, frames.ZERO_KEY,
-                                         name.encode()))
-        self._writer.flush()
+        self._writer.write([frames.frame(frames.FUNCTION, function_id, frames.ZERO_KEY,
+                                         name.encode())])
 
     def result(self, key: bytes) -> Any:
         """The recorded result of the call with ``key``, or :data:`MISSING`."""
@@ -168,9 +166,8 @@ class ResultStore:
         The output's blocks recorded under earlier claims are no longer its content.
         """
         claim_key, when = os.urandom(16), time.time_ns()
-        self._writer.append(frames.frame(frames.OUTPUT, output_key, claim_key,
-                                         pickle.dumps((job_key, when))))
-        self._writer.flush()
+        self._writer.write([frames.frame(frames.OUTPUT, output_key, claim_key,
+                                         pickle.dumps((job_key, when)))])
         self._claims_made.setdefault(output_key, []).append((when, claim_key, job_key))
         return claim_key
 
@@ -185,7 +182,7 @@ class ResultStore:
         return [self.result(key) for key in keys]
 
     def close(self) -> None:
-        """Write what is held and let go of the segments' memory maps."""
+        """Close the run's segment and let go of the segments' memory maps."""
         self._writer.close()
         self.index = StoreIndex()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +23,13 @@ MARKER = "FUTURES_HPC_STORE"
 MARKER_TEXT = "futures_hpc result store, format 1\n"
 SEGMENTS = "segments"
 SUFFIX = ".fhs"
-#: A writer appends what it holds once this many seconds passed since its last write ...
+#: A task's records are written once this many seconds passed since its last write ...
 FLUSH_SECONDS = 0.05
-#: ... or once it holds this many bytes (and always at the end of each task).
+#: ... or once they are this many bytes (and always at the end of the task).
 FLUSH_BYTES = 4 * 1024 * 1024
 #: On an object store, where each write is an object of its own (a request, and an object every
-#: later run lists and reads), held records are written once the oldest is this many seconds
-#: old (or at :data:`FLUSH_BYTES`, and at the end of each task): one object per task, not two.
+#: later run lists and reads), a task's records are written every this many seconds (or at
+#: :data:`FLUSH_BYTES`, and at the end of the task): one object per task, not two.
 OBJECT_FLUSH_SECONDS = 5.0
 
 
@@ -115,14 +114,6 @@ def read_segment(name: str) -> bytes | memoryview:
         return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ))
 
 
-def segment_size(name: str) -> int:
-    """A segment's size in bytes."""
-    if is_url(name):
-        fs, path = _filesystem(name)
-        return int(fs.size(path))
-    return os.stat(name).st_size
-
-
 def replace_segment(name: str, data: bytes) -> None:
     """Write ``data`` as the whole of segment ``name`` (for clearing part of a store)."""
     if is_url(name):
@@ -170,11 +161,10 @@ def writer_name(kind: str) -> str:
 class SegmentWriter:
     """Appends records to one segment of its own; thread-safe.
 
-    Records are held until :data:`FLUSH_SECONDS` have passed since the last write or
-    :data:`FLUSH_BYTES` are held, or :meth:`flush` is called, then written with one ``write``.
-    On an object store each flush is one new object, and records are held until the oldest
-    is :data:`OBJECT_FLUSH_SECONDS` old (a record written alone, as soon as a task's first call
-    ends, would make two objects per task).
+    Each :meth:`write` is one ``write`` call on the segment file; on an object store, which
+    cannot append, it is one new object. How long records wait before they are written is
+    the caller's choice (:class:`~futures_hpc.store.recorder.TaskRecorder` holds a task's
+    records for :attr:`flush_seconds`).
 
     Parameters
     ----------
@@ -188,65 +178,37 @@ class SegmentWriter:
     def __init__(self, location: str, kind: str) -> None:
         self.location = location
         self.name = writer_name(kind)
-        self._held: list[bytes] = []
-        self._held_bytes = 0
-        self._last_write = time.monotonic()
         self._object_store = is_url(location)
-        #: Seconds records may wait to be written (:data:`FLUSH_SECONDS`, or
-        #: :data:`OBJECT_FLUSH_SECONDS` on an object store).
+        #: Seconds a task's records may wait to be written: :data:`FLUSH_SECONDS`, or
+        #: :data:`OBJECT_FLUSH_SECONDS` on an object store (a record written alone, as soon as
+        #: a task's first call ends, would make two objects per task).
         self.flush_seconds = OBJECT_FLUSH_SECONDS if self._object_store else FLUSH_SECONDS
-        self._held_since = 0.0
         self._lock = threading.Lock()
         self._descriptor: int | None = None
         self._objects = 0
 
-    def append(self, record: bytes) -> None:
-        """Add a framed record; write what is held if it is time."""
-        self.append_all([record])
-
-    def append_all(self, records: list[bytes]) -> None:
-        """Add framed records; write what is held if it is time."""
-        with self._lock:
-            now = time.monotonic()
-            if not self._held:
-                self._held_since = now
-            self._held.extend(records)
-            self._held_bytes += sum(len(record) for record in records)
-            # A file: time since the last write. An object store: the age of the oldest
-            # record held, so that a task's first record does not make an object alone.
-            since = self._held_since if self._object_store else self._last_write
-            if self._held_bytes >= FLUSH_BYTES or now - since >= self.flush_seconds:
-                self._write()
-
-    def flush(self) -> None:
-        """Write every record held now."""
-        with self._lock:
-            self._write()
-
-    def _write(self) -> None:
-        self._last_write = time.monotonic()
-        if not self._held:
+    def write(self, records: list[bytes]) -> None:
+        """Write framed records now, in one piece."""
+        if not records:
             return
-        data = b"".join(self._held)
-        self._held.clear()
-        self._held_bytes = 0
-        if self._object_store:
-            fs, root = _filesystem(self.location)
-            self._objects += 1
-            fs.pipe_file(f"{root}/{SEGMENTS}/{self.name}-{self._objects:06d}{SUFFIX}", data)
-            return
-        if self._descriptor is None:
-            path = os.path.join(self.location, SEGMENTS, self.name + SUFFIX)
-            self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(self._descriptor, view)
-            view = view[written:]
+        data = b"".join(records)
+        with self._lock:
+            if self._object_store:
+                fs, root = _filesystem(self.location)
+                self._objects += 1
+                fs.pipe_file(f"{root}/{SEGMENTS}/{self.name}-{self._objects:06d}{SUFFIX}", data)
+                return
+            if self._descriptor is None:
+                path = os.path.join(self.location, SEGMENTS, self.name + SUFFIX)
+                self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            view = memoryview(data)
+            while view:
+                written = os.write(self._descriptor, view)
+                view = view[written:]
 
     def close(self) -> None:
-        """Write what is held and close the file."""
+        """Close the segment file."""
         with self._lock:
-            self._write()
             if self._descriptor is not None:
                 os.close(self._descriptor)
                 self._descriptor = None
