@@ -646,6 +646,12 @@ def never_called(*blocks):
     ([np.zeros((10, 10))], {"out": "result.png"}, "suffix"),
     ([np.zeros((10, 10))], {"on_error": "ignore"}, "on_error must be"),
     ([np.zeros((10, 10))], {"max_in_flight": 0}, "max_in_flight"),
+    ([np.zeros((10, 10))], {"out": "never.tif", "creation_options": "deflate"},
+     "creation_options='deflate' is not allowed"),
+    ([np.zeros((10, 10))], {"out": "never.tif", "creation_options": {"compress": "zip"}},
+     "compress='zip' is not allowed.*deflate"),
+    ([np.zeros((10, 10))], {"out": "never.npy", "creation_options": {"compress": "deflate"}},
+     "they are for a GeoTIFF"),
 ])
 def test_bad_arguments_raise_before_any_work(executor, inputs, options, message):
     with pytest.raises(ValueError, match=message):

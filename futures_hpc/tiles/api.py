@@ -13,7 +13,14 @@ from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFile
 from futures_hpc.tiles.formats import create_sink, existing_sink, reopen_sink
 from futures_hpc.tiles.geotiff import GeoTiffSink, TileAppender
 from futures_hpc.tiles.grid import TileGrid, Window, _Group
-from futures_hpc.tiles.plan import _check_out, _groups, _Plan, _plan, _start
+from futures_hpc.tiles.plan import (
+    _check_out,
+    _groups,
+    _Plan,
+    _plan,
+    _start,
+    check_creation_options,
+)
 from futures_hpc.tiles.resume import BlockResume, open_resume, output_identity
 from futures_hpc.tiles.runner import _Runner
 from futures_hpc.tiles.shared_memory import (
@@ -111,6 +118,7 @@ def map_blocks(executor: Any, func: Callable[..., Any], *inputs: Any,
                  max_in_flight, blocks_per_task)
     sink = existing_sink(out)
     _check_out(out, sink, plan.grid.image_shape, plan.grid.block)
+    check_creation_options(creation_options, out)
     output = output_identity(out, sink)
     if output is not None and creation_options:
         output = (*output, repr(sorted(creation_options.items())))

@@ -107,6 +107,32 @@ def _check_out(out: Any, sink: ImageSink | None, image_shape: tuple[int, int],
                 f"each other's pixels; pass a block that is a multiple of the chunks")
 
 
+def check_creation_options(options: Any, out: Any) -> None:
+    """``creation_options``: None, or a dict of rasterio creation options for a GeoTIFF ``out``.
+
+    GDAL only warns about an option it does not know, and writes without it: a misspelt
+    ``compress`` would silently give an uncompressed file, so its value is checked here.
+    """
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise OptionError(f"creation_options={options!r} is not allowed; it must be a dict of "
+                          "rasterio creation options, such as {'compress': 'deflate'}")
+    if options and not (isinstance(out, (str, os.PathLike))
+                        and output_format(out) == "geotiff"):
+        raise OptionError(f"creation_options={options!r} is not allowed with out={out!r}; "
+                          "they are for a GeoTIFF path given as out (.tif, .tiff)")
+    compress = next((value for key, value in options.items() if key.lower() == "compress"),
+                    None)
+    if compress is not None:
+        from rasterio.enums import Compression
+
+        known = sorted(member.value.lower() for member in Compression)
+        if str(compress).lower() not in known:
+            raise OptionError(f"creation_options compress={compress!r} is not allowed; "
+                              f"GDAL's GeoTIFF compressions are {', '.join(known)}")
+
+
 def _name_of(func: Callable[..., Any]) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
 
