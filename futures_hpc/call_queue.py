@@ -112,12 +112,16 @@ class CallQueue:
         Goes into every task key (the workers report only the executor's own tasks).
     store : ResultStore, optional
         Where recorded results are looked up, and where the workers record new ones.
+    resources : dict, optional
+        dask worker resources every task of this queue needs (a pool's, see
+        :mod:`futures_hpc.pools`): its tasks run only on workers that have them.
 
     """
 
     def __init__(self, client: distributed.Client, bridge: FutureBridge, call_costs: CallCosts,
                  worker_slots: Callable[[], int], run_name: str,
-                 store: ResultStore | None = None) -> None:
+                 store: ResultStore | None = None,
+                 resources: dict[str, float] | None = None) -> None:
         self._client = client
         self._bridge = bridge
         self._costs = call_costs
@@ -135,6 +139,8 @@ class CallQueue:
         self._occurrences = Occurrences()
         self._closed = False
         self._task_numbers = itertools.count()
+        #: The dask worker resources each task needs (None: any worker).
+        self.resources: dict[str, float] | None = resources
 
     # -- putting calls in -------------------------------------------------------------------
 
@@ -404,7 +410,7 @@ class CallQueue:
                 if dependencies:
                     dask_futures[index] = self._client.submit(
                         tasks[index][0], tasks[index][1], *dependencies, key=keys[index],
-                        pure=False,
+                        pure=False, resources=self.resources,
                     )
                 else:
                     together.setdefault(tasks[index][0], []).append(index)
@@ -412,6 +418,7 @@ class CallQueue:
                 mapped = self._client.map(
                     worker_function, [tasks[index][1] for index in indexes],
                     key=[keys[index] for index in indexes], pure=False,
+                    resources=self.resources,
                 )
                 for index, dask_future in zip(indexes, mapped, strict=True):
                     dask_futures[index] = dask_future

@@ -58,6 +58,7 @@ from .options import (
     merge_with_profile,
     parse_resources,
 )
+from .pools import BASE_RESOURCE, PoolExecutor, Pools, parse_shape
 from .progress import track
 from .provider import BackendProvider, ProviderTrait, chosen_executor_class
 from .queued_call import function_name, pickled
@@ -227,6 +228,7 @@ class HPCExecutor(BlockMethods, Executor):
         self._client: distributed.Client | None = None
         self._bridge: FutureBridge | None = None
         self._queue: CallQueue | None = None
+        self._pools: Pools | None = None
         try:
             check_engine()
             undo_foreign_interrupt_handler()  # check_engine may have imported dask-jobqueue
@@ -234,8 +236,8 @@ class HPCExecutor(BlockMethods, Executor):
             self._cluster = self._backend.create_cluster()
             self._client = connect_client(self._cluster, self.security)
             self._bridge = FutureBridge(self._client, self.run_name)
-            self._queue = CallQueue(self._client, self._bridge, self._call_costs,
-                                    self._dispatch_slots, self.run_name, self.store)
+            self._queue = self._make_queue(self._dispatch_slots)
+            self._pools = Pools(self)
             set_allowed_failures(self._client, self.max_call_retries - 1)
             if self.import_path:
                 self._client.register_plugin(ImportPathPlugin(self.import_path))
@@ -298,9 +300,18 @@ class HPCExecutor(BlockMethods, Executor):
         return self._log_dir
 
     def worker_slots(self) -> int:
-        """Worker threads connected now, or the planned number if none is connected yet."""
+        """Worker threads connected now, or the planned number if none is connected yet.
+
+        Once pools exist (:meth:`with_resources`), only the threads of the executor's own
+        workers count.
+        """
         try:
-            connected = sum(self._client.nthreads().values())
+            if self._pools is not None and self._pools.all():
+                workers = self._client.scheduler_info(n_workers=-1)["workers"].values()
+                connected = sum(int(info.get("nthreads", 0)) for info in workers
+                                if BASE_RESOURCE in (info.get("resources") or {}))
+            else:
+                connected = sum(self._client.nthreads().values())
         except Exception:
             connected = 0
         self._connected_slots = (time.monotonic(), connected)
@@ -329,8 +340,9 @@ class HPCExecutor(BlockMethods, Executor):
         return 0 if self._queue is None else self._queue.waiting_entries()
 
     def _outstanding(self) -> list[Future]:
-        """Every future of this executor that is not done (waiting, or running)."""
-        return [] if self._queue is None else self._queue.outstanding()
+        """Every future of this executor and its pools that is not done (waiting, or running)."""
+        own = [] if self._queue is None else self._queue.outstanding()
+        return own + ([] if self._pools is None else self._pools.outstanding())
 
     def status(self) -> ScalingStatus:
         """What the executor holds now: workers, jobs pending/running, resubmissions, lost calls.
@@ -347,6 +359,8 @@ class HPCExecutor(BlockMethods, Executor):
         waiting = 0 if self._queue is None else self._queue.waiting_count()
         status = ScalingStatus(workers=workers, waiting_calls=waiting)
         self._backend.report_status(status)
+        if self._pools is not None:
+            self._pools.report_into(status)
         return status
 
     def __repr__(self) -> str:
@@ -403,9 +417,77 @@ class HPCExecutor(BlockMethods, Executor):
             After :meth:`shutdown`.
 
         """
+        return self._submit_to(self._queue, fn, args, kwargs)
+
+    def _submit_to(self, queue: CallQueue, fn: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Future:
         with self._shutdown_lock:
             self._check_open()
-            return self._queue.submit(fn, args, kwargs, lambda: describe_call(fn, args, kwargs))
+            return queue.submit(fn, args, kwargs, lambda: describe_call(fn, args, kwargs))
+
+    def _make_queue(self, slots: Callable[[], int],
+                    resources: dict[str, float] | None = None) -> CallQueue:
+        """A call queue on this executor's client, sending while ``slots()`` has room."""
+        return CallQueue(self._client, self._bridge, self._call_costs, slots, self.run_name,
+                         self.store, resources)
+
+    def with_resources(
+        self,
+        *,
+        cores: int | None = None,
+        memory: str | int | None = None,
+        gpus: int | None = None,
+        walltime: str | int | None = None,
+        queue: str | None = None,
+        job_extra: Sequence[str] | None = None,
+        max_workers: int | None = None,
+    ) -> PoolExecutor:
+        """An executor whose calls run only on workers of this shape (a pool of this executor).
+
+        Each distinct shape is a pool of its own workers on this executor's scheduler and
+        cluster (:mod:`futures_hpc.pools`): batch jobs of that size on SLURM, PBS and Grid
+        Engine, worker processes on the local backend. A pool's worker runs one call at a
+        time, so each call has the worker's cores, memory and GPUs; the pool asks for workers
+        only while it has calls, releases them after ``idle_timeout``, and all pools together
+        keep within ``max_pending_jobs``. The same shape gives the same pool.
+
+        Parameters
+        ----------
+        cores : int, optional
+            Cores of each worker (default 1); ``OMP_NUM_THREADS`` and its kin are set to it.
+        memory : str or int, optional
+            Memory of each worker (``"8GB"``).
+        gpus : int, optional
+            GPUs of each worker: the batch system's GPU request (``--gres=gpu:N``,
+            ``ngpus=N``, ``-l gpu=N``) and a ``GPU`` worker resource that the pool's calls need.
+        walltime : str or int, optional
+            Walltime of each batch job (default: the executor's).
+        queue : str, optional
+            Batch queue (partition) of the pool's jobs (default: the executor's).
+        job_extra : list of str, optional
+            More scheduler directives for the pool's jobs.
+        max_workers : int, optional
+            The most workers of the pool (default: the executor's ``max_workers``).
+
+        Returns
+        -------
+        futures_hpc.pools.PoolExecutor
+
+        Raises
+        ------
+        ValueError
+            (:class:`~futures_hpc.errors.OptionError`) for a bad option, or on a backend with one
+            kind of worker (MPI, ECS), before anything is started.
+
+        """
+        with self._shutdown_lock:
+            self._check_open()
+        shape = parse_shape({
+            name: value for name, value in (
+                ("cores", cores), ("memory", memory), ("gpus", gpus), ("walltime", walltime),
+                ("queue", queue), ("job_extra", job_extra), ("max_workers", max_workers))
+            if value is not None})
+        return PoolExecutor(self, self._pools.get(shape))
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
         """The chunk size ``map`` uses for ``call_count`` calls of ``fn`` when none is given.
@@ -461,6 +543,14 @@ class HPCExecutor(BlockMethods, Executor):
             results before it. Closing the iterator early cancels what it has not yielded.
 
         """
+        return self._map_on(self._queue, self._recent_worker_slots, fn, iterables,
+                            timeout=timeout, chunksize=chunksize, buffersize=buffersize,
+                            progress=progress)
+
+    def _map_on(self, queue: CallQueue, slots: Callable[[], int], fn: Callable[..., Any],
+                iterables: Sequence[Iterable[Any]], *, timeout: float | None,
+                chunksize: int | None, buffersize: int | None, progress: bool) -> Iterator[Any]:
+        """:meth:`map` through ``queue``, sizing chunks for ``slots()`` worker slots."""
         for name, value in (("chunksize", chunksize), ("buffersize", buffersize)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -471,16 +561,17 @@ class HPCExecutor(BlockMethods, Executor):
             lambda: pack_function(fn), lambda: f"the function {describe_function(fn)}"
         )
         key = function_key(packed_function)  # for the call-cost memory, once per map
-        function_id = self._queue.function_id(fn, packed_function) if self._queue else None
-        chunks, total = plan_chunks(
-            iterables, chunksize, buffersize,
-            lambda count: self._automatic_chunksize(count, key),
-        )
+        function_id = queue.function_id(fn, packed_function) if queue else None
+
+        def chunk_size(count: int) -> int:
+            return automatic_chunksize(count, slots(), self._call_costs.seconds_per_call(key))
+
+        chunks, total = plan_chunks(iterables, chunksize, buffersize, chunk_size)
 
         def submit(batch: Iterable[list[Sequence[Any]]]) -> list[Future]:
             with self._shutdown_lock:
                 self._check_open()
-                return submit_chunks(self._queue, fn, packed_function, batch, key, function_id)
+                return submit_chunks(queue, fn, packed_function, batch, key, function_id)
 
         pending = deque(submit(chunks if buffersize is None
                                else itertools.islice(chunks, buffersize)))
@@ -512,6 +603,8 @@ class HPCExecutor(BlockMethods, Executor):
             self._shutdown = True
         if self._queue is not None and cancel_futures:
             self._queue.cancel_waiting()
+            for queue in self._pools.queues() if self._pools is not None else ():
+                queue.cancel_waiting()
         if wait:
             self._wait_and_close()
         else:
@@ -520,8 +613,7 @@ class HPCExecutor(BlockMethods, Executor):
             ).start()
 
     def _wait_and_close(self) -> None:
-        if self._queue is not None:
-            wait_for_futures(self._queue.outstanding())
+        wait_for_futures(self._outstanding())
         self._close_cluster()
 
     def _abort(self) -> None:
@@ -541,8 +633,12 @@ class HPCExecutor(BlockMethods, Executor):
             logger.warning("preparing the %s backend of %r to close failed: %r",
                            self.backend_name, self, error)
         unregister_from_discovery(self)
+        pools = self._pools
         try:
             for step, closer in (
+                ("pools' scaling", pools and pools.stop),
+                *(("pool's call queue", queue.close) for queue in (pools and pools.queues()
+                                                                  or ())),
                 ("call queue", self._queue and self._queue.close),
                 ("results bridge", self._bridge and self._bridge.close),
                 ("client", self._client and self._client.close),

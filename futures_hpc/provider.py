@@ -19,6 +19,8 @@ at fixed points. A provider never overrides the executor: it answers.
     start                     :meth:`~BackendProvider.create_cluster`, then, once the client is
                               connected, :meth:`~BackendProvider.start_workers`
     sizing chunks             :meth:`~BackendProvider.planned_worker_slots`
+    ``ex.with_resources``     :meth:`~BackendProvider.check_pool`, then, for each worker the
+                              pool's policy asks for, :meth:`~BackendProvider.pool_job`
     ``ex.status()``           :meth:`~BackendProvider.report_status`
     progress bars             :meth:`~BackendProvider.progress_note`
     each submission           :meth:`~BackendProvider.check_usable` (raise once nothing can run)
@@ -86,6 +88,29 @@ class BackendProvider:
         """Worker threads expected when none is connected yet (used to size chunks)."""
         executor = self.executor
         return max(1, (executor.max_workers or 1) * (executor.resources.cores or 1))
+
+    # -- pools (``ex.with_resources``, :mod:`futures_hpc.pools`) ------------------------------
+
+    def check_pool(self, shape: Any) -> None:
+        """Refuse a pool shape (:class:`~futures_hpc.pools.PoolShape`) this backend cannot run.
+
+        The default refuses every pool: a backend runs pools only if it makes their workers.
+        """
+        from .pools import refuse_pools
+
+        raise refuse_pools(self.name, "its workers are all of one kind")
+
+    def pool_default_max_workers(self, shape: Any) -> int:
+        """The most workers of a pool created without ``max_workers``."""
+        return self.executor.max_workers or 1
+
+    def pool_job_prefix(self, number: int) -> str:
+        """The names of pool ``number``'s workers (``worker_spec`` entries) begin with this."""
+        return f"p{number}-"
+
+    def pool_job(self, pool: Any, name: str) -> dict[str, Any]:
+        """The ``worker_spec`` entry of a new worker (batch: job) of ``pool``, named ``name``."""
+        raise NotImplementedError
 
     def report_status(self, status: Any) -> None:
         """Fill the backend's part of ``status`` (a :class:`~futures_hpc.scaling.ScalingStatus`)."""

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from distributed.deploy.adaptive import Adaptive
 
@@ -53,6 +53,7 @@ __all__ = [  # the policy's names too, as before the policy had a module of its 
     "ClusterSnapshot",
     "FairShareAdaptive",
     "JobSnapshot",
+    "PoolScope",
     "ScalingDecision",
     "ScalingLimits",
     "ScalingOptions",
@@ -185,6 +186,10 @@ class ScalingStatus:
     waiting_calls : int
         Calls waiting in the executor's call queue for a free worker slot or for their
         dependencies (not yet handed to the cluster).
+    pools : dict of str to dict
+        One entry per pool (``ex.with_resources(...)``): its shape, ``max_workers``, jobs
+        pending, running and draining, jobs released, calls waiting and calls running. The
+        other counts are the executor's own workers' and the whole cluster's.
 
     """
 
@@ -199,9 +204,35 @@ class ScalingStatus:
     job_ids: list[str] = field(default_factory=list)
     pending_reasons: dict[str, str] = field(default_factory=dict)
     waiting_calls: int = 0
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # -- carrying it out -----------------------------------------------------------------------------
+
+
+class PoolScope(Protocol):
+    """What a policy sizing one pool of a shared cluster needs (see :mod:`futures_hpc.pools`)."""
+
+    #: The pool's name (``""`` for the executor's own workers).
+    name: str
+    #: Calls one worker of the pool runs at once (None: its threads).
+    calls_per_worker: int | None
+
+    def owns_job(self, job_name: str) -> bool:
+        """Whether the job (a ``worker_spec`` entry) is one of this pool's."""
+
+    def owns_task(self, task: Any) -> bool:
+        """Whether the scheduler's task (a ``TaskState``) is to run on this pool."""
+
+    def shared(self) -> bool:
+        """Whether other pools share the cluster now (else the policy sees the whole cluster)."""
+
+    def new_job(self) -> dict[str, Any]:
+        """A new ``worker_spec`` entry of this pool: ``{name: spec}``."""
+
+    def pending_elsewhere(self) -> int:
+        """Jobs the other pools have waiting in the batch queue."""
+
 
 
 class FairShareAdaptive(Adaptive):
@@ -227,6 +258,11 @@ class FairShareAdaptive(Adaptive):
     client_waiting : callable, optional
         Returns how many calls or chunks wait in the executor's call queue, in the client: work
         the scheduler does not see yet, which counts as tasks to scale for.
+    pool : PoolScope, optional
+        For a cluster with several kinds of worker (:mod:`futures_hpc.pools`): which jobs and
+        tasks this policy sizes, how a new job of its kind is made, and how many jobs the other
+        pools have waiting (all pools together keep within ``max_pending_jobs``). Without it
+        the policy sizes the whole cluster.
     **kwargs
         Passed to :class:`distributed.deploy.Adaptive`.
 
@@ -237,9 +273,11 @@ class FairShareAdaptive(Adaptive):
                  max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
                  walltime: float | None = None, interval: float = DEFAULT_INTERVAL,
                  target_duration: float = DEFAULT_TARGET_DURATION,
-                 client_waiting: Callable[[], int] | None = None, **kwargs: Any) -> None:
+                 client_waiting: Callable[[], int] | None = None,
+                 pool: PoolScope | None = None, **kwargs: Any) -> None:
         kwargs.pop("worker_key", None)  # whole jobs are this class's own business
         self._client_waiting = client_waiting
+        self.pool = pool
         self.idle_timeout = float(idle_timeout)
         self.max_pending_jobs = int(max_pending_jobs)
         self.walltime = walltime
@@ -262,17 +300,25 @@ class FairShareAdaptive(Adaptive):
 
     @property
     def processes_per_job(self) -> int:
-        """Worker processes per job, from the cluster's worker template."""
+        """Worker processes per job, from the cluster's worker template (a pool's: one)."""
+        if self.pool is not None and self.pool.name:
+            return 1
         template = getattr(self.cluster, "new_spec", None) or {}
         return max(1, len(template.get("group", ())) or 1)
+
+    def _own_jobs(self) -> list[str]:
+        names = list(self.cluster.worker_spec)
+        return names if self.pool is None else [name for name in names
+                                                if self.pool.owns_job(name)]
 
     def limits(self) -> ScalingLimits:
         """The policy's limits in jobs."""
         per_job = self.processes_per_job
+        pending_elsewhere = 0 if self.pool is None else self.pool.pending_elsewhere()
         return ScalingLimits(
             min_jobs=math.ceil(self.minimum / per_job),
             max_jobs=max(1, int(self.maximum) // per_job),
-            max_pending_jobs=self.max_pending_jobs,
+            max_pending_jobs=max(0, self.max_pending_jobs - pending_elsewhere),
             idle_timeout=self.idle_timeout,
             processes_per_job=per_job,
             walltime=self.walltime,
@@ -306,13 +352,15 @@ class FairShareAdaptive(Adaptive):
             longest = max(getattr(prefix, "max_exec_time", -1), prefix.duration_average)
             self._longest_call = max(self._longest_call, longest)
         jobs = []
-        for job_name in list(self.cluster.worker_spec):
+        own_workers = []
+        for job_name in self._own_jobs():
             self._submitted_at.setdefault(job_name, now)
             states = [by_name[name] for name in self._worker_names_of(job_name)
                       if name in by_name]
             if states and job_name not in self._started_at:
                 self._started_at[job_name] = now
                 self._startup = max(self._startup, now - self._submitted_at[job_name])
+            own_workers += states
             busy = sum(bool(ws.processing) for ws in states)
             idle_times = [self._idle_since.get(ws.address, now) for ws in states]
             jobs.append(JobSnapshot(
@@ -324,12 +372,21 @@ class FairShareAdaptive(Adaptive):
                 started_at=self._started_at.get(job_name),
                 draining=job_name in self._draining,
             ))
-        runnable = (len(scheduler.queued) + len(scheduler.unrunnable)
-                    + sum(len(ws.processing) for ws in scheduler.workers.values()))
-        threads = [ws.nthreads for ws in scheduler.workers.values()]
-        threads_per_worker = (round(sum(threads) / len(threads)) if threads
-                              else engine.threads_per_worker(self.cluster))
-        target = scheduler.adaptive_target(target_duration=self.target_duration)
+        if self.pool is None or not self.pool.shared():
+            runnable = (len(scheduler.queued) + len(scheduler.unrunnable)
+                        + sum(len(ws.processing) for ws in scheduler.workers.values()))
+            threads = [ws.nthreads for ws in scheduler.workers.values()]
+            threads_per_worker = (round(sum(threads) / len(threads)) if threads
+                                  else engine.threads_per_worker(self.cluster))
+            target = scheduler.adaptive_target(target_duration=self.target_duration)
+        else:  # several pools share the scheduler: count this pool's tasks and workers only
+            owns_task = self.pool.owns_task
+            runnable = (sum(1 for ts in list(scheduler.queued) if owns_task(ts))
+                        + sum(1 for ts in list(scheduler.unrunnable) if owns_task(ts))
+                        + sum(len(ws.processing) for ws in own_workers))
+            threads_per_worker = self.pool.calls_per_worker or (
+                engine.threads_per_worker(self.cluster))
+            target = math.ceil(runnable / max(1, threads_per_worker))
         waiting = self._client_waiting() if self._client_waiting is not None else 0
         if waiting:  # calls the executor holds back until a worker slot frees
             runnable += waiting
@@ -377,7 +434,8 @@ class FairShareAdaptive(Adaptive):
             await self._retire(list(decision.retire))
         if decision.submit:
             for _ in range(decision.submit):
-                self.cluster.worker_spec.update(self.cluster.new_worker_spec())
+                self.cluster.worker_spec.update(
+                    self.cluster.new_worker_spec() if self.pool is None else self.pool.new_job())
             wanted = snapshot.wanted_workers
             logger.info("submitting %d job(s) for %d wanted worker(s) (%d job(s) held)",
                         decision.submit, wanted, len(snapshot.jobs))
@@ -400,8 +458,10 @@ class FairShareAdaptive(Adaptive):
         addresses = [ws.address for ws in scheduler.workers.values()
                      if str(ws.name) in worker_names]
         if addresses:
+            # Batch workers close themselves before their job is cancelled; processes with a
+            # nanny of this cluster (local) are closed by the nanny, when the spec goes.
             await scheduler.retire_workers(workers=addresses, remove=True,
-                                           close_workers=True)
+                                           close_workers=book is not None)
         for job in job_names:
             self.cluster.worker_spec.pop(job, None)
             self._draining.discard(job)
@@ -436,7 +496,7 @@ class FairShareAdaptive(Adaptive):
         scheduler = getattr(self.cluster, "scheduler", None)
         names = {str(ws.name) for ws in list(getattr(scheduler, "workers", {}).values())}
         pending = running = draining = 0
-        for job_name in list(self.cluster.worker_spec):
+        for job_name in self._own_jobs():
             if job_name in self._draining:
                 draining += 1
             elif any(name in names for name in self._worker_names_of(job_name)):

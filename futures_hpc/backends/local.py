@@ -16,7 +16,9 @@ import os
 
 from distributed import LocalCluster, Nanny
 
+from ..errors import OptionError
 from ..executor import HPCExecutor
+from ..pools import BASE_RESOURCE, PoolShape, ResourcePool
 from ..provider import BackendProvider
 
 logger = logging.getLogger("futures_hpc")
@@ -93,7 +95,39 @@ class LocalProvider(BackendProvider):
         if executor.security is not None:
             options.update(security=executor.security, protocol="tls")
         options.update(executor.backend_options)
+        # Each thread of the executor's own workers is a unit of the base resource: once pools
+        # exist, the executor's own calls need it (futures_hpc.pools).
+        options["resources"] = {**(options.get("resources") or {}),
+                                BASE_RESOURCE: options["threads_per_worker"]}
         return LocalCluster(**options)
+
+    def check_pool(self, shape: PoolShape) -> None:
+        """Local pools are worker processes: walltimes, queues and directives mean nothing."""
+        for name in ("walltime", "queue"):
+            if getattr(shape, name):
+                raise OptionError(f"with_resources({name}={getattr(shape, name)!r}) is not "
+                                  "allowed on the 'local' backend: its workers are processes "
+                                  "of this machine, without a batch queue")
+        if shape.job_extra:
+            raise OptionError("with_resources(job_extra=...) is not allowed on the 'local' "
+                              "backend: there is no batch script")
+
+    def pool_default_max_workers(self, shape: PoolShape) -> int:
+        """As many workers as fit the machine's cores, at least one."""
+        return max(1, local_core_count() // shape.cores)
+
+    def pool_job(self, pool: ResourcePool, name: str) -> dict[str, object]:
+        """A worker process of the pool's shape (its threads, memory limit and resources)."""
+        spec = self.executor.cluster.new_spec
+        options = dict(spec["options"])
+        options.update(
+            nthreads=pool.shape.cores,
+            resources=pool.worker_resources(),
+            env={**(options.get("env") or {}), **pool.environment()},
+        )
+        if pool.shape.memory_bytes:
+            options["memory_limit"] = pool.shape.memory_bytes
+        return {"cls": spec["cls"], "options": options}
 
 
 class LocalExecutor(HPCExecutor):

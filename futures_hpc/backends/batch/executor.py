@@ -26,6 +26,7 @@ its users:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -40,6 +41,8 @@ from ...cleanup import interrupt_handler_kept
 from ...errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
 from ...executor import HPCExecutor
 from ...import_path import pythonpath_value
+from ...options import ResourceOptions
+from ...pools import BASE_RESOURCE, PoolShape, ResourcePool
 from ...provider import BackendProvider
 from ...scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
 from ..listen import plan_batch_listening
@@ -55,6 +58,13 @@ logger = logging.getLogger("futures_hpc")
 
 #: Workers of a batch executor created without ``max_workers``.
 DEFAULT_MAX_WORKERS = 1
+
+#: The job options a pool's jobs take from the pool (the others are the executor's jobs').
+POOL_JOB_OPTIONS = (
+    "cores", "memory", "processes", "walltime", "queue", "account", "job_extra_directives",
+    "job_script_prologue", "worker_extra_args", "memory_request", "job_directives_skip",
+    "resource_spec", "job_mem", "job_cpu",
+)
 
 
 #: First line of every job script's prologue. On ``scancel``/``qdel`` or at the walltime the batch
@@ -244,6 +254,7 @@ class BatchProvider(JobWatching, BackendProvider):
             max_pending_jobs=self.scaling.max_pending_jobs,
             walltime=self.resources.walltime_seconds,
             client_waiting=self._waiting_in_client,
+            pool=self.executor._pools.base,  # pools (with_resources) share the cluster
         )
         logger.info("%s: %s scaling, %d to %d worker(s) (%d to %d job(s) of %d worker "
                     "process(es)), at most %d pending job(s), idle timeout %.0f s, start "
@@ -257,6 +268,45 @@ class BatchProvider(JobWatching, BackendProvider):
     def planned_worker_slots(self) -> int:
         """One slot per core of every job the executor may hold."""
         return self.max_jobs() * (self.resources.cores or 1)
+
+    # -- pools (ex.with_resources) ----------------------------------------------------------
+
+    def check_pool(self, shape: PoolShape) -> None:
+        """Every shape is a job size; jobs of the pool's shape are made from the executor's."""
+
+    def pool_default_max_workers(self, shape: PoolShape) -> int:
+        """The executor's ``max_workers`` (its jobs hold one worker each in a pool)."""
+        return self.max_workers or DEFAULT_MAX_WORKERS
+
+    def pool_job_prefix(self, number: int) -> str:
+        """``fhpc-xxxxxxxx-p<number>-``: the pool's jobs are the run's, told apart."""
+        return f"{self.run_name}-p{number}-"
+
+    def pool_job(self, pool: ResourcePool, name: str) -> dict[str, Any]:
+        """A job of the pool's shape: the executor's job options with the pool's resources."""
+        shape = pool.shape
+        resources = dataclasses.replace(
+            self.resources,
+            cores=shape.cores,
+            memory=shape.memory or self.resources.memory,
+            memory_bytes=shape.memory_bytes or self.resources.memory_bytes,
+            walltime=shape.walltime or self.resources.walltime,
+            walltime_seconds=shape.walltime_seconds or self.resources.walltime_seconds,
+            queue=shape.queue or self.resources.queue,
+            job_extra=[*self.resources.job_extra, *shape.job_extra],
+            env={**self.resources.env, **pool.environment()},
+        )
+        extra = (self.system.gpu_options(shape.gpus, shape.cores, resources.memory_bytes)
+                 if shape.gpus else None)
+        pool_options = self._cluster_options(resources, 1, pool.worker_resources(), extra)
+        template = self._cluster.new_spec
+        options = dict(template["options"])
+        for key in POOL_JOB_OPTIONS:
+            if key in pool_options:
+                options[key] = pool_options[key]
+            else:
+                options.pop(key, None)
+        return {"cls": template["cls"], "options": options}
 
     # -- sizes ------------------------------------------------------------------------------------
 
@@ -283,9 +333,20 @@ class BatchProvider(JobWatching, BackendProvider):
 
     # -- the cluster's options ----------------------------------------------------------------
 
-    def _cluster_options(self) -> dict[str, Any]:
-        resources = self.resources
+    def _cluster_options(self, resources: ResourceOptions | None = None,
+                         processes: int | None = None,
+                         worker_resources: dict[str, float] | None = None,
+                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """dask-jobqueue's options for the executor's own jobs, or for a pool's.
+
+        A pool passes its ``resources`` (the executor's with the pool's shape), one process per
+        job, the dask resources its workers declare and its GPU options (``extra``).
+        """
+        resources = resources or self.resources
+        processes = processes or self.processes_per_job
         cores = resources.cores or 1
+        if worker_resources is None:  # the executor's own: one unit per thread (pools.py)
+            worker_resources = {BASE_RESOURCE: max(1, cores // processes)}
         config_name = self.cluster_class.job_cls.config_name
         # SLURM's job_mem alone also sizes the job: the workers' limit then follows it.
         memory = resources.memory or self.backend_options.get("job_mem")
@@ -312,6 +373,8 @@ class BatchProvider(JobWatching, BackendProvider):
             f"jobqueue.{config_name}.scheduler-options", None) or {}
         worker_arguments = list(passed.pop("worker_extra_args", None) or dask.config.get(
             f"jobqueue.{config_name}.worker-extra-args", None) or passed.pop("extra", None) or [])
+        worker_arguments += ["--resources", ",".join(
+            f"{name}={amount:g}" for name, amount in worker_resources.items())]
         listen = plan_batch_listening(
             user_scheduler_options,
             passed.get("interface") or dask.config.get(f"jobqueue.{config_name}.interface", None),
@@ -331,7 +394,7 @@ class BatchProvider(JobWatching, BackendProvider):
             job_name=self.run_name,
             cores=cores,
             memory=memory or f"{cores}GiB",  # a placeholder when memory_request is off
-            processes=self.processes_per_job,
+            processes=processes,
             walltime=resources.walltime,
             queue=resources.queue,
             python=resources.python,
@@ -346,6 +409,11 @@ class BatchProvider(JobWatching, BackendProvider):
         )
         options.update(self.system.scheduler_options(
             resources, self.backend_options, cores, memory_request))
+        for name, value in (extra or {}).items():
+            if name == "job_extra_directives":
+                options[name] = list(options.get(name) or []) + list(value)
+            else:
+                options[name] = value
         skip = list(options.pop("job_directives_skip", [])) + list(
             passed.pop("job_directives_skip", None) or []
         )

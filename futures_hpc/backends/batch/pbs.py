@@ -9,6 +9,7 @@ is read with ``qstat -f``, jobs cancelled with ``qdel``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -115,6 +116,14 @@ class PBSSystem(BatchSystem):
         if not memory_request:
             options["resource_spec"] = f"select=1:ncpus={cores}"
         return options
+
+
+    def gpu_options(self, gpus: int, cores: int, memory_bytes: int | None) -> dict[str, Any]:
+        """``-l select=1:ncpus=N:ngpus=G[:mem=M]``: GPUs are a chunk resource of the select."""
+        spec = f"select=1:ncpus={cores}:ngpus={gpus}"
+        if memory_bytes:
+            spec += f":mem={math.ceil(memory_bytes / 2**20)}mb"
+        return {"resource_spec": spec, "job_extra_directives": []}
 
 
 #: The PBS batch system (this module's contract object, see :mod:`.system`).

@@ -123,6 +123,11 @@ class SLURMSystem(BatchSystem):
         return options
 
 
+    def gpu_options(self, gpus: int, cores: int, memory_bytes: int | None) -> dict[str, Any]:
+        """``--gres=gpu:N``."""
+        return {"job_extra_directives": [f"--gres=gpu:{gpus}"]}
+
+
 #: The SLURM batch system (this module's contract object, see :mod:`.system`).
 SYSTEM = SLURMSystem()
 

@@ -181,6 +181,26 @@ class BatchSystem:
         """
         return {"account": resources.account}
 
+    def gpu_options(self, gpus: int, cores: int, memory_bytes: int | None) -> dict[str, Any]:
+        """dask-jobqueue options that ask for ``gpus`` GPUs in each job (a pool's).
+
+        Parameters
+        ----------
+        gpus : int
+            GPUs per job (at least 1).
+        cores : int
+            Cores per job.
+        memory_bytes : int or None
+            Memory per job, if asked for.
+
+        Returns
+        -------
+        dict
+            Options for the job; ``job_extra_directives`` are added to the job's others.
+
+        """
+        return {"job_extra_directives": [f"-l gpu={gpus}"]}
+
     def cancel_command_line(self, job_ids: list[str]) -> list[str]:
         """The command that cancels ``job_ids`` in one call."""
         return cancel_command_line(self.cancel_command, job_ids)

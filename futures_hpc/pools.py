@@ -1,0 +1,401 @@
+"""Resource pools: one executor, several kinds of worker (``ex.with_resources(...)``).
+
+``ex.with_resources(cores=2, memory="8GB")`` returns a :class:`PoolExecutor`: an
+:class:`~concurrent.futures.Executor` (``submit``, ``map``, the same futures) whose calls run
+only on workers of that shape. Each distinct shape is a pool of its own workers (batch jobs,
+local worker processes) on the executor's own scheduler and cluster:
+
+- **Placement** uses dask worker resources. Every worker of the executor's own kind declares
+  :data:`BASE_RESOURCE` (one unit per thread); every worker of pool *k* declares
+  ``fhpc-pool-k=1`` (and ``GPU=n`` for ``gpus=n``). Once a pool exists, the executor's own
+  tasks need :data:`BASE_RESOURCE` and a pool's tasks need its resource, so no call lands on a
+  worker of another shape.
+- **A pool's call has the whole worker**: one call at a time per worker, so a call of
+  ``cores=16`` has the 16 cores of its job (``OMP_NUM_THREADS`` and its kin are set to the
+  cores), its memory and its GPUs, as in HyperQueue or executorlib, without a job per call.
+- **Queue and scaling per pool**: each pool has a call queue of its own
+  (:class:`~futures_hpc.call_queue.CallQueue`) and its own fair-share policy
+  (:class:`~futures_hpc.scaling.FairShareAdaptive` with a :class:`ResourcePool` as its scope):
+  workers are asked for only while the pool has work, released whole after ``idle_timeout``,
+  and all pools together keep within the executor's ``max_pending_jobs``.
+
+The backend makes the pool's workers (:meth:`~futures_hpc.provider.BackendProvider.pool_job`):
+a job of the pool's shape on SLURM, PBS and Grid Engine, a worker process on the local backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .call_queue import CallQueue
+from .errors import ExecutorShutdownError, OptionError
+from .options import check_whole_number, parse_resources, unknown_option_error
+from .scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
+
+if TYPE_CHECKING:
+    from .executor import HPCExecutor
+
+#: The resource every worker of the executor's own kind declares, one unit per thread.
+BASE_RESOURCE = "fhpc-pool-0"
+#: The resource a worker of a pool with GPUs declares (its GPU count).
+GPU_RESOURCE = "GPU"
+#: The options of ``with_resources``.
+SHAPE_OPTIONS = ("cores", "memory", "gpus", "walltime", "queue", "job_extra", "max_workers")
+#: Environment variables set to a pool's cores in its workers (threads of numeric libraries).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """What each worker of a pool has: checked ``with_resources`` options.
+
+    Attributes
+    ----------
+    cores : int
+        Cores of each worker (a batch job's CPUs; a local worker's threads).
+    memory : str or None
+        Memory of each worker as given; ``memory_bytes`` holds the amount.
+    gpus : int
+        GPUs of each worker (0: none).
+    walltime : str or None
+        ``HH:MM:SS`` of each batch job; ``walltime_seconds`` holds the seconds.
+    queue : str or None
+        The batch queue (partition) of the pool's jobs.
+    job_extra : tuple of str
+        More scheduler directives for the pool's jobs.
+    max_workers : int or None
+        The most workers of the pool (default: the executor's ``max_workers``).
+
+    """
+
+    cores: int = 1
+    memory: str | None = None
+    memory_bytes: int | None = None
+    gpus: int = 0
+    walltime: str | None = None
+    walltime_seconds: int | None = None
+    queue: str | None = None
+    job_extra: tuple[str, ...] = ()
+    max_workers: int | None = None
+
+    def describe(self) -> str:
+        """``cores=2 memory=8GB ...``: the options that were given."""
+        parts = [f"cores={self.cores}"]
+        for name in ("memory", "gpus", "walltime", "queue", "max_workers"):
+            value = getattr(self, name)
+            if value:
+                parts.append(f"{name}={value}")
+        if self.job_extra:
+            parts.append(f"job_extra={list(self.job_extra)}")
+        return " ".join(parts)
+
+
+def parse_shape(options: Mapping[str, Any]) -> PoolShape:
+    """Check the options of ``with_resources``; raise :class:`OptionError` naming a bad one."""
+    for name in options:
+        if name not in SHAPE_OPTIONS:
+            raise unknown_option_error(name, options[name], SHAPE_OPTIONS, "with_resources")
+    given = {name: value for name, value in options.items() if value is not None}
+    common = parse_resources({name: given[name] for name in
+                              ("cores", "memory", "walltime", "queue", "job_extra")
+                              if name in given})
+    gpus = check_whole_number("gpus", given.get("gpus", 0), 0)
+    max_workers = given.get("max_workers")
+    return PoolShape(
+        cores=common.cores or 1,
+        memory=common.memory,
+        memory_bytes=common.memory_bytes,
+        gpus=gpus,
+        walltime=common.walltime,
+        walltime_seconds=common.walltime_seconds,
+        queue=common.queue,
+        job_extra=tuple(common.job_extra),
+        max_workers=None if max_workers is None else check_whole_number(
+            "max_workers", max_workers, 1),
+    )
+
+
+@dataclass(eq=False)
+class ResourcePool:
+    """One pool: its shape, its call queue, its scaling policy (the policy's scope).
+
+    Attributes
+    ----------
+    number : int
+        1, 2, ...: the pool's resource is ``fhpc-pool-<number>``.
+    shape : PoolShape
+    max_workers : int
+        The most workers (batch: jobs) of the pool.
+    job_prefix : str
+        The names of the pool's workers (``worker_spec`` entries) begin with it.
+    queue : CallQueue
+        The pool's calls.
+
+    """
+
+    number: int
+    shape: PoolShape
+    max_workers: int
+    job_prefix: str
+    pools: Pools
+    queue: CallQueue | None = None
+    adaptive: FairShareAdaptive | None = None
+    #: Calls one worker of a pool runs at once.
+    calls_per_worker: int | None = 1
+    _numbers: Iterator[int] = field(default_factory=itertools.count)
+
+    @property
+    def name(self) -> str:
+        """``pool-<number>``."""
+        return f"pool-{self.number}"
+
+    @property
+    def resource(self) -> str:
+        """The dask resource the pool's workers declare and its tasks need."""
+        return f"fhpc-pool-{self.number}"
+
+    def task_resources(self) -> dict[str, float]:
+        """The resources each task of the pool needs (the pool's, its GPUs)."""
+        needs: dict[str, float] = {self.resource: 1}
+        if self.shape.gpus:
+            needs[GPU_RESOURCE] = self.shape.gpus
+        return needs
+
+    def worker_resources(self) -> dict[str, float]:
+        """The resources each worker of the pool declares."""
+        return self.task_resources()
+
+    def environment(self) -> dict[str, str]:
+        """Variables set in the pool's workers: numeric libraries use the worker's cores."""
+        return {name: str(self.shape.cores) for name in THREAD_VARIABLES}
+
+    # -- the scaling policy's scope ------------------------------------------------------------
+
+    def owns_job(self, job_name: str) -> bool:
+        """Whether a ``worker_spec`` entry is one of this pool's."""
+        return str(job_name).startswith(self.job_prefix)
+
+    def owns_task(self, task: Any) -> bool:
+        """Whether a scheduler task needs this pool's resource."""
+        return self.resource in (getattr(task, "resource_restrictions", None) or {})
+
+    def shared(self) -> bool:
+        """A pool always shares its cluster with the executor's own workers."""
+        return True
+
+    def new_job(self) -> dict[str, Any]:
+        """A new ``worker_spec`` entry of the pool, from the backend."""
+        name = f"{self.job_prefix}{next(self._numbers)}"
+        return {name: self.pools.executor._backend.pool_job(self, name)}
+
+    def pending_elsewhere(self) -> int:
+        """Jobs the executor's other pools have waiting."""
+        return self.pools.pending_jobs(excluding=self)
+
+    def report(self) -> dict[str, Any]:
+        """The pool's line of ``ex.status()``."""
+        counts = {} if self.adaptive is None else self.adaptive.counts()
+        queue = self.queue
+        return {
+            "shape": self.shape.describe(),
+            "max_workers": self.max_workers,
+            "jobs_pending": counts.get("jobs_pending", 0),
+            "jobs_running": counts.get("jobs_running", 0),
+            "jobs_draining": counts.get("jobs_draining", 0),
+            "retired_jobs": 0 if self.adaptive is None else self.adaptive.retired_jobs,
+            "waiting_calls": 0 if queue is None else queue.waiting_count(),
+            "running_calls": 0 if queue is None else len(queue.outstanding())
+            - queue.waiting_count(),
+        }
+
+
+class BaseScope:
+    """The scaling scope of the executor's own workers once pools share its cluster."""
+
+    name = ""
+    calls_per_worker: int | None = None
+
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+
+    def owns_job(self, job_name: str) -> bool:
+        """Every ``worker_spec`` entry that is no pool's."""
+        return not any(pool.owns_job(job_name) for pool in self.pools.all())
+
+    def owns_task(self, task: Any) -> bool:
+        """Tasks that need no pool's resource."""
+        restrictions = getattr(task, "resource_restrictions", None) or {}
+        return not any(pool.resource in restrictions for pool in self.pools.all())
+
+    def shared(self) -> bool:
+        """Whether a pool exists (before, the policy sees the whole cluster as always)."""
+        return bool(self.pools.all())
+
+    def new_job(self) -> dict[str, Any]:
+        """A new job of the executor's own shape (dask-jobqueue's template)."""
+        return self.pools.executor.cluster.new_worker_spec()
+
+    def pending_elsewhere(self) -> int:
+        """Jobs the pools have waiting."""
+        return self.pools.pending_jobs(excluding=None)
+
+
+class Pools:
+    """The pools of one executor, made on first use of each shape."""
+
+    def __init__(self, executor: HPCExecutor) -> None:
+        self.executor = executor
+        self.base = BaseScope(self)
+        self._lock = threading.Lock()
+        self._by_shape: dict[PoolShape, ResourcePool] = {}
+        self._numbers = itertools.count(1)
+
+    def all(self) -> list[ResourcePool]:
+        """Every pool made so far."""
+        return list(self._by_shape.values())
+
+    def get(self, shape: PoolShape) -> ResourcePool:
+        """The pool of ``shape``, made (and its scaling started) on first use."""
+        with self._lock:
+            pool = self._by_shape.get(shape)
+            if pool is not None:
+                return pool
+            executor = self.executor
+            backend = executor._backend
+            backend.check_pool(shape)
+            number = next(self._numbers)
+            max_workers = shape.max_workers or backend.pool_default_max_workers(shape)
+            pool = ResourcePool(number=number, shape=shape, max_workers=max_workers,
+                                job_prefix=backend.pool_job_prefix(number), pools=self)
+            pool.queue = executor._make_queue(lambda: pool.max_workers, pool.task_resources())
+            if not self._by_shape:  # the executor's own calls now stay on its own workers
+                executor._queue.resources = {BASE_RESOURCE: 1}
+            scaling = validate_scaling_options(executor.executor_options, max_workers)
+            pool.adaptive = FairShareAdaptive(
+                executor.cluster, minimum=0, maximum=max_workers,
+                idle_timeout=scaling.idle_timeout, max_pending_jobs=scaling.max_pending_jobs,
+                walltime=shape.walltime_seconds or executor.resources.walltime_seconds,
+                client_waiting=pool.queue.waiting_entries, pool=pool,
+            )
+            self._by_shape[shape] = pool
+            return pool
+
+    def pending_jobs(self, excluding: ResourcePool | None) -> int:
+        """Jobs waiting in the batch queue, of every pool but ``excluding`` (and of the base)."""
+        total = 0
+        for pool in self.all():
+            if pool is not excluding and pool.adaptive is not None:
+                total += pool.adaptive.counts().get("jobs_pending", 0)
+        if excluding is not None:
+            base = getattr(self.executor._backend, "_adaptive", None)
+            if base is not None:
+                total += base.counts().get("jobs_pending", 0)
+        return total
+
+    def queues(self) -> list[CallQueue]:
+        """The call queue of every pool."""
+        return [pool.queue for pool in self.all() if pool.queue is not None]
+
+    def outstanding(self) -> list[Future]:
+        """Every unfinished future of every pool."""
+        return [future for queue in self.queues() for future in queue.outstanding()]
+
+    def report_into(self, status: ScalingStatus) -> None:
+        """Fill ``status.pools``: one line per pool."""
+        status.pools = {pool.name: pool.report() for pool in self.all()}
+
+    def stop(self) -> None:
+        """Stop every pool's scaling policy (the executor is closing)."""
+        for pool in self.all():
+            if pool.adaptive is not None:
+                pool.adaptive.stop(reason="executor closing")
+
+
+class PoolExecutor(Executor):
+    """The calls of one pool: an :class:`~concurrent.futures.Executor` over its workers.
+
+    Made by :meth:`~futures_hpc.executor.HPCExecutor.with_resources`; it shares the executor's
+    scheduler, cluster and life: the executor's shutdown ends it. Its own :meth:`shutdown`
+    only stops it taking calls (and waits for, or cancels, its own).
+    """
+
+    def __init__(self, executor: HPCExecutor, pool: ResourcePool) -> None:
+        self._executor = executor
+        self._pool = pool
+        self._shutdown = False
+
+    @property
+    def shape(self) -> PoolShape:
+        """What each worker of this pool has."""
+        return self._pool.shape
+
+    @property
+    def executor(self) -> HPCExecutor:
+        """The executor whose cluster runs this pool."""
+        return self._executor
+
+    @property
+    def pool_name(self) -> str:
+        """``pool-<n>``, its key in ``ex.status().pools``."""
+        return self._pool.name
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise ExecutorShutdownError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule ``fn(*args, **kwargs)`` on a worker of this pool (see ``HPCExecutor``)."""
+        self._check_open()
+        return self._executor._submit_to(self._pool.queue, fn, args, kwargs)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int | None = None,
+            buffersize: int | None = None, progress: bool = False) -> Iterator[Any]:
+        """``fn`` over the items of ``iterables`` on this pool, in order (see ``HPCExecutor``)."""
+        self._check_open()
+        pool = self._pool
+        return self._executor._map_on(pool.queue, lambda: pool.max_workers, fn, iterables,
+                                      timeout=timeout, chunksize=chunksize,
+                                      buffersize=buffersize, progress=progress)
+
+    def with_resources(self, **shape: Any) -> PoolExecutor:
+        """Another pool of the same executor: this shape with ``shape``'s options changed."""
+        current = self._pool.shape
+        given = {name: getattr(current, name) for name in SHAPE_OPTIONS}
+        given["job_extra"] = list(current.job_extra)
+        given.update(shape)
+        return self._executor.with_resources(**given)
+
+    def status(self) -> dict[str, Any]:
+        """The line of ``ex.status().pools`` that is this pool's."""
+        return self._pool.report()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls; cancel the waiting ones with ``cancel_futures``; wait for the rest.
+
+        The pool's workers stay the executor's (released when idle, or when it shuts down).
+        """
+        from concurrent.futures import wait as wait_for_futures
+
+        self._shutdown = True
+        queue = self._pool.queue
+        if queue is None:
+            return
+        if cancel_futures:
+            queue.cancel_waiting()
+        if wait:
+            wait_for_futures(queue.outstanding())
+
+    def __repr__(self) -> str:
+        return f"<PoolExecutor {self._pool.name} ({self._pool.shape.describe()}) of " \
+               f"{self._executor!r}>"
+
+
+def refuse_pools(backend: str, reason: str) -> OptionError:
+    """The error of a backend that has one kind of worker only."""
+    return OptionError(f"with_resources is not available on the {backend!r} backend: {reason}")
