@@ -441,6 +441,7 @@ class HPCExecutor(BlockMethods, Executor):
         queue: str | None = None,
         job_extra: Sequence[str] | None = None,
         max_workers: int | None = None,
+        call_time: str | int | None = None,
     ) -> PoolExecutor:
         """An executor whose calls run only on workers of this shape (a pool of this executor).
 
@@ -468,6 +469,11 @@ class HPCExecutor(BlockMethods, Executor):
             More scheduler directives for the pool's jobs.
         max_workers : int, optional
             The most workers of the pool (default: the executor's ``max_workers``).
+        call_time : str or int, optional
+            How long each call needs (``"00:30:00"`` or seconds): no call starts on a job
+            with less time left before its walltime (its workers are drained and a new job is
+            asked for), and without a ``walltime`` the pool's jobs ask for at least twice it.
+            A walltime too short for one call is refused. The local backend ignores it.
 
         Returns
         -------
@@ -485,7 +491,8 @@ class HPCExecutor(BlockMethods, Executor):
         shape = parse_shape({
             name: value for name, value in (
                 ("cores", cores), ("memory", memory), ("gpus", gpus), ("walltime", walltime),
-                ("queue", queue), ("job_extra", job_extra), ("max_workers", max_workers))
+                ("queue", queue), ("job_extra", job_extra), ("max_workers", max_workers),
+                ("call_time", call_time))
             if value is not None})
         return PoolExecutor(self, self._pools.get(shape))
 

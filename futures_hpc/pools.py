@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from .call_queue import CallQueue
 from .errors import ExecutorShutdownError, OptionError
-from .options import check_whole_number, parse_resources, unknown_option_error
+from .options import (
+    check_whole_number,
+    format_walltime,
+    parse_resources,
+    parse_walltime,
+    unknown_option_error,
+)
 from .scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
 
 if TYPE_CHECKING:
@@ -45,7 +51,8 @@ BASE_RESOURCE = "fhpc-pool-0"
 #: The resource a worker of a pool with GPUs declares (its GPU count).
 GPU_RESOURCE = "GPU"
 #: The options of ``with_resources``.
-SHAPE_OPTIONS = ("cores", "memory", "gpus", "walltime", "queue", "job_extra", "max_workers")
+SHAPE_OPTIONS = ("cores", "memory", "gpus", "walltime", "queue", "job_extra", "max_workers",
+                 "call_time")
 #: Environment variables set to a pool's cores in its workers (threads of numeric libraries).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -70,6 +77,9 @@ class PoolShape:
         More scheduler directives for the pool's jobs.
     max_workers : int or None
         The most workers of the pool (default: the executor's ``max_workers``).
+    call_time : str or None
+        ``HH:MM:SS`` each call needs; ``call_time_seconds`` holds the seconds. No call starts
+        on a job with less time left.
 
     """
 
@@ -82,11 +92,13 @@ class PoolShape:
     queue: str | None = None
     job_extra: tuple[str, ...] = ()
     max_workers: int | None = None
+    call_time: str | None = None
+    call_time_seconds: int | None = None
 
     def describe(self) -> str:
         """``cores=2 memory=8GB ...``: the options that were given."""
         parts = [f"cores={self.cores}"]
-        for name in ("memory", "gpus", "walltime", "queue", "max_workers"):
+        for name in ("memory", "gpus", "walltime", "call_time", "queue", "max_workers"):
             value = getattr(self, name)
             if value:
                 parts.append(f"{name}={value}")
@@ -106,6 +118,9 @@ def parse_shape(options: Mapping[str, Any]) -> PoolShape:
                               if name in given})
     gpus = check_whole_number("gpus", given.get("gpus", 0), 0)
     max_workers = given.get("max_workers")
+    call_time = None
+    if "call_time" in given:
+        call_time = parse_walltime(given["call_time"], "call_time")
     return PoolShape(
         cores=common.cores or 1,
         memory=common.memory,
@@ -117,6 +132,8 @@ def parse_shape(options: Mapping[str, Any]) -> PoolShape:
         job_extra=tuple(common.job_extra),
         max_workers=None if max_workers is None else check_whole_number(
             "max_workers", max_workers, 1),
+        call_time=None if call_time is None else format_walltime(call_time),
+        call_time_seconds=call_time,
     )
 
 
@@ -279,8 +296,9 @@ class Pools:
             pool.adaptive = FairShareAdaptive(
                 executor.cluster, minimum=0, maximum=max_workers,
                 idle_timeout=scaling.idle_timeout, max_pending_jobs=scaling.max_pending_jobs,
-                walltime=shape.walltime_seconds or executor.resources.walltime_seconds,
+                walltime=backend.pool_walltime(shape)[1],
                 client_waiting=pool.queue.waiting_entries, pool=pool,
+                call_time=shape.call_time_seconds,
             )
             self._by_shape[shape] = pool
             return pool

@@ -100,6 +100,13 @@ class BackendProvider:
 
         raise refuse_pools(self.name, "its workers are all of one kind")
 
+    def pool_walltime(self, shape: Any) -> tuple[str | None, int | None]:
+        """The walltime of a pool's jobs (``HH:MM:SS`` and seconds; None: no limit)."""
+        resources = self.executor.resources
+        if shape.walltime:
+            return shape.walltime, shape.walltime_seconds
+        return resources.walltime, resources.walltime_seconds
+
     def pool_default_max_workers(self, shape: Any) -> int:
         """The most workers of a pool created without ``max_workers``."""
         return self.executor.max_workers or 1

@@ -263,6 +263,9 @@ class FairShareAdaptive(Adaptive):
         tasks this policy sizes, how a new job of its kind is made, and how many jobs the other
         pools have waiting (all pools together keep within ``max_pending_jobs``). Without it
         the policy sizes the whole cluster.
+    call_time : float, optional
+        Seconds each call needs: a job with less time left before its walltime takes no new
+        call (its workers are drained, and a replacement is asked for).
     **kwargs
         Passed to :class:`distributed.deploy.Adaptive`.
 
@@ -274,10 +277,12 @@ class FairShareAdaptive(Adaptive):
                  walltime: float | None = None, interval: float = DEFAULT_INTERVAL,
                  target_duration: float = DEFAULT_TARGET_DURATION,
                  client_waiting: Callable[[], int] | None = None,
-                 pool: PoolScope | None = None, **kwargs: Any) -> None:
+                 pool: PoolScope | None = None, call_time: float | None = None,
+                 **kwargs: Any) -> None:
         kwargs.pop("worker_key", None)  # whole jobs are this class's own business
         self._client_waiting = client_waiting
         self.pool = pool
+        self.call_time = call_time
         self.idle_timeout = float(idle_timeout)
         self.max_pending_jobs = int(max_pending_jobs)
         self.walltime = walltime
@@ -322,6 +327,7 @@ class FairShareAdaptive(Adaptive):
             idle_timeout=self.idle_timeout,
             processes_per_job=per_job,
             walltime=self.walltime,
+            call_time=self.call_time,
         )
 
     def _worker_names_of(self, job_name: str) -> list[str]:

@@ -35,6 +35,9 @@ class ScalingLimits:
         Worker processes per job.
     walltime : float or None
         Seconds a job may run; None for no limit.
+    call_time : float or None
+        Seconds each call needs (a pool's ``call_time``): a job with less time left takes
+        no new call (it is drained that long before its walltime).
 
     """
 
@@ -44,6 +47,7 @@ class ScalingLimits:
     idle_timeout: float
     processes_per_job: int = 1
     walltime: float | None = None
+    call_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,8 @@ def decide(limits: ScalingLimits, snapshot: ClusterSnapshot) -> ScalingDecision:
     if limits.walltime is not None:
         margin = min(walltime_margin(snapshot.longest_call, snapshot.startup),
                      limits.walltime / 2)
+        if limits.call_time:  # no call starts on a job that ends before the call would
+            margin = max(margin, limits.call_time)
         for job in jobs:
             if (not job.draining and job.started_at is not None
                     and now - job.started_at >= limits.walltime - margin):

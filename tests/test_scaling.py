@@ -142,3 +142,22 @@ def test_status_of_a_local_executor_counts_its_workers():
         status = ex.status()
     assert status.workers == 2
     assert status.adaptive is False and status.resubmissions == 0 and status.lost_calls == 0
+
+
+def test_call_time_drains_a_job_that_could_not_finish_a_call():
+    """A pool's ``call_time`` (300 s) drains a job of 600 s walltime from 300 s left on."""
+    limits = ScalingLimits(min_jobs=0, max_jobs=2, max_pending_jobs=2, idle_timeout=10.0,
+                           walltime=600.0, call_time=300.0)
+    job = running("a", busy=1, started_at=0.0)
+    early = decide(limits, ClusterSnapshot(now=299.0, wanted_workers=1, jobs=(job,),
+                                           longest_call=1.0, startup=5.0))
+    assert early.drain == ()
+    late = decide(limits, ClusterSnapshot(now=300.0, wanted_workers=1, jobs=(job,),
+                                          longest_call=1.0, startup=5.0))
+    assert late.drain == ("a",) and late.submit == 1
+    # Without a call time the same job would still take calls (margin of short calls only).
+    plain = decide(ScalingLimits(min_jobs=0, max_jobs=2, max_pending_jobs=2,
+                                 idle_timeout=10.0, walltime=600.0),
+                   ClusterSnapshot(now=300.0, wanted_workers=1, jobs=(job,),
+                                   longest_call=1.0, startup=5.0))
+    assert plain.drain == ()

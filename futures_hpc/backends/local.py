@@ -16,7 +16,6 @@ import os
 
 from distributed import LocalCluster, Nanny
 
-from ..errors import OptionError
 from ..executor import HPCExecutor
 from ..pools import BASE_RESOURCE, PoolShape, ResourcePool
 from ..provider import BackendProvider
@@ -102,15 +101,21 @@ class LocalProvider(BackendProvider):
         return LocalCluster(**options)
 
     def check_pool(self, shape: PoolShape) -> None:
-        """Local pools are worker processes: walltimes, queues and directives mean nothing."""
-        for name in ("walltime", "queue"):
-            if getattr(shape, name):
-                raise OptionError(f"with_resources({name}={getattr(shape, name)!r}) is not "
-                                  "allowed on the 'local' backend: its workers are processes "
-                                  "of this machine, without a batch queue")
-        if shape.job_extra:
-            raise OptionError("with_resources(job_extra=...) is not allowed on the 'local' "
-                              "backend: there is no batch script")
+        """Every shape runs here; walltimes, call times, queues and directives mean nothing.
+
+        They are accepted, so that a program written for a cluster runs unchanged on a
+        laptop, and logged.
+        """
+        ignored = [f"{name}={getattr(shape, name)!r}"
+                   for name in ("walltime", "call_time", "queue", "job_extra")
+                   if getattr(shape, name)]
+        if ignored:
+            logger.info("with_resources on the 'local' backend ignores %s: its workers are "
+                        "processes of this machine, without a batch queue", ", ".join(ignored))
+
+    def pool_walltime(self, shape: PoolShape) -> tuple[str | None, int | None]:
+        """Local workers have no walltime."""
+        return None, None
 
     def pool_default_max_workers(self, shape: PoolShape) -> int:
         """As many workers as fit the machine's cores, at least one."""

@@ -41,10 +41,15 @@ from ...cleanup import interrupt_handler_kept
 from ...errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
 from ...executor import HPCExecutor
 from ...import_path import pythonpath_value
-from ...options import ResourceOptions
+from ...options import ResourceOptions, format_walltime, parse_walltime
 from ...pools import BASE_RESOURCE, PoolShape, ResourcePool
 from ...provider import BackendProvider
-from ...scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
+from ...scaling import (
+    MINIMUM_WALLTIME_MARGIN,
+    FairShareAdaptive,
+    ScalingStatus,
+    validate_scaling_options,
+)
 from ..listen import plan_batch_listening
 from .commands import SUBMISSION_TIMEOUT_SECONDS
 from .jobs import JobBook, QueueState
@@ -272,7 +277,35 @@ class BatchProvider(JobWatching, BackendProvider):
     # -- pools (ex.with_resources) ----------------------------------------------------------
 
     def check_pool(self, shape: PoolShape) -> None:
-        """Every shape is a job size; jobs of the pool's shape are made from the executor's."""
+        """Every shape is a job size; a ``call_time`` must fit in the pool's walltime."""
+        self.pool_walltime(shape)
+
+    def pool_walltime(self, shape: PoolShape) -> tuple[str | None, int | None]:
+        """The walltime of the pool's jobs: long enough for its ``call_time``.
+
+        The pool's ``walltime``, else the executor's, else dask-jobqueue's configured one
+        (``jobqueue.<system>.walltime``). With a ``call_time`` and no walltime given, jobs ask
+        for at least twice the call time; a given walltime that leaves no room for one call
+        is refused.
+        """
+        given = shape.walltime_seconds or self.resources.walltime_seconds
+        seconds = given
+        if seconds is None:
+            configured = dask.config.get(
+                f"jobqueue.{self.cluster_class.job_cls.config_name}.walltime", None)
+            seconds = parse_walltime(configured) if configured else None
+        call_time = shape.call_time_seconds
+        if call_time:
+            needed = call_time + MINIMUM_WALLTIME_MARGIN
+            if given is not None and given < needed:
+                raise OptionError(
+                    f"with_resources(call_time={shape.call_time!r}) does not fit in the "
+                    f"walltime of the pool's jobs ({format_walltime(given)}): a job must have "
+                    f"the call time plus {MINIMUM_WALLTIME_MARGIN:.0f} s; ask for a longer "
+                    "walltime or a shorter call_time")
+            if seconds is None or seconds < needed:
+                seconds = max(2 * call_time, int(needed))
+        return (None if seconds is None else format_walltime(seconds)), seconds
 
     def pool_default_max_workers(self, shape: PoolShape) -> int:
         """The executor's ``max_workers`` (its jobs hold one worker each in a pool)."""
@@ -285,13 +318,14 @@ class BatchProvider(JobWatching, BackendProvider):
     def pool_job(self, pool: ResourcePool, name: str) -> dict[str, Any]:
         """A job of the pool's shape: the executor's job options with the pool's resources."""
         shape = pool.shape
+        walltime, walltime_seconds = self.pool_walltime(shape)
         resources = dataclasses.replace(
             self.resources,
             cores=shape.cores,
             memory=shape.memory or self.resources.memory,
             memory_bytes=shape.memory_bytes or self.resources.memory_bytes,
-            walltime=shape.walltime or self.resources.walltime,
-            walltime_seconds=shape.walltime_seconds or self.resources.walltime_seconds,
+            walltime=walltime,
+            walltime_seconds=walltime_seconds,
             queue=shape.queue or self.resources.queue,
             job_extra=[*self.resources.job_extra, *shape.job_extra],
             env={**self.resources.env, **pool.environment()},
