@@ -871,3 +871,84 @@ def test_bad_scaling_options_fail_before_any_aws_call(option, value, fargate, em
     with pytest.raises(OptionError, match=f"{option}"):
         ECSExecutor(max_workers=2, **{**options, "adaptive": True, option: value})
     assert our_requests(emulator, marker) == []
+
+
+# -- pools (ex.with_resources) ------------------------------------------------------------------
+
+
+def _worker_of_call(value):
+    worker = distributed.get_worker()
+    return (value, str(worker.name), worker.state.nthreads,
+            dict(worker.state.total_resources), os.environ.get("OMP_NUM_THREADS"))
+
+
+def test_a_pool_runs_its_calls_on_tasks_of_its_own_size(fargate, emulator, agent):
+    """``with_resources(cores=2, memory="4GB")`` on Fargate: tasks of 2048 CPU units, 4096 MiB.
+
+    The pool's worker task uses a task definition of its own (read back from the emulator),
+    the executor's own calls stay on its own task, an idle pool task is stopped, and nothing is
+    left once the executor exits.
+    """
+    with ECSExecutor(max_workers=1, idle_timeout=2, **fargate()) as executor:
+        task_run_name = executor.cluster.run_name
+        cluster_arn = executor.cluster.created_resources.cluster_arn
+        big = executor.with_resources(cores=2, memory="4GB", max_workers=1)
+        own = [executor.submit(_worker_of_call, number) for number in range(4)]
+        pooled = list(big.map(_worker_of_call, range(4)))
+        assert [result[0] for result in pooled] == [0, 1, 2, 3]
+        assert {result[1] for result in pooled} == {f"{task_run_name}-p1-0"}
+        assert {(result[2], result[4]) for result in pooled} == {(2, "2")}
+        assert all(result[3] == {"fhpc-pool-1": 1} for result in pooled)
+        assert all("fhpc-pool-0" in future.result()[3] for future in own)
+        ecs = emulator.client("ecs")
+        tasks = run_tasks_of(emulator, cluster_arn)
+        pool_tasks = [task for task in tasks
+                      if _tags(task.get("tags")).get("futures_hpc:worker")
+                      == f"{task_run_name}-p1-0"]
+        assert pool_tasks, [task["taskDefinitionArn"] for task in tasks]
+        definition = ecs.describe_task_definition(
+            taskDefinition=pool_tasks[0]["taskDefinitionArn"])["taskDefinition"]
+        assert (definition["cpu"], definition["memory"]) == ("2048", "4096")
+        base_definition = ecs.describe_task_definition(
+            taskDefinition=executor.cluster._run.task_definition_arn)["taskDefinition"]
+        assert (base_definition["cpu"], base_definition["memory"]) == ("256", "512")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and executor.status().pools["pool-1"]["jobs_running"]:
+            time.sleep(0.5)
+        assert executor.status().pools["pool-1"]["retired_jobs"] == 1
+        assert executor.cluster.failures == []  # released, not failed
+        assert big.submit(_worker_of_call, 9).result(timeout=90)[0] == 9  # back on demand
+        assert leftovers(emulator, agent, task_run_name) != []  # the check can see them
+    assert wait_nothing_left(emulator, agent, task_run_name) == []
+
+
+def test_pool_sizes_fargate_does_not_offer_are_refused_before_any_task(fargate, emulator):
+    with ECSExecutor(max_workers=1, **fargate()) as executor:
+        with pytest.raises(OptionError, match="cores=3"):
+            executor.with_resources(cores=3)
+        with pytest.raises(OptionError, match="gpus=1.*Fargate"):
+            executor.with_resources(gpus=1)
+        with pytest.raises(OptionError, match="memory"):
+            executor.with_resources(cores=1, memory="64GB")
+        assert executor.status().pools == {}
+
+
+def test_a_gpu_pool_asks_ecs_for_gpus_and_only_its_calls_go_there(private, emulator, agent):
+    """``gpus=1`` on EC2: the pool's task definition has a GPU ``resourceRequirements``.
+
+    There is no GPU here (and the emulator does not book GPUs): the test reads the request
+    back from ECS and checks the placement through the worker's ``GPU`` dask resource.
+    """
+    with ECSExecutor(max_workers=1, idle_timeout=30, **private()) as executor:
+        gpu = executor.with_resources(gpus=1, memory="1GB", max_workers=1)
+        value, name, _, resources, _ = gpu.submit(_worker_of_call, 7).result(timeout=120)
+        assert value == 7 and resources == {"fhpc-pool-1": 1, "GPU": 1}
+        own = [executor.submit(_worker_of_call, number).result(timeout=60)
+               for number in range(3)]
+        assert all(result[1] != name and "GPU" not in result[3] for result in own)
+        shape = executor.cluster.pool_shapes()["p1"]
+        definition = emulator.client("ecs").describe_task_definition(
+            taskDefinition=shape.task_definition_arn)["taskDefinition"]
+        container = definition["containerDefinitions"][0]
+        assert container["resourceRequirements"] == [{"type": "GPU", "value": "1"}]
+        assert container["memory"] == 1024

@@ -29,7 +29,7 @@ from .constants import STOP_REASON
 from .options import ECSOptions, _option_error, _resolve_region, _sanitize_name
 from .presets import fargate_options, private_options
 from .resources import RunResources, _delete_quietly
-from .run import ECSRun, TaskFailure, _failure_from_task
+from .run import ECSRun, TaskFailure, WorkerShape, _failure_from_task
 from .stale import _cleanup_stale
 from .worker import ECSWorkerTask
 
@@ -285,6 +285,18 @@ class ECSCluster(ClusterHooks, SpecCluster):
         """Threads of each worker (for the fair-share policy's sizing)."""
         return self.options.nthreads
 
+    def add_pool_shape(self, key: str, shape: WorkerShape) -> None:
+        """Register the task definition of a pool's workers (an AWS call, once per pool)."""
+        self._run.add_shape(key, shape)
+
+    def pool_shapes(self) -> dict[str, WorkerShape]:
+        """The pools' worker shapes registered so far, by key."""
+        return self._run.shapes
+
+    def pool_worker_spec(self, key: str) -> dict[str, Any]:
+        """The ``worker_spec`` entry of one worker of the pool ``key``."""
+        return {"cls": ECSWorkerTask, "options": {"run": self._run, "shape": key}}
+
     def worker_name(self, worker_number: int) -> str:
         """Worker tasks are named after the run: ``<run name>-<number>``."""
         return f"{self.run_name}-{worker_number}"
@@ -459,6 +471,8 @@ class ECSCluster(ClusterHooks, SpecCluster):
             adaptive = self.adaptive_policy()
             if isinstance(adaptive, FairShareAdaptive):
                 adaptive.forget_job(worker.name)
+            if worker.shape is not None:
+                wanted = False  # a pool's worker: the pool's policy asks for another
             if self.job_failure is None and wanted:
                 if len(self.failures) <= self.options.max_resubmissions:
                     self.worker_spec.update(self.new_worker_spec())

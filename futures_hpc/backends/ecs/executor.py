@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 from futures_hpc.errors import JobFailedError, OptionError
 from futures_hpc.executor import HPCExecutor
+from futures_hpc.pools import PoolShape, ResourcePool
 from futures_hpc.provider import BackendProvider
 from futures_hpc.scaling import (
     FairShareAdaptive,
@@ -19,7 +21,14 @@ from futures_hpc.store.segments import is_url, normalized_location
 
 from .aws import boto3
 from .cluster import ECSCluster
-from .options import FARGATE_MEMORY_BY_CPU, _option_error, _parse_memory_mib
+from .options import (
+    FARGATE_MEMORY_BY_CPU,
+    ECSOptions,
+    _option_error,
+    _parse_memory_mib,
+    check_fargate_size,
+)
+from .run import WorkerShape
 
 logger = logging.getLogger("futures_hpc")
 
@@ -133,6 +142,67 @@ class ECSProvider(BackendProvider):
                         self.scaling.idle_timeout)
         else:
             self.executor.cluster.request_workers(self.executor.max_workers or 1)
+
+    # -- pools (ex.with_resources) ------------------------------------------------------------
+
+    def _pool_options(self, shape: PoolShape) -> tuple[ECSOptions, int]:
+        """The run's options with a pool's CPU, memory and threads; and its GPUs.
+
+        Raises
+        ------
+        OptionError
+            For a size Fargate does not offer, or GPUs on Fargate.
+
+        """
+        options: ECSOptions = self.executor.cluster.options
+        fargate = options.fargate
+        cpu = shape.cores * 1024
+        if fargate and cpu not in FARGATE_MEMORY_BY_CPU:
+            raise _option_error("cores", shape.cores, "Fargate tasks have 1, 2, 4, 8 or 16 "
+                                "vCPUs (with_resources)")
+        if shape.gpus and fargate:
+            raise _option_error("gpus", shape.gpus, "Fargate tasks have no GPUs: use "
+                                "launch_type='EC2' with GPU instances (with_resources)")
+        if shape.memory:
+            memory = _memory_option(shape)  # "4GB" is 4096 MiB, as in ECS
+        elif fargate:
+            allowed = FARGATE_MEMORY_BY_CPU[cpu]
+            memory = options.memory if options.memory in allowed else allowed[0]
+        else:
+            memory = options.memory
+        if fargate:
+            check_fargate_size(cpu, memory)
+        return dataclasses.replace(
+            options, cpu=cpu, memory=memory, nthreads=shape.cores,
+            worker_memory_limit=f"{memory}MiB" if memory else "auto",
+        ), shape.gpus
+
+    def check_pool(self, shape: PoolShape) -> None:
+        """ECS pools are task sizes; walltimes, call times, queues and directives are ignored."""
+        self._pool_options(shape)
+        ignored = [f"{name}={getattr(shape, name)!r}"
+                   for name in ("walltime", "call_time", "queue", "job_extra")
+                   if getattr(shape, name)]
+        if ignored:
+            logger.info("with_resources on the 'ecs' backend ignores %s", ", ".join(ignored))
+
+    def pool_job_prefix(self, number: int) -> str:
+        """``<run name>-p<number>-``: the pool's tasks are the run's, told apart."""
+        return f"{self.executor.cluster.run_name}-p{number}-"
+
+    def pool_walltime(self, shape: PoolShape) -> tuple[str | None, int | None]:
+        """ECS tasks have no walltime."""
+        return None, None
+
+    def pool_job(self, pool: ResourcePool, name: str) -> dict[str, Any]:
+        """A worker task of the pool's size (its task definition registered on first use)."""
+        key = f"p{pool.number}"
+        cluster: ECSCluster = self.executor.cluster
+        if key not in cluster.pool_shapes():
+            options, gpus = self._pool_options(pool.shape)
+            options = dataclasses.replace(options, env={**options.env, **pool.environment()})
+            cluster.add_pool_shape(key, WorkerShape(options, pool.worker_resources(), gpus))
+        return cluster.pool_worker_spec(key)
 
     def report_status(self, status: ScalingStatus) -> None:
         """Tasks replaced, task ARNs, and the fair-share policy's counts."""

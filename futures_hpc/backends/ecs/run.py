@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from futures_hpc.errors import JobSubmissionError, OptionError
+from futures_hpc.pools import BASE_RESOURCE
 from futures_hpc.security import RunCredentials
 
 from .aws import AWSRequestError, _AWSClients, _ec2_tags, _ecs_tags
@@ -118,6 +119,30 @@ def _shell_prefix(credentials: RunCredentials | None,
     return ["/bin/sh", "-c", script, "dask-worker"], environment
 
 
+@dataclass
+class WorkerShape:
+    """The workers of one pool (``ex.with_resources``): their task definition and command.
+
+    Attributes
+    ----------
+    options : ECSOptions
+        The run's options with the pool's ``cpu``, ``memory``, ``nthreads``, worker memory
+        limit and environment.
+    resources : dict
+        The dask resources each worker of the pool declares.
+    gpus : int
+        GPUs of each task (``resourceRequirements``; EC2 only).
+    task_definition_arn : str or None
+        The pool's task definition, once registered.
+
+    """
+
+    options: ECSOptions
+    resources: dict[str, float]
+    gpus: int = 0
+    task_definition_arn: str | None = None
+
+
 class ECSRun:
     """The AWS side of one :class:`ECSCluster`: its resources and its worker tasks."""
 
@@ -132,29 +157,49 @@ class ECSRun:
                      TAG_CREATED: datetime.datetime.now(datetime.timezone.utc)
                      .strftime("%Y-%m-%dT%H:%M:%SZ")}
         self.task_definition_arn: str | None = None
+        #: The dask resources the run's own workers declare (futures_hpc.pools): one unit of
+        #: the base resource per thread.
+        self.base_resources: dict[str, float] = {BASE_RESOURCE: options.nthreads}
+        #: The pools' worker shapes, by key (``p1``, ``p2``...).
+        self.shapes: dict[str, WorkerShape] = {}
         #: Worker tasks started and not yet seen STOPPED, by task ARN.
         self.watched_workers: dict[str, ECSWorkerTask] = {}
         self._command_prefix, self._environment = _shell_prefix(credentials, options.prologue)
         self._environment.update(options.env)
 
     # worker task contents ----------------------------------------------------------------
-    def worker_command(self, scheduler_address: str, worker_name: str) -> list[str]:
-        """The container command of one worker."""
-        options = self.options
+    def worker_command(self, scheduler_address: str, worker_name: str,
+                       shape: str | None = None) -> list[str]:
+        """The container command of one worker (of the pool ``shape``, if given)."""
+        options = self.options if shape is None else self.shapes[shape].options
+        resources = self.base_resources if shape is None else self.shapes[shape].resources
         return [*self._command_prefix, *options.worker_command, scheduler_address,
                 "--name", worker_name, "--nthreads", str(options.nthreads),
                 "--memory-limit", options.worker_memory_limit,
+                "--resources", ",".join(f"{name}={amount:g}"
+                                        for name, amount in resources.items()),
                 "--death-timeout", str(options.worker_death_timeout), "--no-dashboard"]
 
-    def container_overrides(self, scheduler_address: str, worker_name: str) -> dict[str, Any]:
+    def container_overrides(self, scheduler_address: str, worker_name: str,
+                            shape: str | None = None) -> dict[str, Any]:
         """The ``overrides`` of one worker task: its command and environment."""
-        environment = [{"name": name, "value": value}
-                       for name, value in self._environment.items()]
+        variables = dict(self._environment)
+        if shape is not None:
+            variables.update(self.shapes[shape].options.env)
+        environment = [{"name": name, "value": value} for name, value in variables.items()]
         return {"containerOverrides": [{
             "name": CONTAINER_NAME,
-            "command": self.worker_command(scheduler_address, worker_name),
+            "command": self.worker_command(scheduler_address, worker_name, shape),
             "environment": environment,
         }]}
+
+    def add_shape(self, key: str, shape: WorkerShape) -> None:
+        """Register the task definition of a pool's workers (once per pool)."""
+        if key in self.shapes:
+            return
+        shape.task_definition_arn = self._register_task_definition(
+            shape.options, f"-{key}", shape.gpus)
+        self.shapes[key] = shape
 
     def check_overrides_size(self) -> None:
         """Raise :class:`OptionError` if a task's overrides exceed what ECS accepts."""
@@ -181,7 +226,7 @@ class ECSRun:
         if self.options.private_cluster:
             self._launch_instances()
             self._wait_instances_joined()
-        self._register_task_definition()
+        self.task_definition_arn = self._register_task_definition()
 
     def _create_cluster(self) -> None:
         arguments: dict[str, Any] = {"clusterName": self.options.resource_name,
@@ -267,8 +312,7 @@ class ECSRun:
                 )
             time.sleep(min(self.options.poll_interval, 5.0))
 
-    def _container_definition(self) -> dict[str, Any]:
-        options = self.options
+    def _container_definition(self, options: ECSOptions, gpus: int = 0) -> dict[str, Any]:
         container: dict[str, Any] = {"name": CONTAINER_NAME, "image": options.container_image,
                                      "essential": True}
         if options.fargate:
@@ -283,13 +327,17 @@ class ECSRun:
             container["logConfiguration"] = {"logDriver": "awslogs", "options": {
                 "awslogs-group": options.log_group, "awslogs-region": options.region,
                 "awslogs-stream-prefix": options.run_name}}
+        if gpus:
+            container["resourceRequirements"] = [{"type": "GPU", "value": str(gpus)}]
         return container
 
-    def _register_task_definition(self) -> None:
-        options = self.options
+    def _register_task_definition(self, options: ECSOptions | None = None, suffix: str = "",
+                                  gpus: int = 0) -> str:
+        """Register a task definition of the run's workers (or a pool's); return its ARN."""
+        options = options or self.options
         arguments: dict[str, Any] = {
-            "family": f"{options.resource_name}-worker",
-            "containerDefinitions": [self._container_definition()],
+            "family": f"{options.resource_name}-worker{suffix}",
+            "containerDefinitions": [self._container_definition(options, gpus)],
             "networkMode": options.network_mode,
             "requiresCompatibilities": [options.launch_type],
             "tags": _ecs_tags(self.tags),
@@ -303,8 +351,9 @@ class ECSRun:
             if getattr(options, option):
                 arguments[key] = getattr(options, option)
         definition = self.aws.call("ecs", "register_task_definition", **arguments)
-        self.task_definition_arn = definition["taskDefinition"]["taskDefinitionArn"]
-        self.resources.task_definition_arns.append(self.task_definition_arn)
+        arn = definition["taskDefinition"]["taskDefinitionArn"]
+        self.resources.task_definition_arns.append(arn)
+        return arn
 
     # worker tasks ------------------------------------------------------------------------
     def _placement(self) -> dict[str, Any]:
@@ -325,8 +374,9 @@ class ECSRun:
             arguments["networkConfiguration"] = {"awsvpcConfiguration": network}
         return arguments
 
-    def run_worker(self, scheduler_address: str, worker_name: str) -> dict[str, Any]:
-        """Start one worker task; return its description.
+    def run_worker(self, scheduler_address: str, worker_name: str,
+                   shape: str | None = None) -> dict[str, Any]:
+        """Start one worker task (of the pool ``shape``, if given); return its description.
 
         Raises
         ------
@@ -336,9 +386,10 @@ class ECSRun:
         """
         response = self.aws.call(
             "ecs", "run_task", cluster=self.resources.cluster_arn,
-            taskDefinition=self.task_definition_arn, count=1,
+            taskDefinition=(self.task_definition_arn if shape is None
+                            else self.shapes[shape].task_definition_arn), count=1,
             startedBy=self.options.run_name[:128],
-            overrides=self.container_overrides(scheduler_address, worker_name),
+            overrides=self.container_overrides(scheduler_address, worker_name, shape),
             tags=_ecs_tags({**self.tags, TAG_WORKER: worker_name}), **self._placement(),
         )
         if not response.get("tasks"):

@@ -19,8 +19,9 @@ class TaskRunner(Protocol):
 
     watched_workers: dict[str, Any]
 
-    def run_worker(self, scheduler_address: str, worker_name: str) -> dict[str, Any]:
-        """Start the task of ``worker_name``; return ECS's description of it."""
+    def run_worker(self, scheduler_address: str, worker_name: str,
+                   shape: str | None = None) -> dict[str, Any]:
+        """Start the task of ``worker_name`` (of a pool's ``shape``); return its description."""
 
     def stop_worker(self, task_arn: str) -> None:
         """Stop the task ``task_arn``."""
@@ -37,14 +38,17 @@ class ECSWorkerTask(ProcessInterface):
         Name of the dask worker.
     run : TaskRunner
         The run that owns the task.
+    shape : str, optional
+        The pool whose worker this is (a key of the run's shapes), or None for the run's own.
 
     """
 
-    def __init__(self, scheduler: str, name: str, run: TaskRunner):
+    def __init__(self, scheduler: str, name: str, run: TaskRunner, shape: str | None = None):
         super().__init__(scheduler=scheduler, name=name)
         self.scheduler_address = scheduler
         self.name = name
         self.run = run
+        self.shape = shape
         self.task_arn: str | None = None
         self.stop_requested = False
 
@@ -52,7 +56,7 @@ class ECSWorkerTask(ProcessInterface):
         """Run the task; return as soon as ECS accepted it."""
         try:
             task = await asyncio.to_thread(self.run.run_worker, self.scheduler_address,
-                                           self.name)
+                                           self.name, self.shape)
         except BaseException:
             self.status = Status.failed
             raise
