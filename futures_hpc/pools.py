@@ -328,10 +328,14 @@ class Pools:
         status.pools = {pool.name: pool.report() for pool in self.all()}
 
     def stop(self) -> None:
-        """Stop every pool's scaling policy (the executor is closing)."""
+        """Stop every pool's scaling policy (the executor is closing), in the cluster's loop.
+
+        ``stop()`` without a reason: distributed before 2024.6 takes none.
+        """
+        loop = self.executor.cluster.loop
         for pool in self.all():
             if pool.adaptive is not None:
-                pool.adaptive.stop(reason="executor closing")
+                loop.add_callback(pool.adaptive.stop)
 
 
 class PoolExecutor(Executor):

@@ -262,7 +262,8 @@ class JobWatching:
     def _stop_policy(self) -> None:
         adaptive = self._adaptive
         if adaptive is not None:
-            self._cluster.loop.add_callback(adaptive.stop, "run failed")
+            # No reason argument: distributed before 2024.6 has ``stop()`` without one.
+            self._cluster.loop.add_callback(adaptive.stop)
 
     def _check_rejections(self) -> None:
         """Fail the run when the batch system refuses a submission made after the start."""
