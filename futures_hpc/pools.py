@@ -393,6 +393,14 @@ class PoolExecutor(Executor):
         given.update(shape)
         return self._executor.with_resources(**given)
 
+    def worker_slots(self) -> int:
+        """Calls the pool runs at once with all its workers (one per worker).
+
+        For the joblib backend (``parallel_backend("futures_hpc", executor=pool)``), which
+        sizes its batches from it.
+        """
+        return self._pool.max_workers
+
     def status(self) -> dict[str, Any]:
         """The line of ``ex.status().pools`` that is this pool's."""
         return self._pool.report()

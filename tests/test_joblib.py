@@ -116,6 +116,23 @@ def test_calls_run_in_the_executors_workers(ex):
     assert os.getpid() not in pids
 
 
+def worker_name(_: object = None) -> str:
+    import distributed
+
+    return str(distributed.get_worker().name)
+
+
+def test_a_pool_of_the_executor_is_a_joblib_backend_too():
+    """``executor=ex.with_resources(...)``: joblib's calls run on the pool's workers only."""
+    with HPCExecutor("local", max_workers=1) as executor:
+        pool = executor.with_resources(cores=1, max_workers=2)
+        with joblib.parallel_backend("futures_hpc", executor=pool) as (backend, n_jobs):
+            assert backend.effective_n_jobs(n_jobs) == pool.worker_slots() == 2
+            names = Parallel()(delayed(worker_name)(index) for index in range(20))
+        assert names and all(name.startswith("p1-") for name in names)
+        assert executor.submit(worker_name).result() == "0"  # the executor's own worker
+
+
 def test_n_jobs_is_the_executors_worker_slots(ex):
     with joblib.parallel_config(backend="futures_hpc", executor=ex):
         assert joblib.effective_n_jobs(-1) == ex.worker_slots() == 2

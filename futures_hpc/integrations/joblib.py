@@ -37,6 +37,7 @@ from joblib import parallel as joblib_parallel
 
 from ..engine import ParallelBackendBase, configured_joblib_backend
 from ..executor import HPCExecutor
+from ..pools import PoolExecutor
 
 logger = logging.getLogger("futures_hpc")
 
@@ -114,7 +115,7 @@ class FuturesHPCBackend(ParallelBackendBase):
 
     def __init__(
         self,
-        executor: HPCExecutor | None = None,
+        executor: HPCExecutor | PoolExecutor | None = None,
         executor_options: Mapping[str, Any] | None = None,
         nesting_level: int | None = None,
         inner_max_num_threads: int | None = None,
@@ -125,12 +126,12 @@ class FuturesHPCBackend(ParallelBackendBase):
                 "give either executor= (an HPCExecutor to use) or executor_options= (arguments "
                 "for a default HPCExecutor started for the block), not both"
             )
-        if executor is not None and not isinstance(executor, HPCExecutor):
+        if executor is not None and not isinstance(executor, (HPCExecutor, PoolExecutor)):
             raise TypeError(
                 f"executor={executor!r} is not an HPCExecutor; create one with "
-                "futures_hpc.HPCExecutor(...)"
+                "futures_hpc.HPCExecutor(...) (or a pool of one: ex.with_resources(...))"
             )
-        self._executor: HPCExecutor | None = executor
+        self._executor: HPCExecutor | PoolExecutor | None = executor
         self.owns_executor: bool = executor is None
         self.executor_options: dict[str, Any] = dict(executor_options or {})
         self._executor_lock = threading.Lock()
