@@ -26,6 +26,7 @@ a job of the pool's shape on SLURM, PBS and Grid Engine, a worker process on the
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
@@ -45,6 +46,8 @@ from .scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
 
 if TYPE_CHECKING:
     from .executor import HPCExecutor
+
+logger = logging.getLogger("futures_hpc")
 
 #: The resource every worker of the executor's own kind declares, one unit per thread.
 BASE_RESOURCE = "fhpc-pool-0"
@@ -165,6 +168,8 @@ class ResourcePool:
     #: Calls one worker of a pool runs at once.
     calls_per_worker: int | None = 1
     _numbers: Iterator[int] = field(default_factory=itertools.count)
+    #: Why the pool can run no call (its jobs were refused), once it cannot.
+    error: Exception | None = None
 
     @property
     def name(self) -> str:
@@ -213,6 +218,26 @@ class ResourcePool:
     def pending_elsewhere(self) -> int:
         """Jobs the executor's other pools have waiting."""
         return self.pools.pending_jobs(excluding=self)
+
+    def fail(self, error: Exception) -> None:
+        """The pool can run nothing (its jobs were refused): stop it, fail its calls."""
+        self.error = error
+        if self.adaptive is not None:
+            self.pools.executor.cluster.loop.add_callback(self.adaptive.stop)
+        if self.queue is not None:
+            for future in self.queue.outstanding():
+                if not future.done():
+                    try:
+                        future.set_exception(error)
+                    except Exception:  # completed by another thread meanwhile
+                        pass
+            self.queue.close()  # sends nothing more; forgets the failed calls
+        logger.error("%s", error)
+
+    def check_usable(self) -> None:
+        """Raise the pool's error once it can run nothing."""
+        if self.error is not None:
+            raise self.error
 
     def report(self) -> dict[str, Any]:
         """The pool's line of ``ex.status()``."""
@@ -369,6 +394,7 @@ class PoolExecutor(Executor):
     def _check_open(self) -> None:
         if self._shutdown:
             raise ExecutorShutdownError("cannot schedule new futures after shutdown")
+        self._pool.check_usable()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker of this pool (see ``HPCExecutor``)."""

@@ -266,14 +266,31 @@ class JobWatching:
             self._cluster.loop.add_callback(adaptive.stop)
 
     def _check_rejections(self) -> None:
-        """Fail the run when the batch system refuses a submission made after the start."""
-        rejections = self._job_book.rejections()
-        if len(rejections) > self._rejections_seen and self._fatal_error is None:
-            self._rejections_seen = len(rejections)
+        """Fail the run when the batch system refuses a submission made after the start.
+
+        A refused job of a pool (``ex.with_resources``) fails that pool only: its calls, and
+        its later ones, raise the batch system's message; the executor's other calls go on.
+        """
+        rejected = self._job_book.rejected()
+        if len(rejected) <= self._rejections_seen or self._fatal_error is not None:
+            return
+        new, self._rejections_seen = rejected[self._rejections_seen:], len(rejected)
+        pools = self.executor._pools.all() if self.executor._pools is not None else []
+        by_pool: dict[Any, list[str]] = {}
+        own: list[str] = []
+        for name, message in new:
+            pool = next((pool for pool in pools if pool.owns_job(name)), None)
+            (own if pool is None else by_pool.setdefault(pool, [])).append(message)
+        for pool, messages in by_pool.items():
+            pool.fail(JobSubmissionError(
+                f"{self.system.title} refused a job of {pool.name} ({pool.shape.describe()}) "
+                f"of {self.run_name}:\n" + "\n".join(dict.fromkeys(messages))
+                + f"\nJob scripts of this run: {self.log_dir}"))
+        if own:
             self._stop_policy()
             self._fail_outstanding(
                 f"{self.system.title} refused a job of {self.run_name}:\n"
-                + "\n".join(dict.fromkeys(rejections))
+                + "\n".join(dict.fromkeys(own))
                 + f"\nJob scripts of this run: {self.log_dir}"
             )
 

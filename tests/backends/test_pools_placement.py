@@ -1,8 +1,8 @@
-"""Walltime-aware placement of a pool's calls (``with_resources(call_time=...)``) on real SLURM.
+"""Where a pool's calls may run, on real SLURM: walltime-aware placement and refused pools.
 
 The walltimes are short (90 s) so that the test sees a job run out of time for a call; the
 placement is the fair-share policy's (``scaling_policy.decide``), carried out on the real
-scheduler with real SLURM jobs.
+scheduler with real SLURM jobs. A pool whose jobs SLURM refuses fails alone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import require
 from futures_hpc import HPCExecutor
-from futures_hpc.errors import OptionError
+from futures_hpc.errors import JobSubmissionError, OptionError
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -93,3 +93,23 @@ def test_a_walltime_too_short_for_the_call_time_is_refused_before_any_job():
         assert ex.status().pools == {}
         jobs = ex.job_ids()
     assert len(jobs) <= 1  # the executor's own job only
+
+
+def test_a_pool_whose_jobs_are_refused_fails_alone():
+    """``gpus=1`` on this SLURM (no GPU, no gres configured): sbatch refuses the pool's job.
+
+    The pool's call fails with sbatch's own message and so does a later call of the pool;
+    the executor's own calls run on, and nothing is left in the queue.
+    """
+    with HPCExecutor("slurm", max_workers=1, **SMALL) as ex:
+        gpu = ex.with_resources(gpus=1)
+        with pytest.raises(JobSubmissionError, match=r"(?s)refused a job of pool-1.*gres"):
+            gpu.submit(abs, -3).result(timeout=90)
+        script = next(ex.log_dir.glob(f"{ex.run_name}-p1-*.sh")).read_text()
+        assert "#SBATCH --gres=gpu:1" in script
+        assert ex.submit(abs, -4).result(timeout=90) == 4
+        with pytest.raises(JobSubmissionError, match="gres"):
+            gpu.submit(abs, 1)
+        assert ex.status().pools["pool-1"]["running_calls"] == 0
+        run_name = ex.run_name
+    assert wait_until_no_jobs(run_name) == []
