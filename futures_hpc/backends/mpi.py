@@ -60,6 +60,14 @@ class MPIProvider(BackendProvider):
     )
     networked: ClassVar[bool] = True
 
+    def check_pool(self, shape: Any) -> None:
+        """Refuse pools: the workers are the ranks ``mpirun`` started, all of one size."""
+        from ..pools import refuse_pools
+
+        raise refuse_pools(self.name, "its workers are the ranks of one mpirun, all of one "
+                           "size; start the calls that need another size in an executor of "
+                           "another backend (e.g. HPCExecutor('slurm', cores=...))")
+
     def __init__(self, executor: Any) -> None:
         super().__init__(executor)
         #: The link to the other ranks under mpirun; None when this executor launches its ranks.

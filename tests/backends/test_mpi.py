@@ -406,3 +406,11 @@ def test_explicit_backend_name_gives_the_mpi_subclass():
         assert type(executor) is MPIExecutor
         assert executor.cluster.scheduler_address.startswith("tcp://")
         assert executor.submit(pow, 2, 10).result(timeout=60) == 1024
+
+
+def test_pools_are_refused_with_the_reason(ex):
+    """The workers are the ranks of one mpirun: ``with_resources`` says so, and nothing stops."""
+    with pytest.raises(OptionError, match=r"with_resources is not available on the 'mpi' "
+                                          r"backend: its workers are the ranks of one mpirun"):
+        ex.with_resources(cores=2)
+    assert ex.submit(abs, -2).result(timeout=60) == 2
