@@ -441,6 +441,7 @@ class HPCExecutor(BlockMethods, Executor):
         queue: str | None = None,
         job_extra: Sequence[str] | None = None,
         max_workers: int | None = None,
+        **other_options: Any,
     ) -> PoolExecutor:
         """An executor whose calls run only on workers of this shape (a pool of this executor).
 
@@ -468,6 +469,8 @@ class HPCExecutor(BlockMethods, Executor):
             More scheduler directives for the pool's jobs.
         max_workers : int, optional
             The most workers of the pool (default: the executor's ``max_workers``).
+        **other_options
+            None is allowed: a misspelt option raises the ``ValueError`` below, naming it.
 
         Returns
         -------
@@ -483,10 +486,12 @@ class HPCExecutor(BlockMethods, Executor):
         with self._shutdown_lock:
             self._check_open()
         shape = parse_shape({
-            name: value for name, value in (
+            **{name: value for name, value in (
                 ("cores", cores), ("memory", memory), ("gpus", gpus), ("walltime", walltime),
                 ("queue", queue), ("job_extra", job_extra), ("max_workers", max_workers))
-            if value is not None})
+               if value is not None},
+            **other_options,  # parse_shape names an unknown option (not a bare TypeError)
+        })
         return PoolExecutor(self, self._pools.get(shape))
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
@@ -549,8 +554,16 @@ class HPCExecutor(BlockMethods, Executor):
 
     def _map_on(self, queue: CallQueue, slots: Callable[[], int], fn: Callable[..., Any],
                 iterables: Sequence[Iterable[Any]], *, timeout: float | None,
-                chunksize: int | None, buffersize: int | None, progress: bool) -> Iterator[Any]:
-        """:meth:`map` through ``queue``, sizing chunks for ``slots()`` worker slots."""
+                chunksize: int | None, buffersize: int | None, progress: bool,
+                view_open: Callable[[], None] | None = None,
+                on_submitted: Callable[[list[Future]], None] | None = None
+                ) -> Iterator[Any]:
+        """:meth:`map` through ``queue``, sizing chunks for ``slots()`` worker slots.
+
+        A pool's view (:class:`~futures_hpc.pools.PoolExecutor`) passes ``view_open``, which
+        raises once the view is shut down, and ``on_submitted``, which is given each batch of
+        futures.
+        """
         for name, value in (("chunksize", chunksize), ("buffersize", buffersize)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -571,7 +584,12 @@ class HPCExecutor(BlockMethods, Executor):
         def submit(batch: Iterable[list[Sequence[Any]]]) -> list[Future]:
             with self._shutdown_lock:
                 self._check_open()
-                return submit_chunks(queue, fn, packed_function, batch, key, function_id)
+                if view_open is not None:
+                    view_open()
+                futures = submit_chunks(queue, fn, packed_function, batch, key, function_id)
+            if on_submitted is not None:
+                on_submitted(futures)
+            return futures
 
         pending = deque(submit(chunks if buffersize is None
                                else itertools.islice(chunks, buffersize)))

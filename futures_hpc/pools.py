@@ -29,6 +29,7 @@ import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -74,10 +75,11 @@ class PoolShape:
     """
 
     cores: int = 1
-    memory: str | None = None
+    # The amounts say which pool a shape is (``"1GB"`` and ``10**9`` are one pool), not the text.
+    memory: str | None = field(default=None, compare=False)
     memory_bytes: int | None = None
     gpus: int = 0
-    walltime: str | None = None
+    walltime: str | None = field(default=None, compare=False)
     walltime_seconds: int | None = None
     queue: str | None = None
     job_extra: tuple[str, ...] = ()
@@ -328,6 +330,20 @@ class PoolExecutor(Executor):
         self._executor = executor
         self._pool = pool
         self._shutdown = False
+        # This view's unfinished futures: its shutdown waits for (or cancels) these only, not
+        # those of another view of the same pool.
+        self._lock = threading.Lock()
+        self._futures: set[Future] = set()
+
+    def _track(self, futures: list[Future]) -> None:
+        with self._lock:
+            self._futures.update(futures)
+        for future in futures:
+            future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._futures.discard(future)
 
     @property
     def shape(self) -> PoolShape:
@@ -350,8 +366,12 @@ class PoolExecutor(Executor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker of this pool (see ``HPCExecutor``)."""
-        self._check_open()
-        return self._executor._submit_to(self._pool.queue, fn, args, kwargs)
+        with self._lock:  # not shut down meanwhile
+            self._check_open()
+            future = self._executor._submit_to(self._pool.queue, fn, args, kwargs)
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int | None = None,
@@ -361,7 +381,9 @@ class PoolExecutor(Executor):
         pool = self._pool
         return self._executor._map_on(pool.queue, lambda: pool.max_workers, fn, iterables,
                                       timeout=timeout, chunksize=chunksize,
-                                      buffersize=buffersize, progress=progress)
+                                      buffersize=buffersize, progress=progress,
+                                      view_open=self._check_open,
+                                      on_submitted=self._track)
 
     def with_resources(self, **shape: Any) -> PoolExecutor:
         """Another pool of the same executor: this shape with ``shape``'s options changed."""
@@ -378,18 +400,17 @@ class PoolExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more calls; cancel the waiting ones with ``cancel_futures``; wait for the rest.
 
-        The pool's workers stay the executor's (released when idle, or when it shuts down).
+        Only this view's calls: another view of the same shape (``ex.with_resources`` called
+        again) keeps its own, and takes calls still. The pool's workers stay the executor's
+        (released when idle, or when it shuts down).
         """
-        from concurrent.futures import wait as wait_for_futures
-
-        self._shutdown = True
-        queue = self._pool.queue
-        if queue is None:
-            return
-        if cancel_futures:
-            queue.cancel_waiting()
+        with self._lock:
+            self._shutdown = True
+            own = list(self._futures)
+        if cancel_futures and self._pool.queue is not None:
+            self._pool.queue.cancel_calls(own)  # those still waiting in the client
         if wait:
-            wait_for_futures(queue.outstanding())
+            wait_for_futures(own)
 
     def __repr__(self) -> str:
         return f"<PoolExecutor {self._pool.name} ({self._pool.shape.describe()}) of " \
