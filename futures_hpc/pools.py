@@ -149,6 +149,8 @@ class ResourcePool:
     adaptive: FairShareAdaptive | None = None
     #: Calls one worker of a pool runs at once.
     calls_per_worker: int | None = 1
+    #: Why the pool cannot run calls (the batch system refused its job), once it cannot.
+    failure: BaseException | None = None
     _numbers: Iterator[int] = field(default_factory=itertools.count)
 
     @property
@@ -199,10 +201,29 @@ class ResourcePool:
         """Jobs the executor's other pools have waiting."""
         return self.pools.pending_jobs(excluding=self)
 
+    def fail(self, error: BaseException) -> None:
+        """The pool cannot run calls: stop its scaling, fail its calls and later ones.
+
+        The executor and its other pools go on (a refused GPU job leaves the CPU calls be).
+        """
+        self.failure = error
+        if self.adaptive is not None:
+            cluster = self.pools.executor.cluster
+            cluster.loop.add_callback(self.adaptive.stop, "pool failed")
+        for future in [] if self.queue is None else self.queue.outstanding():
+            if not future.done():
+                try:
+                    future.set_exception(error)
+                except Exception:  # completed meanwhile
+                    pass
+
     def report(self) -> dict[str, Any]:
         """The pool's line of ``ex.status()``."""
         counts = {} if self.adaptive is None else self.adaptive.counts()
         queue = self.queue
+        # Not done: a call the pool failed (fail) may stay in its queue's books.
+        unfinished = 0 if queue is None else sum(not future.done()
+                                                 for future in queue.outstanding())
         return {
             "shape": self.shape.describe(),
             "max_workers": self.max_workers,
@@ -211,8 +232,7 @@ class ResourcePool:
             "jobs_draining": counts.get("jobs_draining", 0),
             "retired_jobs": 0 if self.adaptive is None else self.adaptive.retired_jobs,
             "waiting_calls": 0 if queue is None else queue.waiting_count(),
-            "running_calls": 0 if queue is None else len(queue.outstanding())
-            - queue.waiting_count(),
+            "running_calls": 0 if queue is None else max(0, unfinished - queue.waiting_count()),
         }
 
 
@@ -363,6 +383,9 @@ class PoolExecutor(Executor):
     def _check_open(self) -> None:
         if self._shutdown:
             raise ExecutorShutdownError("cannot schedule new futures after shutdown")
+        failure = self._pool.failure
+        if failure is not None:
+            raise type(failure)(*failure.args)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker of this pool (see ``HPCExecutor``)."""

@@ -86,6 +86,7 @@ class JobBook:
         self._condition = threading.Condition(threading.RLock())
         self._jobs: dict[str, BatchJob] = {}
         self._rejections: list[str] = []
+        self._rejected_names: list[str] = []  # the job (worker_spec) name of each rejection
         self._in_flight = 0
         self.closing = False
 
@@ -107,6 +108,7 @@ class JobBook:
                 self._jobs[job_id] = BatchJob(name, job_id, time.monotonic())
             else:
                 self._rejections.append(rejection or "no job id")
+                self._rejected_names.append(name)
             cancel_now = job_id is not None and self.closing
         try:
             if cancel_now:
@@ -132,6 +134,11 @@ class JobBook:
         """The batch system's messages for the refused submissions."""
         with self._condition:
             return list(self._rejections)
+
+    def rejected_jobs(self) -> list[tuple[str, str]]:
+        """``(job name, message)`` of each refused submission, in order."""
+        with self._condition:
+            return list(zip(self._rejected_names, self._rejections, strict=True))
 
     # cancelling (any thread)
     def begin_closing(self) -> None:

@@ -46,6 +46,7 @@ class JobWatching:
     below are the executor's.
     """
 
+    executor: Any  # the HPCExecutor (its pools, for a pool's refused job)
     system: BatchSystem
     run_name: str
     log_dir: Path
@@ -265,14 +266,31 @@ class JobWatching:
             self._cluster.loop.add_callback(adaptive.stop, "run failed")
 
     def _check_rejections(self) -> None:
-        """Fail the run when the batch system refuses a submission made after the start."""
-        rejections = self._job_book.rejections()
-        if len(rejections) > self._rejections_seen and self._fatal_error is None:
-            self._rejections_seen = len(rejections)
+        """Fail the run when the batch system refuses a submission made after the start.
+
+        A refused job of a pool (``ex.with_resources``) fails that pool only: its calls, and
+        its later ones, raise :class:`JobSubmissionError`; the executor and other pools go on.
+        """
+        rejected = self._job_book.rejected_jobs()
+        if len(rejected) <= self._rejections_seen or self._fatal_error is not None:
+            return
+        new, self._rejections_seen = rejected[self._rejections_seen:], len(rejected)
+        pools = self.executor._pools.all() if self.executor._pools is not None else []
+        own = []
+        for name, message in new:
+            pool = next((pool for pool in pools if pool.owns_job(name)), None)
+            if pool is None:
+                own.append(message)
+            elif pool.failure is None:
+                pool.fail(JobSubmissionError(
+                    f"{self.system.title} refused a job of {pool.name} "
+                    f"({pool.shape.describe()}) of {self.run_name}:\n{message}\n"
+                    f"Job script: {self.log_dir / name}.sh"))
+        if own:
             self._stop_policy()
             self._fail_outstanding(
                 f"{self.system.title} refused a job of {self.run_name}:\n"
-                + "\n".join(dict.fromkeys(rejections))
+                + "\n".join(dict.fromkeys(own))
                 + f"\nJob scripts of this run: {self.log_dir}"
             )
 
