@@ -201,3 +201,25 @@ def test_a_gpu_pool_asks_the_batch_system_for_a_gpu(batch):
         assert ex.submit(sum, [1, 2]).result(timeout=240) == 3
         run_name = ex.run_name
     assert wait_until_no_jobs(batch, run_name) == []
+
+
+def test_a_pool_that_no_node_can_hold_fails_alone(batch):
+    """64 cores, more than any node here: the pool's calls fail, the executor's go on.
+
+    SLURM and Grid Engine accept the job and say it can never start (the job is cancelled);
+    the PBS wrappers refuse it at submission. Either way the error quotes the batch system and
+    names the pool.
+    """
+    with executor(batch) as ex:
+        own = ex.submit(sum, [3, 4])
+        assert own.result(timeout=240) == 7  # a worker of the executor's own has connected
+        huge = ex.with_resources(cores=64, max_workers=1)
+        error = huge.submit(sum, [1, 2]).exception(timeout=120)
+        assert isinstance(error, JobSubmissionError), error
+        assert huge.pool_name in str(error) and "cores=64" in str(error), error
+        with pytest.raises(JobSubmissionError, match=huge.pool_name):
+            huge.submit(sum, [1, 2])
+        assert ex.submit(sum, [5, 6]).result(timeout=240) == 11
+        assert ex.status().pools[huge.pool_name]["running_calls"] == 0
+        run_name = ex.run_name
+    assert wait_until_no_jobs(batch, run_name) == []
