@@ -481,6 +481,8 @@ class HPCExecutor(BlockMethods, Executor):
         ValueError
             (:class:`~futures_hpc.errors.OptionError`) for a bad option, or on a backend with one
             kind of worker (MPI, ECS), before anything is started.
+        RuntimeError
+            After :meth:`shutdown`.
 
         """
         with self._shutdown_lock:

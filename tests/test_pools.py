@@ -249,6 +249,15 @@ def test_a_pools_shutdown_stops_only_its_own_calls(ex):
         add, 3, 3).result(timeout=60) == 6
 
 
+def test_a_lazy_map_of_a_pool_stops_submitting_once_its_view_is_shut_down(ex):
+    view = ex.with_resources(cores=1, memory="350MB", max_workers=1)
+    results = view.map(slow_identity, range(6), [0.05] * 6, chunksize=1, buffersize=1)
+    assert next(results) == 0
+    view.shutdown(wait=True)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        list(results)
+
+
 def test_a_pools_shutdown_with_wait_returns_once_its_calls_are_done(ex):
     view = ex.with_resources(cores=1, memory="350MB", max_workers=1)
     futures = [view.submit(slow_identity, index, 0.2) for index in range(3)]
