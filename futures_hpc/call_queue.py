@@ -551,6 +551,27 @@ class CallQueue:
             notify_if_cancelled(future)
         return cancelled
 
+    def cancel_calls(self, futures: Iterable[Future]) -> int:
+        """Cancel those of ``futures`` that wait in the client; return how many were cancelled.
+
+        What :meth:`cancel_waiting` does for the whole queue, for some of its calls (a pool
+        view's shutdown, :mod:`futures_hpc.pools`).
+        """
+        wanted = set(futures)
+        with self._lock:
+            kept = [entry for entry in self._waiting if entry.future not in wanted]
+            self._waiting.clear()
+            self._waiting.extend(kept)
+            pending = [future for future in wanted
+                       if future in self._unfinished and not future.running()]
+            self._unfinished.difference_update(pending)
+        cancelled = 0
+        for future in pending:
+            if future.cancel():
+                cancelled += 1
+            notify_if_cancelled(future)
+        return cancelled
+
     def close(self) -> None:
         """Stop sending; cancel what waits and fail what nobody will complete."""
         with self._lock:

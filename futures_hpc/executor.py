@@ -442,6 +442,7 @@ class HPCExecutor(BlockMethods, Executor):
         job_extra: Sequence[str] | None = None,
         max_workers: int | None = None,
         call_time: str | int | None = None,
+        **other_options: Any,
     ) -> PoolExecutor:
         """An executor whose calls run only on workers of this shape (a pool of this executor).
 
@@ -474,6 +475,8 @@ class HPCExecutor(BlockMethods, Executor):
             with less time left before its walltime (its workers are drained and a new job is
             asked for), and without a ``walltime`` the pool's jobs ask for at least twice it.
             A walltime too short for one call is refused. The local backend ignores it.
+        **other_options
+            None is allowed: a misspelt option raises the ``ValueError`` below, naming it.
 
         Returns
         -------
@@ -484,16 +487,20 @@ class HPCExecutor(BlockMethods, Executor):
         ValueError
             (:class:`~futures_hpc.errors.OptionError`) for a bad option, or on a backend with one
             kind of worker (MPI, ECS), before anything is started.
+        RuntimeError
+            After :meth:`shutdown`.
 
         """
         with self._shutdown_lock:
             self._check_open()
         shape = parse_shape({
-            name: value for name, value in (
+            **{name: value for name, value in (
                 ("cores", cores), ("memory", memory), ("gpus", gpus), ("walltime", walltime),
                 ("queue", queue), ("job_extra", job_extra), ("max_workers", max_workers),
                 ("call_time", call_time))
-            if value is not None})
+               if value is not None},
+            **other_options,  # parse_shape names an unknown option (not a bare TypeError)
+        })
         return PoolExecutor(self, self._pools.get(shape))
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
@@ -556,8 +563,16 @@ class HPCExecutor(BlockMethods, Executor):
 
     def _map_on(self, queue: CallQueue, slots: Callable[[], int], fn: Callable[..., Any],
                 iterables: Sequence[Iterable[Any]], *, timeout: float | None,
-                chunksize: int | None, buffersize: int | None, progress: bool) -> Iterator[Any]:
-        """:meth:`map` through ``queue``, sizing chunks for ``slots()`` worker slots."""
+                chunksize: int | None, buffersize: int | None, progress: bool,
+                view_open: Callable[[], None] | None = None,
+                on_submitted: Callable[[list[Future]], None] | None = None
+                ) -> Iterator[Any]:
+        """:meth:`map` through ``queue``, sizing chunks for ``slots()`` worker slots.
+
+        A pool's view (:class:`~futures_hpc.pools.PoolExecutor`) passes ``view_open``, which
+        raises once the view is shut down, and ``on_submitted``, which is given each batch of
+        futures.
+        """
         for name, value in (("chunksize", chunksize), ("buffersize", buffersize)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -578,7 +593,12 @@ class HPCExecutor(BlockMethods, Executor):
         def submit(batch: Iterable[list[Sequence[Any]]]) -> list[Future]:
             with self._shutdown_lock:
                 self._check_open()
-                return submit_chunks(queue, fn, packed_function, batch, key, function_id)
+                if view_open is not None:
+                    view_open()
+                futures = submit_chunks(queue, fn, packed_function, batch, key, function_id)
+            if on_submitted is not None:
+                on_submitted(futures)
+            return futures
 
         pending = deque(submit(chunks if buffersize is None
                                else itertools.islice(chunks, buffersize)))

@@ -30,6 +30,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,10 +88,11 @@ class PoolShape:
     """
 
     cores: int = 1
-    memory: str | None = None
+    # The amounts say which pool a shape is (``"1GB"`` and ``10**9`` are one pool), not the text.
+    memory: str | None = field(default=None, compare=False)
     memory_bytes: int | None = None
     gpus: int = 0
-    walltime: str | None = None
+    walltime: str | None = field(default=None, compare=False)
     walltime_seconds: int | None = None
     queue: str | None = None
     job_extra: tuple[str, ...] = ()
@@ -167,9 +169,9 @@ class ResourcePool:
     adaptive: FairShareAdaptive | None = None
     #: Calls one worker of a pool runs at once.
     calls_per_worker: int | None = 1
+    #: Why the pool cannot run calls (the batch system refused its job), once it cannot.
+    failure: BaseException | None = None
     _numbers: Iterator[int] = field(default_factory=itertools.count)
-    #: Why the pool can run no call (its jobs were refused), once it cannot.
-    error: Exception | None = None
 
     @property
     def name(self) -> str:
@@ -219,10 +221,14 @@ class ResourcePool:
         """Jobs the executor's other pools have waiting."""
         return self.pools.pending_jobs(excluding=self)
 
-    def fail(self, error: Exception) -> None:
-        """The pool can run nothing (its jobs were refused): stop it, fail its calls."""
-        self.error = error
+    def fail(self, error: BaseException) -> None:
+        """The pool cannot run calls: stop its scaling, fail its calls and later ones.
+
+        The executor and its other pools go on (a refused GPU job leaves the CPU calls be).
+        """
+        self.failure = error
         if self.adaptive is not None:
+            # stop() without a reason: distributed before 2024.6 takes none.
             self.pools.executor.cluster.loop.add_callback(self.adaptive.stop)
         if self.queue is not None:
             for future in self.queue.outstanding():
@@ -234,15 +240,13 @@ class ResourcePool:
             self.queue.close()  # sends nothing more; forgets the failed calls
         logger.error("%s", error)
 
-    def check_usable(self) -> None:
-        """Raise the pool's error once it can run nothing."""
-        if self.error is not None:
-            raise self.error
-
     def report(self) -> dict[str, Any]:
         """The pool's line of ``ex.status()``."""
         counts = {} if self.adaptive is None else self.adaptive.counts()
         queue = self.queue
+        # Not done: a call the pool failed (fail) may stay in its queue's books.
+        unfinished = 0 if queue is None else sum(not future.done()
+                                                 for future in queue.outstanding())
         return {
             "shape": self.shape.describe(),
             "max_workers": self.max_workers,
@@ -251,8 +255,7 @@ class ResourcePool:
             "jobs_draining": counts.get("jobs_draining", 0),
             "retired_jobs": 0 if self.adaptive is None else self.adaptive.retired_jobs,
             "waiting_calls": 0 if queue is None else queue.waiting_count(),
-            "running_calls": 0 if queue is None else len(queue.outstanding())
-            - queue.waiting_count(),
+            "running_calls": 0 if queue is None else max(0, unfinished - queue.waiting_count()),
         }
 
 
@@ -375,6 +378,20 @@ class PoolExecutor(Executor):
         self._executor = executor
         self._pool = pool
         self._shutdown = False
+        # This view's unfinished futures: its shutdown waits for (or cancels) these only, not
+        # those of another view of the same pool.
+        self._lock = threading.Lock()
+        self._futures: set[Future] = set()
+
+    def _track(self, futures: list[Future]) -> None:
+        with self._lock:
+            self._futures.update(futures)
+        for future in futures:
+            future.add_done_callback(self._forget)
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._futures.discard(future)
 
     @property
     def shape(self) -> PoolShape:
@@ -394,12 +411,18 @@ class PoolExecutor(Executor):
     def _check_open(self) -> None:
         if self._shutdown:
             raise ExecutorShutdownError("cannot schedule new futures after shutdown")
-        self._pool.check_usable()
+        failure = self._pool.failure
+        if failure is not None:
+            raise type(failure)(*failure.args)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on a worker of this pool (see ``HPCExecutor``)."""
-        self._check_open()
-        return self._executor._submit_to(self._pool.queue, fn, args, kwargs)
+        with self._lock:  # not shut down meanwhile
+            self._check_open()
+            future = self._executor._submit_to(self._pool.queue, fn, args, kwargs)
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int | None = None,
@@ -409,7 +432,9 @@ class PoolExecutor(Executor):
         pool = self._pool
         return self._executor._map_on(pool.queue, lambda: pool.max_workers, fn, iterables,
                                       timeout=timeout, chunksize=chunksize,
-                                      buffersize=buffersize, progress=progress)
+                                      buffersize=buffersize, progress=progress,
+                                      view_open=self._check_open,
+                                      on_submitted=self._track)
 
     def with_resources(self, **shape: Any) -> PoolExecutor:
         """Another pool of the same executor: this shape with ``shape``'s options changed."""
@@ -434,18 +459,17 @@ class PoolExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more calls; cancel the waiting ones with ``cancel_futures``; wait for the rest.
 
-        The pool's workers stay the executor's (released when idle, or when it shuts down).
+        Only this view's calls: another view of the same shape (``ex.with_resources`` called
+        again) keeps its own, and takes calls still. The pool's workers stay the executor's
+        (released when idle, or when it shuts down).
         """
-        from concurrent.futures import wait as wait_for_futures
-
-        self._shutdown = True
-        queue = self._pool.queue
-        if queue is None:
-            return
-        if cancel_futures:
-            queue.cancel_waiting()
+        with self._lock:
+            self._shutdown = True
+            own = list(self._futures)
+        if cancel_futures and self._pool.queue is not None:
+            self._pool.queue.cancel_calls(own)  # those still waiting in the client
         if wait:
-            wait_for_futures(queue.outstanding())
+            wait_for_futures(own)
 
     def __repr__(self) -> str:
         return f"<PoolExecutor {self._pool.name} ({self._pool.shape.describe()}) of " \

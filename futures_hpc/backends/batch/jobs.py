@@ -86,7 +86,7 @@ class JobBook:
         self._condition = threading.Condition(threading.RLock())
         self._jobs: dict[str, BatchJob] = {}
         self._rejections: list[str] = []
-        self._rejected_names: list[str] = []
+        self._rejected_names: list[str] = []  # the job (worker_spec) name of each rejection
         self._in_flight = 0
         self.closing = False
 
@@ -135,8 +135,8 @@ class JobBook:
         with self._condition:
             return list(self._rejections)
 
-    def rejected(self) -> list[tuple[str, str]]:
-        """The refused submissions: the job's name and the batch system's message."""
+    def rejected_jobs(self) -> list[tuple[str, str]]:
+        """``(job name, message)`` of each refused submission, in order."""
         with self._condition:
             return list(zip(self._rejected_names, self._rejections, strict=True))
 

@@ -46,6 +46,7 @@ class JobWatching:
     below are the executor's.
     """
 
+    executor: Any  # the HPCExecutor (its pools, for a pool's refused job)
     system: BatchSystem
     run_name: str
     log_dir: Path
@@ -98,16 +99,53 @@ class JobWatching:
             return True
         doubted: set[str] = set()
         if self._any_worker_ever_connected():
-            states, doubted = self._doubt_never_starting(states)
+            states, doubted = self._doubt_never_starting(states, self._started_kinds(unconnected))
         self._log_changed_reasons(unconnected, states, doubted)
         ended = self._job_book.record_states(states, self._state_is_active)
         never_starting = [job for job in unconnected
                           if job.job_id in states and states[job.job_id].never_starts]
+        never_starting = self._fail_pools_never_starting(never_starting, states)
         if never_starting:
             self._fail_never_starting(never_starting, states)
         elif ended and not self._job_book.closing:
             self._handle_ended_jobs(ended)
         return True
+
+    # -- pools (ex.with_resources): jobs of other shapes -------------------------------------------
+
+    def _pool_of(self, job_name: str) -> Any:
+        """The pool (:class:`~futures_hpc.pools.ResourcePool`) of a job; None: the executor's."""
+        pools = self.executor._pools.all() if self.executor._pools is not None else []
+        return next((pool for pool in pools if pool.owns_job(job_name)), None)
+
+    def _started_kinds(self, jobs: list[BatchJob]) -> dict[str, bool]:
+        """For each of ``jobs``' ids: whether a job of its script (its pool's) ever connected."""
+        connected = {id(self._pool_of(job.name)) for job in self._job_book.jobs()
+                     if job.ever_connected}
+        return {job.job_id: id(self._pool_of(job.name)) in connected for job in jobs}
+
+    def _fail_pools_never_starting(self, jobs: list[BatchJob],
+                                   states: dict[str, QueueState]) -> list[BatchJob]:
+        """Fail the pools whose jobs can never start (cancel them); return the executor's own.
+
+        A pool asking for more than a node has fails alone: the executor and the other pools go
+        on.
+        """
+        own = []
+        for job in jobs:
+            pool = self._pool_of(job.name)
+            if pool is None:
+                own.append(job)
+                continue
+            self._job_book.mark_retired([job.job_id])
+            self._job_book.cancel(self.system.cancel_command, [job.job_id])
+            if pool.failure is None:
+                pool.fail(JobSubmissionError(
+                    f"{self.system.title} accepted the job of {pool.name} "
+                    f"({pool.shape.describe()}) of {self.run_name} but says it can never start "
+                    f"as requested:\n  {self._describe_waiting_job(job, states[job.job_id])}\n"
+                    "Ask for what a node of the queue can give; the job was cancelled."))
+        return own
 
     # -- jobs that wait ---------------------------------------------------------------------------
 
@@ -157,15 +195,18 @@ class JobWatching:
         return self._first_worker_connected
 
     @staticmethod
-    def _doubt_never_starting(states: dict[str, QueueState]
+    def _doubt_never_starting(states: dict[str, QueueState],
+                              started: dict[str, bool] | None = None,
                               ) -> tuple[dict[str, QueueState], set[str]]:
         """Keep waiting for jobs said never to start once a job of the same script has started.
 
         The request evidently can start here, so the reason must be passing (nodes drained, a
-        limit lowered since): such jobs wait like others. Returns the states without the
-        verdict and the ids of the jobs doubted.
+        limit lowered since): such jobs wait like others. ``started`` says, by job id, whether
+        a job of the same script has (pools' jobs have scripts of their own); without it, all
+        have. Returns the states without the verdict and the ids of the jobs doubted.
         """
-        doubted = {job_id for job_id, queue_state in states.items() if queue_state.never_starts}
+        doubted = {job_id for job_id, queue_state in states.items() if queue_state.never_starts
+                   and (started is None or started.get(job_id, True))}
         return ({job_id: replace(queue_state, never_starts=False) if job_id in doubted
                  else queue_state for job_id, queue_state in states.items()}, doubted)
 
@@ -269,23 +310,23 @@ class JobWatching:
         """Fail the run when the batch system refuses a submission made after the start.
 
         A refused job of a pool (``ex.with_resources``) fails that pool only: its calls, and
-        its later ones, raise the batch system's message; the executor's other calls go on.
+        its later ones, raise :class:`JobSubmissionError`; the executor and other pools go on.
         """
-        rejected = self._job_book.rejected()
+        rejected = self._job_book.rejected_jobs()
         if len(rejected) <= self._rejections_seen or self._fatal_error is not None:
             return
         new, self._rejections_seen = rejected[self._rejections_seen:], len(rejected)
         pools = self.executor._pools.all() if self.executor._pools is not None else []
-        by_pool: dict[Any, list[str]] = {}
-        own: list[str] = []
+        own = []
         for name, message in new:
             pool = next((pool for pool in pools if pool.owns_job(name)), None)
-            (own if pool is None else by_pool.setdefault(pool, [])).append(message)
-        for pool, messages in by_pool.items():
-            pool.fail(JobSubmissionError(
-                f"{self.system.title} refused a job of {pool.name} ({pool.shape.describe()}) "
-                f"of {self.run_name}:\n" + "\n".join(dict.fromkeys(messages))
-                + f"\nJob scripts of this run: {self.log_dir}"))
+            if pool is None:
+                own.append(message)
+            elif pool.failure is None:
+                pool.fail(JobSubmissionError(
+                    f"{self.system.title} refused a job of {pool.name} "
+                    f"({pool.shape.describe()}) of {self.run_name}:\n{message}\n"
+                    f"Job script: {self.log_dir / name}.sh"))
         if own:
             self._stop_policy()
             self._fail_outstanding(
