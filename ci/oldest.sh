@@ -32,6 +32,8 @@ TESTS=(
     tests/test_backends_registry.py
     tests/test_engine_boundary.py
     tests/test_option_table.py
+    tests/test_pools.py
+    tests/backends/test_pools_placement.py
 )
 
 bash ci/setup.sh >/dev/null
