@@ -54,6 +54,25 @@ def _check_import_path(value: Any) -> Any:
     return value
 
 
+def check_job_array(value: Any) -> bool | int:
+    """``job_array``: True or False, or a whole number >= 1 (arrays, with that throttle)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value >= 1:
+        return value
+    raise OptionError(
+        f"job_array={value!r} is not allowed; job_array must be True, False or a whole number "
+        ">= 1 (job arrays whose elements run at most that many at once)"
+    )
+
+
+#: Why PBS refuses ``job_array`` (see ``backends/batch/pbs.py``).
+PBS_JOB_ARRAY_REFUSAL = (
+    "futures_hpc does not submit PBS job arrays yet: PBS Pro (-J, elements 1234[3]) and Torque "
+    "(-t, 1234-3) differ, and neither could be tested (the PBS here is SLURM's wrappers)"
+)
+
+
 def _check_profile(value: Any) -> Any:
     if value is not None and not isinstance(value, str):
         raise OptionError(f"profile={value!r} is not allowed; profile must be a profile's name")
@@ -137,6 +156,12 @@ OPTIONS: tuple[Option, ...] = (
              "failed jobs replaced before the run fails with `JobFailedError`", "5"),
     _scaling("start_timeout", lambda value: parse_timeout(value, "start_timeout"), "none",
              "how long a job may wait while no worker of the run has connected", '"00:30:00"'),
+    Option("job_array", "scaling", check_job_array, "`False`",
+           "the jobs one scaling step asks for go out as one job array (SLURM `--array`, "
+           "Grid Engine `-t`); a number caps the elements running at once (`%N`, `-tc`)",
+           "True", ignored_on={"local": _NO_BATCH_QUEUE, "mpi": _NO_BATCH_QUEUE,
+                               "ecs": _NO_BATCH_QUEUE},
+           refused_on={"pbs": PBS_JOB_ARRAY_REFUSAL}),
     Option("cores", "resource", lambda value: check_whole_number("cores", value, 1), "1",
            "cores per job (local: threads per worker process)", "4"),
     Option("memory", "resource", parse_memory, "the backend's",

@@ -57,6 +57,146 @@ def jobqueue_parameters(job_class: type) -> frozenset[str]:
 
 
 
+#: Seconds the job array submitter waits, from the first job of a scaling step, for the
+#: others (dask starts the jobs of one step concurrently, all within one event loop turn).
+ARRAY_GATHER_SECONDS = 0.2
+#: Stands for the worker command in a job script, while scripts are compared.
+_WORKER_COMMAND_MARK = "@futures_hpc-worker-command@"
+
+
+class JobArraySubmitter:
+    """Submits the jobs started together (one scaling step) as job arrays (``job_array=True``).
+
+    Jobs hand themselves over in :meth:`submit`; after :data:`ARRAY_GATHER_SECONDS` from the
+    first, the gathered jobs are grouped by their script with the worker command left out
+    (elements of one array share directives and prologue: jobs of different pools go to
+    different arrays). A group of several jobs becomes one array script whose elements each
+    run the worker command of their own job, picked by the element's index (a ``case`` on
+    ``$SLURM_ARRAY_TASK_ID`` or ``$SGE_TASK_ID``), and goes out in one submission; each job
+    then holds its element's id (``1234_3``), which the queue queries, the cancel command and
+    the watcher take like any job id. A job alone submits itself as before.
+
+    Parameters
+    ----------
+    system : BatchSystem
+        The batch system (its array directives, element ids, script adjustments).
+    job_book : JobBook
+        Where the elements' submissions are recorded.
+    throttle : int or None
+        At most this many elements of each array run at once (SLURM ``%N``, Grid Engine
+        ``-tc N``); None: all of them.
+
+    """
+
+    def __init__(self, system: BatchSystem, job_book: JobBook,
+                 throttle: int | None = None) -> None:
+        self.system = system
+        self.job_book = job_book
+        self.throttle = throttle
+        #: Array submissions made, and the ids of the arrays (for status and tests).
+        self.array_ids: list[str] = []
+        self._gathered: list[tuple[Any, asyncio.Future[str | None]]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+
+    async def submit(self, job: Any) -> str | None:
+        """Submit ``job`` with the others of its step: its element's id, or None when alone.
+
+        The caller has counted the submission as started in the book; an element's outcome is
+        recorded here (even when the caller stops waiting). A refusal raises
+        :class:`JobSubmissionError`.
+        """
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._gathered.append((job, future))
+        if self._flush_task is None:
+            self._flush_task = asyncio.ensure_future(self._flush_later())
+        return await asyncio.shield(future)
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(ARRAY_GATHER_SECONDS)
+        gathered, self._gathered, self._flush_task = self._gathered, [], None
+        groups: dict[str, list[tuple[Any, asyncio.Future[str | None]]]] = {}
+        for job, future in gathered:
+            groups.setdefault(self._shape_of(job), []).append((job, future))
+        await asyncio.gather(*(self._submit_group(members) for members in groups.values()))
+
+    @staticmethod
+    def _shape_of(job: Any) -> str:
+        """The job's script without its worker command (unique when that cannot be cut out)."""
+        script = job.job_script()
+        if script.count(job.worker_command) != 1:
+            return f"{id(job)}"
+        return script.replace(job.worker_command, _WORKER_COMMAND_MARK)
+
+    async def _submit_group(self, members: list[tuple[Any, asyncio.Future[str | None]]]
+                            ) -> None:
+        # Elements in the order of the jobs' names (``...-2`` before ``...-10``).
+        members = sorted(members, key=lambda member: (len(member[0].name), member[0].name))
+        jobs = [job for job, _ in members]
+        if len(members) == 1:
+            _resolve(members[0][1], None)  # alone: the job submits itself
+            return
+        try:
+            array_id = await self._submit_array(jobs)
+        except BaseException as error:
+            for job, future in members:
+                self.job_book.submission_finished(job.name, None, str(error), job.cancel_command)
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        self.array_ids.append(array_id)
+        first = self.system.array_first_index
+        for index, (job, future) in enumerate(members, start=first):
+            element_id = self.system.array_element_id(array_id, index)
+            self.job_book.submission_finished(job.name, element_id, None, job.cancel_command,
+                                              array_id=array_id)
+            _resolve(future, element_id)
+
+    async def _submit_array(self, jobs: list[Any]) -> str:
+        """Write the array script of ``jobs`` (each its own element), submit it; the array id."""
+        system, first = self.system, self.system.array_first_index
+        last = first + len(jobs) - 1
+        leader = jobs[0]
+        prefix = leader.job_header.splitlines()[0].split(" ", 1)[0]  # "#SBATCH", "#$"
+        directives = "\n".join(
+            f"{prefix} {line}"
+            for line in system.array_directives(first, last, min(self.throttle or len(jobs),
+                                                                 len(jobs))))
+        variable = system.array_task_variable
+        cases = "\n".join(f"  {index}) {job.worker_command} ;;"
+                          for index, job in enumerate(jobs, start=first))
+        choice = (
+            f'case "${{{variable}}}" in\n{cases}\n'
+            f'  *) echo "futures_hpc: no worker for array element ${{{variable}}}" >&2; '
+            "exit 1 ;;\nesac"
+        )
+        script = self._shape_of(leader).replace(
+            leader.job_header, f"{leader.job_header}\n{directives}", 1
+        ).replace(_WORKER_COMMAND_MARK, choice)
+        script = system.array_script(script)
+        path = Path(leader.log_directory) / f"{leader.name}-array{len(jobs)}.sh"
+        path.write_text(script)
+        for job in jobs:  # each job's script path (in messages) leads to the array's
+            link = Path(job.log_directory) / f"{job.name}.sh"
+            link.unlink(missing_ok=True)
+            link.symlink_to(path.name)
+        output = await leader.submit_job_script(str(path))
+        match = re.search(leader.job_id_regexp, output)
+        if match is None or not match.groupdict().get("job_id"):
+            raise JobSubmissionError(
+                f"no job id in the answer of {system.submit_command} to {path}:\n{output}")
+        array_id = match.group("job_id")
+        logger.info("submitted %d jobs as %s job array %s (%s)", len(jobs), system.title,
+                    array_id, " ".join(job.name for job in jobs))
+        return array_id
+
+
+def _resolve(future: asyncio.Future[str | None], value: str | None) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 class _BookkeepingJob(JobHooks):
     """Mixin for a dask-jobqueue ``Job``: persistent script, clear errors, bookkeeping.
 
@@ -69,6 +209,8 @@ class _BookkeepingJob(JobHooks):
     memory_request : bool
         False when no memory was asked for: the worker then takes its limit from the job's
         (``--memory-limit auto``) instead of dask-jobqueue's placeholder.
+    job_arrays : JobArraySubmitter, optional
+        Submit the job as an element of an array with the jobs started at the same time.
 
     """
 
@@ -79,9 +221,10 @@ class _BookkeepingJob(JobHooks):
     cancel_command: str
 
     def __init__(self, *args: Any, job_book: JobBook, memory_request: bool = True,
-                 **kwargs: Any) -> None:
+                 job_arrays: JobArraySubmitter | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._job_book = job_book
+        self._job_arrays = job_arrays
         if not memory_request:
             self.worker_command = re.sub(
                 r"--memory-limit \S+", "--memory-limit auto", self.worker_command
@@ -123,8 +266,25 @@ class _BookkeepingJob(JobHooks):
         return out.decode()
 
     async def start(self) -> None:
-        """Submit the job; record the job id, or the batch system's refusal."""
+        """Submit the job; record the job id, or the batch system's refusal.
+
+        With job arrays, the job goes out as an element of an array with the jobs started at
+        the same time, unless it is alone.
+        """
         self._job_book.submission_started()
+        if self._job_arrays is not None:
+            try:
+                element_id = await self._job_arrays.submit(self)
+            except BaseException:
+                self.status = Status.failed
+                raise
+            if element_id is not None:  # recorded in the book by the submitter
+                self.job_id = element_id
+                # Relies on: ``Job.start`` being submission followed by
+                # ``ProcessInterface.start`` (which marks the job running); the submission
+                # was the array's.
+                await ProcessInterface.start(self)  # type: ignore[arg-type]
+                return
         try:
             await super().start()  # type: ignore[misc]
         except BaseException as error:

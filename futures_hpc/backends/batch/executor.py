@@ -181,6 +181,12 @@ class BatchProvider(JobWatching, BackendProvider):
             )
         self.system.check_own_options(self.backend_options)
         self._processes_per_job: int = self._plan_processes_per_job()
+        job_array = self.executor_options.get("job_array") or False
+        if job_array and self.system.job_array_refusal is not None:
+            raise OptionError(f"job_array={job_array!r} is not allowed on the {self.name!r} "
+                              f"backend: {self.system.job_array_refusal}")
+        #: Job arrays: off (False), on (True), or on with at most this many elements running.
+        self._job_array: bool | int = job_array
 
     def _plan_processes_per_job(self) -> int:
         """Worker processes in each job, never more than ``max_workers``.
@@ -215,6 +221,11 @@ class BatchProvider(JobWatching, BackendProvider):
         self._job_failures: list[str] = []
         self._adaptive: FairShareAdaptive | None = None
         self._rejections_seen = 0
+        self._job_arrays = None
+        if self.__dict__.get("_job_array"):
+            throttle = None if self._job_array is True else int(self._job_array)
+            self._job_arrays = _dask_jobqueue_glue().JobArraySubmitter(
+                self.system, self._job_book, throttle)
         cluster = self.cluster_class(**self._cluster_options())
         # Submit now, so the jobs queue and start while the client connects; _start_workers
         # checks that the batch system accepted them.
@@ -440,6 +451,7 @@ class BatchProvider(JobWatching, BackendProvider):
             worker_extra_args=worker_arguments + listen.worker_arguments,
             job_book=self._job_book,
             memory_request=memory_request,
+            job_arrays=self._job_arrays,
         )
         options.update(self.system.scheduler_options(
             resources, self.backend_options, cores, memory_request))
@@ -465,6 +477,11 @@ class BatchProvider(JobWatching, BackendProvider):
     def job_ids(self) -> list[str]:
         """The ids of every job this executor has submitted, in submission order."""
         return [job.job_id for job in self._job_book.jobs()]
+
+    def array_ids(self) -> list[str]:
+        """The ids of the job arrays this executor has submitted (``job_array=True``)."""
+        arrays = self.__dict__.get("_job_arrays")
+        return list(arrays.array_ids) if arrays is not None else []
 
     # -- queue states ---------------------------------------------------------------------------
 
@@ -620,6 +637,14 @@ class JobQueueExecutor(HPCExecutor):
     def pending_reasons(self) -> dict[str, str]:
         """Why each job whose worker has not connected waits (see the provider's)."""
         return self._backend.pending_reasons()
+
+    def array_ids(self) -> list[str]:
+        """The ids of the job arrays this executor has submitted (``job_array=True``).
+
+        Each array holds the jobs one scaling step asked for; :meth:`job_ids` lists its
+        elements (SLURM ``1234_0``, Grid Engine ``1234.1``).
+        """
+        return self._backend.array_ids()
 
     @property
     def _job_book(self) -> JobBook:

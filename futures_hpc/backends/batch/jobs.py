@@ -59,6 +59,9 @@ class BatchJob:
         Whether a cancel command was sent for it.
     retired : bool
         Whether the executor meant the job to end (scaling down); its end is then no failure.
+    array_id : str or None
+        The job array the job is an element of (``job_array=True``): ``job_id`` is then the
+        element's id (SLURM ``1234_3``, Grid Engine ``1234.3``) and ``array_id`` the array's.
 
     """
 
@@ -72,6 +75,7 @@ class BatchJob:
     ended: bool = False
     cancel_sent: bool = False
     retired: bool = False
+    array_id: str | None = None
 
 
 class JobBook:
@@ -97,15 +101,16 @@ class JobBook:
             self._in_flight += 1
 
     def submission_finished(self, name: str, job_id: str | None, rejection: str | None,
-                            cancel_command: str) -> None:
+                            cancel_command: str, array_id: str | None = None) -> None:
         """Record a submission's outcome; cancel the job at once if the executor is closing.
 
         The submission counts as in flight until then, so that whoever waits for the
         submissions before the process ends (the SIGTERM handler) also waits for that cancel.
+        ``array_id``: the job array whose element ``job_id`` is.
         """
         with self._condition:
             if job_id is not None:
-                self._jobs[job_id] = BatchJob(name, job_id, time.monotonic())
+                self._jobs[job_id] = BatchJob(name, job_id, time.monotonic(), array_id=array_id)
             else:
                 self._rejections.append(rejection or "no job id")
                 self._rejected_names.append(name)
@@ -147,7 +152,11 @@ class JobBook:
             self.closing = True
 
     def cancel(self, cancel_command: str, job_ids: list[str] | None = None) -> None:
-        """Cancel the given jobs (default: all) not cancelled yet, with one command."""
+        """Cancel the given jobs (default: all) not cancelled yet, with one command.
+
+        A job array whose every element is being cancelled now, or was already, or has ended,
+        is named by the array's id (one ``scancel 1234`` rather than each ``1234_N``).
+        """
         with self._condition:
             jobs = list(self._jobs.values()) if job_ids is None else [
                 self._jobs[job_id] for job_id in job_ids if job_id in self._jobs
@@ -155,7 +164,14 @@ class JobBook:
             claimed = [job for job in jobs if not job.cancel_sent and not job.ended]
             for job in claimed:
                 job.cancel_sent = True
-        if not cancel_job_ids(cancel_command, [job.job_id for job in claimed]):
+            whole_arrays = {job.array_id for job in claimed if job.array_id} - {
+                job.array_id for job in self._jobs.values()
+                if job.array_id and not (job.cancel_sent or job.ended)
+            }
+        ids = list(dict.fromkeys(
+            job.array_id if job.array_id in whole_arrays else job.job_id for job in claimed
+        ))
+        if not cancel_job_ids(cancel_command, ids):  # type: ignore[arg-type]
             with self._condition:  # not sent after all: let the next attempt try again
                 for job in claimed:
                     job.cancel_sent = False

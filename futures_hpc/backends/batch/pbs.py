@@ -118,6 +118,9 @@ class PBSSystem(BatchSystem):
         return options
 
 
+    #: The option table refuses ``job_array`` on PBS (``PBS_JOB_ARRAY_REFUSAL``), with why.
+    job_array_refusal = "futures_hpc does not submit PBS job arrays yet"
+
     def gpu_options(self, gpus: int, cores: int, memory_bytes: int | None) -> dict[str, Any]:
         """``-l select=1:ncpus=N:ngpus=G[:mem=M]``: GPUs are a chunk resource of the select."""
         spec = f"select=1:ncpus={cores}:ngpus={gpus}"

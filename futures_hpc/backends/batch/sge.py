@@ -24,6 +24,20 @@ from .system import JOB_NAME_PREFIX, BatchSystem, QueuedJob
 logger = logging.getLogger("futures_hpc")
 
 
+def parse_qstat_tasks(text: str) -> dict[str, str]:
+    """``qstat -g d`` output as job id -> state; an array task's id is ``<job>.<task>``."""
+    lines = text.splitlines()
+    column = next((line.find("ja-task-ID") for line in lines if "ja-task-ID" in line), -1)
+    listed = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5 and fields[0].isdigit():
+            task = line[column:].strip() if column > 0 else ""
+            job_id = f"{fields[0]}.{task}" if task.isdigit() else fields[0]
+            listed[job_id] = fields[4]
+    return listed
+
+
 class SGESystem(BatchSystem):
     """Grid Engine: ``qsub``, ``qstat``, ``qdel`` (and ``qalter -w v`` when there)."""
 
@@ -55,25 +69,37 @@ class SGESystem(BatchSystem):
                          ) -> dict[str, QueueState] | None:
         """``qstat``: each job's state; for waiting ones, scheduling info and verification."""
         # qstat without arguments lists the user's pending and running jobs; ended ones vanish.
-        result = run_command(["qstat"])
+        # -g d: one line per array task (``1234.3``), its index in the ja-task-ID column.
+        result = run_command(["qstat", "-g", "d"])
         if result is None or result.returncode != 0:
             return None
-        listed = {}
-        for line in result.stdout.splitlines():
-            fields = line.split()
-            if len(fields) >= 5 and fields[0].isdigit():
-                listed[fields[0]] = fields[4]
+        listed = parse_qstat_tasks(result.stdout)
         # qw (waiting), hqw (held), Rqw (rescheduled)...; Eqw is an error, not a wait.
         waiting = [job_id for job_id in job_ids
                    if listed.get(job_id, "").endswith("qw") and "E" not in listed[job_id]]
-        reasons = self._scheduling_info(waiting) if waiting else {}
+        # Scheduling info and verification are the whole job's (an array's tasks share them).
+        reasons = self._scheduling_info(list(dict.fromkeys(
+            job_id.split(".")[0] for job_id in waiting))) if waiting else {}
         states = {}
         for job_id in job_ids:
             state = listed.get(job_id, "gone")
-            verdict = (self._verify(job_id, memory) if job_id in waiting and "h" not in state
+            base = job_id.split(".")[0]
+            verdict = (self._verify(base, memory) if job_id in waiting and "h" not in state
                        else None)
-            states[job_id] = QueueState(state, verdict or reasons.get(job_id), verdict is not None)
+            states[job_id] = QueueState(state, verdict or reasons.get(base), verdict is not None)
         return states
+
+    job_array_refusal = None
+    array_task_variable = "SGE_TASK_ID"
+    array_first_index = 1
+
+    def array_directives(self, first: int, last: int, throttle: int) -> list[str]:
+        """``-t first-last`` and ``-tc throttle``."""
+        return [f"-t {first}-{last}", f"-tc {throttle}"]
+
+    def array_element_id(self, array_id: str, index: int) -> str:
+        """``1234.3``: what ``qdel`` takes for one task (and ``qstat -g d`` lists)."""
+        return f"{array_id}.{index}"
 
     def _scheduling_info(self, job_ids: list[str]) -> dict[str, str]:
         """The scheduler's "scheduling info" of waiting jobs (``qstat -j``), by job id.

@@ -78,9 +78,13 @@ class SLURMSystem(BatchSystem):
 
     def query_job_states(self, job_ids: list[str], memory: dict[str, Any]
                          ) -> dict[str, QueueState] | None:
-        """``squeue --states=all``: state and reason (``%T %r``) of each job."""
+        """``squeue --states=all``: state and reason (``%T %r``) of each job.
+
+        ``--array``: one line per array element (``1234_3``); without it the pending elements
+        of an array are one line (``1234_[3-7]``), and would read as gone.
+        """
         result = run_command(
-            ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
+            ["squeue", "--noheader", "--array", "--states=all", f"--jobs={','.join(job_ids)}",
              "--format=%i %T %r"]
         )
         if result is None:
@@ -104,8 +108,12 @@ class SLURMSystem(BatchSystem):
         return state.split()[0].rstrip("+") in SLURM_ACTIVE_STATES
 
     def list_user_jobs(self, user: str) -> list[QueuedJob]:
-        """``squeue -u user``: the user's jobs named ``fhpc-...``."""
-        output = read_command(["squeue", "-h", "-u", user, "-o", "%i|%j|%T"])
+        """``squeue -u user``: the user's jobs named ``fhpc-...``, one line per array element.
+
+        (Without ``--array`` the pending elements of an array are one line, ``1234_[1-3%4]``,
+        which ``scancel`` refuses.)
+        """
+        output = read_command(["squeue", "-h", "--array", "-u", user, "-o", "%i|%j|%T"])
         jobs = []
         for line in output.splitlines():
             job_id, _, rest = line.partition("|")
@@ -126,6 +134,26 @@ class SLURMSystem(BatchSystem):
     def gpu_options(self, gpus: int, cores: int, memory_bytes: int | None) -> dict[str, Any]:
         """``--gres=gpu:N``."""
         return {"job_extra_directives": [f"--gres=gpu:{gpus}"]}
+
+    job_array_refusal = None
+    array_task_variable = "SLURM_ARRAY_TASK_ID"
+    array_first_index = 0
+
+    def array_directives(self, first: int, last: int, throttle: int) -> list[str]:
+        """``--array=first-last%throttle``."""
+        return [f"--array={first}-{last}%{throttle}"]
+
+    def array_element_id(self, array_id: str, index: int) -> str:
+        """``1234_3``: what ``squeue --jobs`` and ``scancel`` take for one element."""
+        return f"{array_id}_{index}"
+
+    def array_script(self, script: str) -> str:
+        """Log files named ``<name>-<array id>_<index>.out`` (``%A_%a``), one per element.
+
+        dask-jobqueue names them with ``%J``, which for an element is a job number of its own
+        that the executor never sees.
+        """
+        return re.sub(r"^(#SBATCH -[eo] .*)%J(\.\w+)$", r"\1%A_%a\2", script, flags=re.MULTILINE)
 
 
 #: The SLURM batch system (this module's contract object, see :mod:`.system`).

@@ -201,6 +201,30 @@ class BatchSystem:
         """
         return {"job_extra_directives": [f"-l gpu={gpus}"]}
 
+    # -- job arrays (``job_array=True``) -------------------------------------------------------
+
+    #: Why the system's executor cannot submit job arrays (None: it can).
+    job_array_refusal: ClassVar[str | None] = "futures_hpc submits no job arrays on it"
+    #: The environment variable that holds an array element's index inside the job.
+    array_task_variable: ClassVar[str] = ""
+    #: The index of an array's first element.
+    array_first_index: ClassVar[int] = 0
+
+    def array_directives(self, first: int, last: int, throttle: int) -> list[str]:
+        """The directive lines (without their prefix) of an array of elements ``first..last``.
+
+        At most ``throttle`` elements run at once.
+        """
+        raise NotImplementedError
+
+    def array_element_id(self, array_id: str, index: int) -> str:
+        """The id of the array's element ``index``, as the queue and the cancel command take it."""
+        raise NotImplementedError
+
+    def array_script(self, script: str) -> str:
+        """Adjust a job script for an array (e.g. log names per element); default: as is."""
+        return script
+
     def cancel_command_line(self, job_ids: list[str]) -> list[str]:
         """The command that cancels ``job_ids`` in one call."""
         return cancel_command_line(self.cancel_command, job_ids)
