@@ -69,7 +69,8 @@ def check_job_array(value: Any) -> bool | int:
 #: Why PBS refuses ``job_array`` (see ``backends/batch/pbs.py``).
 PBS_JOB_ARRAY_REFUSAL = (
     "futures_hpc does not submit PBS job arrays yet: PBS Pro (-J, elements 1234[3]) and Torque "
-    "(-t, 1234-3) differ, and neither could be tested (the PBS here is SLURM's wrappers)"
+    "(-t, 1234-3) differ, and neither could be tested (SLURM's PBS wrappers, the PBS of the "
+    "tests, submit arrays but cannot name one element: their qdel 1234[3] cancels all)"
 )
 
 

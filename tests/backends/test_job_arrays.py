@@ -132,22 +132,32 @@ def test_eight_workers_come_from_one_sbatch_and_a_cancelled_element_is_replaced(
     assert cancels == [f"cancelled jobs {array_id} {replacement}"], cancels
 
 
-def test_idle_elements_are_released_one_by_one(slurm):
-    """Adaptive: the start's jobs are one array; idle elements are cancelled as single jobs."""
-    with HPCExecutor("slurm", max_workers=3, max_pending_jobs=3, idle_timeout=3,
-                     job_array=2, **SMALL) as ex:
+def test_idle_elements_are_released_one_by_one(slurm, caplog):
+    """Adaptive: the start's jobs are one array; idle elements are cancelled one by one.
+
+    ``min_workers=1`` keeps one element, so the others must be cancelled as elements, not
+    with the array.
+    """
+    caplog.set_level(logging.INFO, logger="futures_hpc")
+    with HPCExecutor("slurm", max_workers=3, min_workers=1, max_pending_jobs=3,
+                     idle_timeout=3, job_array=2, **SMALL) as ex:
         run_name = ex.run_name
         array_id = ex.array_ids()[0]
-        assert ex.job_ids() == [f"{array_id}_{index}" for index in range(3)]
+        elements = [f"{array_id}_{index}" for index in range(3)]
+        assert ex.job_ids() == elements
         assert "#SBATCH --array=0-2%2" in submitted_scripts(Path(ex.log_dir))[0].read_text()
         assert ex.submit(double, 21).result(timeout=180) == 42
-        # No more work: every element is released while the executor stays open.
-        assert wait_for(lambda: ex.status().retired_jobs == 3, timeout=120), ex.status()
-        assert wait_for(lambda: not squeue(run_name), timeout=30), squeue(run_name)
-        assert all(job.cancel_sent or job.ended for job in ex._job_book.jobs())
-        # Work again: new jobs come (a fresh array, or a single job).
+        # No more work: two elements are released while the executor stays open.
+        assert wait_for(lambda: ex.status().retired_jobs == 2, timeout=120), ex.status()
+        assert wait_for(lambda: len(squeue(run_name)) == 1, timeout=30), squeue(run_name)
+        kept = set(squeue(run_name))
+        assert kept < set(elements), kept
+        released = [record.getMessage().removeprefix("cancelled jobs ")
+                    for record in caplog.records
+                    if record.getMessage().startswith("cancelled jobs")]
+        assert sorted(released) == sorted(set(elements) - kept), released
         assert ex.submit(double, 4).result(timeout=180) == 8
-        assert len(ex.job_ids()) > 3
+        assert squeue(run_name).keys() == kept
     assert wait_for(lambda: not squeue(run_name), timeout=30), squeue(run_name)
 
 

@@ -123,7 +123,7 @@ class JobArraySubmitter:
     def _shape_of(job: Any) -> str:
         """The job's script without its worker command (unique when that cannot be cut out)."""
         script = job.job_script()
-        if script.count(job.worker_command) != 1:
+        if script.count(job.worker_command) != 1 or not script.startswith("#!"):
             return f"{id(job)}"
         return script.replace(job.worker_command, _WORKER_COMMAND_MARK)
 
@@ -140,8 +140,12 @@ class JobArraySubmitter:
         except BaseException as error:
             for job, future in members:
                 self.job_book.submission_finished(job.name, None, str(error), job.cancel_command)
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(error, Exception):
                     future.set_exception(error)
+                else:  # cancelled (the loop is closing): so are the jobs waiting
+                    future.cancel()
             if not isinstance(error, Exception):
                 raise
             return
@@ -158,9 +162,8 @@ class JobArraySubmitter:
         system, first = self.system, self.system.array_first_index
         last = first + len(jobs) - 1
         leader = jobs[0]
-        prefix = leader.job_header.splitlines()[0].split(" ", 1)[0]  # "#SBATCH", "#$"
         directives = "\n".join(
-            f"{prefix} {line}"
+            f"{system.directive_prefix} {line}"
             for line in system.array_directives(first, last, min(self.throttle or len(jobs),
                                                                  len(jobs))))
         variable = system.array_task_variable
@@ -171,16 +174,22 @@ class JobArraySubmitter:
             f'  *) echo "futures_hpc: no worker for array element ${{{variable}}}" >&2; '
             "exit 1 ;;\nesac"
         )
-        script = self._shape_of(leader).replace(
-            leader.job_header, f"{leader.job_header}\n{directives}", 1
-        ).replace(_WORKER_COMMAND_MARK, choice)
-        script = system.array_script(script)
+        shebang, _, rest = self._shape_of(leader).partition("\n")
+        header = leader.job_header or ""
+        if header and header in rest:  # the array's directives go after the job's
+            rest = rest.replace(header, f"{header}\n{directives}", 1)
+        else:
+            rest = f"{directives}\n{rest}"
+        script = system.array_script(f"{shebang}\n{rest}".replace(_WORKER_COMMAND_MARK, choice))
         path = Path(leader.log_directory) / f"{leader.name}-array{len(jobs)}.sh"
         path.write_text(script)
         for job in jobs:  # each job's script path (in messages) leads to the array's
             link = Path(job.log_directory) / f"{job.name}.sh"
-            link.unlink(missing_ok=True)
-            link.symlink_to(path.name)
+            try:
+                link.unlink(missing_ok=True)
+                link.symlink_to(path.name)
+            except OSError:  # a file system without links: a copy
+                link.write_text(script)
         output = await leader.submit_job_script(str(path))
         match = re.search(leader.job_id_regexp, output)
         if match is None or not match.groupdict().get("job_id"):

@@ -92,6 +92,7 @@ class SGESystem(BatchSystem):
     job_array_refusal = None
     array_task_variable = "SGE_TASK_ID"
     array_first_index = 1
+    directive_prefix = "#$"
 
     def array_directives(self, first: int, last: int, throttle: int) -> list[str]:
         """``-t first-last`` and ``-tc throttle``."""

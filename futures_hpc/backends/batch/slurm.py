@@ -138,6 +138,7 @@ class SLURMSystem(BatchSystem):
     job_array_refusal = None
     array_task_variable = "SLURM_ARRAY_TASK_ID"
     array_first_index = 0
+    directive_prefix = "#SBATCH"
 
     def array_directives(self, first: int, last: int, throttle: int) -> list[str]:
         """``--array=first-last%throttle``."""

@@ -209,6 +209,8 @@ class BatchSystem:
     array_task_variable: ClassVar[str] = ""
     #: The index of an array's first element.
     array_first_index: ClassVar[int] = 0
+    #: What starts a directive line in a job script (``"#SBATCH"``, ``"#$"``).
+    directive_prefix: ClassVar[str] = ""
 
     def array_directives(self, first: int, last: int, throttle: int) -> list[str]:
         """The directive lines (without their prefix) of an array of elements ``first..last``.
