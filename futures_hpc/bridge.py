@@ -31,7 +31,9 @@ from distributed.scheduler import KilledWorker
 
 from .calls import unpack_outcome
 from .engine import add_client_stream_handler, allowed_failures, future_state_waiter
-from .errors import WorkerLostError
+from .errors import CallMemoryError, WorkerLostError
+from .memory_kills import MemoryKillRelay
+from .memory_ladder import format_bytes
 from .relay import RELAY_OP, CallNewsPlugin, RelayToClients
 from .streams import PromptStreams, make_client_prompt
 
@@ -57,6 +59,13 @@ class _Record:
     decode: Callable[[tuple[Any, ...]], Any]
     description: str
     on_calls: Callable[[list[int], list[bytes]], None] | None = None
+
+
+@dataclass
+class _MemoryKill:
+    """A task whose worker was killed for memory (:mod:`futures_hpc.memory_kills`)."""
+
+    record: _Record
 
 
 @dataclass
@@ -97,10 +106,13 @@ class FutureBridge:
         self._gathering = False
         # Gathered batches go to the collector thread, which completes the standard futures
         # (so that their callbacks never run on, or block, the event loop).
-        self._deliveries: queue.SimpleQueue[_Delivery | _CallsNews | None] = queue.SimpleQueue()
+        self._deliveries: queue.SimpleQueue[_Delivery | _CallsNews | _MemoryKill | None] = (
+            queue.SimpleQueue())
         self._topic = f"futures_hpc-running-{client.id}"
         # Outcomes relayed from the workers, by key, until their task is reported done.
         self._relayed: dict[str, bytes] = {}
+        # Tasks whose worker was killed for memory: ``{"rss", "limit", "worker"}`` by key.
+        self._memory_kills: dict[str, dict[str, Any]] = {}
         make_client_prompt(client)
         self._register_scheduler_plugin(PromptStreams())
         self.relays = self._install_relay()
@@ -121,7 +133,10 @@ class FutureBridge:
     def _install_relay(self) -> bool:
         if not add_client_stream_handler(self._client, RELAY_OP, self._on_news):
             return False  # another distributed: no relay
-        return self._register_scheduler_plugin(RelayToClients())
+        if not self._register_scheduler_plugin(RelayToClients()):
+            return False
+        self._register_scheduler_plugin(MemoryKillRelay())
+        return True
 
     def _subscribe_running(self) -> bool:
         client_id = self._client.id if self.relays else None
@@ -206,12 +221,19 @@ class FutureBridge:
             self._mark_running(record.future)
 
     def _on_news(self, key: str, outcome: bytes | None = None, calls: list[int] | None = None,
-                 outcomes: list[bytes] | None = None) -> None:
+                 outcomes: list[bytes] | None = None,
+                 memory: dict[str, Any] | None = None) -> None:
         """A worker's relayed news of ``key`` (on the event loop).
 
-        Started, its outcome, or (``calls``) the outcomes of calls of a packed task.
+        Started, its outcome, (``calls``) the outcomes of calls of a packed task, or
+        (``memory``) the scheduler's word that its worker was killed for memory.
         """
-        if calls is not None:
+        if memory is not None:
+            record = self._records.get(key)
+            if record is not None:
+                self._memory_kills[key] = memory
+                self._deliveries.put(_MemoryKill(record))
+        elif calls is not None:
             record = self._records.get(key)
             if record is not None and record.on_calls is not None:
                 self._deliveries.put(_CallsNews(record, calls, outcomes or []))
@@ -284,6 +306,11 @@ class FutureBridge:
                     if not delivery.record.future.done():
                         delivery.record.on_calls(delivery.calls, delivery.outcomes)
                     continue
+                if isinstance(delivery, _MemoryKill):
+                    # The scheduler cancelled the task; cancelling it here too does so where
+                    # the scheduler could not (another distributed), and costs nothing else.
+                    delivery.record.dask_future.cancel()
+                    continue
                 self._resolve(delivery)
             except Exception:  # never let the collector die: that would hang callers
                 logger.exception("futures_hpc: failed to deliver results")
@@ -304,6 +331,10 @@ class FutureBridge:
 
     def _complete_one_by_one(self, record: _Record) -> None:
         dask_future = record.dask_future
+        memory = self._memory_kills.pop(dask_future.key, None)
+        if memory is not None and dask_future.status in ("cancelled", "error"):
+            self._complete(record, error=self._memory_error(record, memory))
+            return
         try:
             if dask_future.status == "cancelled":
                 raise CancelledError(f"task {dask_future.key} was cancelled in the dask cluster")
@@ -322,12 +353,22 @@ class FutureBridge:
         else:
             self._complete(record, outcome=outcome)
 
+    def _memory_error(self, record: _Record, memory: dict[str, Any]) -> CallMemoryError:
+        rss, limit = memory.get("rss"), memory.get("limit")
+        return CallMemoryError(
+            f"the call {record.description} was running on worker {memory.get('worker')}, "
+            f"which its nanny ended for using too much memory ({format_bytes(rss)} of its "
+            f"{format_bytes(limit)} limit)",
+            rss=rss, memory_limit=limit,
+        )
+
     def _complete(
         self, record: _Record, outcome: bytes | None = None, error: BaseException | None = None
     ) -> None:
         with self._lock:
             self._records.pop(record.dask_future.key, None)
         self._relayed.pop(record.dask_future.key, None)
+        self._memory_kills.pop(record.dask_future.key, None)
         record.dask_future.release()
         if not self._mark_running(record.future):
             return

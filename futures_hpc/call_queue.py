@@ -32,6 +32,11 @@ to dask and *with which others*. dask still runs, places, retries and moves the 
 - **Lost workers.** A packed task whose worker died too often is split: its calls without an
   outcome are queued again, the first of them (the one that was running) alone, so that only
   the call that kills its worker fails (:class:`~futures_hpc.errors.WorkerLostError`).
+- **Memory ladders.** A call of ``with_resources(memory=[...])`` whose worker was killed for
+  memory (:class:`~futures_hpc.errors.CallMemoryError`) goes to its ladder, which queues it on
+  the next rung's queue (:meth:`CallQueue.take_over`) or fails it
+  (:mod:`futures_hpc.memory_ladder`). A rung's queue sends no look-ahead task: a worker holds
+  one task at a time, the one a memory kill is about.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import distributed
 from .bridge import FutureBridge
 from .calls import SKIPPED, PlaceholderArgument, run_calls
 from .chunking import CallCosts, function_key
-from .errors import CallDependencyError, CallSerializationError, WorkerLostError
+from .errors import CallDependencyError, CallMemoryError, CallSerializationError, WorkerLostError
 from .queued_call import (
     QueuedCall,
     find_futures,
@@ -141,14 +146,17 @@ class CallQueue:
         self._task_numbers = itertools.count()
         #: The dask worker resources each task needs (None: any worker).
         self.resources: dict[str, float] | None = resources
+        #: Whether a short task may wait on a busy worker (off for a memory ladder's rungs).
+        self.look_ahead = True
 
     # -- putting calls in -------------------------------------------------------------------
 
     def submit(self, function: Callable[..., Any], args: tuple[Any, ...],
-               kwargs: dict[str, Any], describe: Callable[[], str]) -> Future:
-        """Queue ``function(*args, **kwargs)``; return its future."""
+               kwargs: dict[str, Any], describe: Callable[[], str],
+               ladder: Any = None) -> Future:
+        """Queue ``function(*args, **kwargs)`` (on ``ladder``'s first rung); return its future."""
         future: Future = Future()
-        entry = QueuedCall(future, function_name(function), describe)
+        entry = QueuedCall(future, function_name(function), describe, ladder=ladder)
         dependencies: list[Future] = []
         for value in args:
             find_futures(value, dependencies)
@@ -166,11 +174,11 @@ class CallQueue:
 
     def submit_task(self, worker_function: Callable[..., Any], payload: Any,
                     decode: Callable[[Any], Any], name: str, describe: Callable[[], str],
-                    cost_key: bytes | None, calls: int) -> Future:
+                    cost_key: bytes | None, calls: int, ladder: Any = None) -> Future:
         """Queue a prepared task (a chunk of ``map``); its future gets the decoded outcome."""
         future: Future = Future()
         entry = QueuedCall(future, name, describe, cost_key=cost_key,
-                           task=(worker_function, payload, decode), calls=calls)
+                           task=(worker_function, payload, decode), calls=calls, ladder=ladder)
         self._track(future)
         self._enqueue([entry])
         return future
@@ -344,8 +352,8 @@ class CallQueue:
         full_batch = 1
         if cost is not None and cost < QUICK_CALL_SECONDS and packable:
             full_batch = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(cost, 1e-9))))
-        short = not head.isolated and cost is not None and cost * head.calls * full_batch <= max(
-            SHORT_TASK_SECONDS, BATCH_SECONDS)
+        short = self.look_ahead and not head.isolated and cost is not None and (
+            cost * head.calls * full_batch <= max(SHORT_TASK_SECONDS, BATCH_SECONDS))
         if short:
             if self._short_in_flight >= 2 * free:
                 return None
@@ -483,6 +491,9 @@ class CallQueue:
                 error = task_future.exception()
         head = entries[0]
         if error is not None:
+            if isinstance(error, CallMemoryError) and not self._closed:
+                self._memory_killed(entries, error)
+                return
             if (isinstance(error, WorkerLostError) and len(entries) > 1
                     and not self._closed):
                 # Split: the calls without an outcome go again (each stays RUNNING: to the
@@ -512,6 +523,22 @@ class CallQueue:
             ran = sum(kind != SKIPPED[0] for kind, _ in outcomes)
             self._costs.record(head.cost_key, ran, seconds)
         self._queue_again(skipped)
+
+    def _memory_killed(self, entries: list[QueuedCall], error: CallMemoryError) -> None:
+        """A task's worker was killed for memory: its unfinished calls go up their ladders."""
+        for entry in entries:
+            if entry.future.done():  # finished before the kill (news of a packed task)
+                continue
+            if entry.ladder is None:
+                set_exception(entry.future, error)
+            else:
+                entry.ladder.move_up(entry, error)
+
+    def take_over(self, entries: list[QueuedCall]) -> None:
+        """Queue, at the front, calls that come from another queue (a lower rung)."""
+        for entry in entries:
+            self._track(entry.future)
+        self._enqueue(entries, front=True)
 
     def _queue_again(self, entries: list[QueuedCall]) -> None:
         """Queue calls of a lost task again, at the front; the first alone and isolated."""

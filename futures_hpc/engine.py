@@ -260,6 +260,31 @@ def allowed_failures(client: distributed.Client) -> int:
     return client.run_on_scheduler(_scheduler_allowed_failures)
 
 
+
+#: The event topic under which a nanny reports that it ended its worker for memory, with
+#: ``{"worker": address, "pid": ..., "rss": bytes}`` (distributed's
+#: ``NannyMemoryManager.memory_monitor``). If a release renames it, memory kills are no longer
+#: seen: calls of a memory ladder then follow ``max_call_retries`` as any other lost call.
+NANNY_MEMORY_KILL_TOPIC = "worker-restart-memory"
+
+
+def cancel_on_scheduler(scheduler: Any, keys: list[str], client: str, reason: str) -> bool:
+    """Cancel tasks from inside the scheduler, as ``client.cancel(force=True)`` would.
+
+    Done in the scheduler, at once, so that a task whose worker is about to die is not
+    rescheduled on a worker of the same kind. False where the scheduler has no
+    ``stimulus_cancel`` of this signature (the client then cancels them itself).
+    """
+    cancel = getattr(scheduler, "stimulus_cancel", None)
+    if cancel is None:
+        return False
+    try:
+        cancel(keys, client, force=True, reason=reason, msg=reason)
+    except TypeError:
+        return False
+    return True
+
+
 def pause_worker(scheduler: Any, worker_state: Any, stimulus_id: str) -> None:
     """Make the scheduler send no new task to a worker; its running tasks go on."""
     from distributed.core import Status

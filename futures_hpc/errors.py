@@ -45,3 +45,31 @@ class CallDependencyError(FuturesHPCError, RuntimeError):
 
 class ExecutorShutdownError(FuturesHPCError, RuntimeError):
     """Work was submitted to an executor that has been shut down."""
+
+
+class CallMemoryError(WorkerLostError):
+    """A call's worker was killed for using more memory than it had, on every memory it got.
+
+    Raised for a call of ``with_resources(memory=[...])`` (a memory ladder) killed for memory
+    on its last rung (dask's nanny kills a worker above its memory limit).
+
+    Attributes
+    ----------
+    memory : str or None
+        The memory of the call's last worker, as given in the ladder (``"4GB"``).
+    rss : int or None
+        The worker process's resident memory, in bytes, when it was killed.
+    memory_limit : int or None
+        The worker's memory limit, in bytes.
+
+    """
+
+    def __init__(self, message: str, memory: str | None = None, rss: int | None = None,
+                 memory_limit: int | None = None) -> None:
+        super().__init__(message)
+        self.memory = memory
+        self.rss = rss
+        self.memory_limit = memory_limit
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.memory, self.rss, self.memory_limit)

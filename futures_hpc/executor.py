@@ -44,6 +44,7 @@ from .engine import check_engine, set_allowed_failures
 from .errors import ExecutorShutdownError, OptionError
 from .import_path import ImportPathPlugin, import_path_option
 from .mapping import describe_call, describe_function, plan_chunks, results_in_order, submit_chunks
+from .memory_ladder import MemoryLadder, is_ladder, parse_ladder
 from .option_table import (
     DEFAULT_MAX_CALL_RETRIES,
     check_options,
@@ -435,7 +436,7 @@ class HPCExecutor(BlockMethods, Executor):
         self,
         *,
         cores: int | None = None,
-        memory: str | int | None = None,
+        memory: str | int | Sequence[str | int] | None = None,
         gpus: int | None = None,
         walltime: str | int | None = None,
         queue: str | None = None,
@@ -457,8 +458,12 @@ class HPCExecutor(BlockMethods, Executor):
         ----------
         cores : int, optional
             Cores of each worker (default 1); ``OMP_NUM_THREADS`` and its kin are set to it.
-        memory : str or int, optional
-            Memory of each worker (``"8GB"``).
+        memory : str or int or list, optional
+            Memory of each worker (``"8GB"``). A list of growing amounts
+            (``["4GB", "16GB", "64GB"]``) is a memory ladder, one pool per amount: a call runs
+            on the first, and whenever its worker is killed for memory it runs again on the
+            next; after the last, it fails with :class:`~futures_hpc.errors.CallMemoryError`
+            (:mod:`futures_hpc.memory_ladder`).
         gpus : int, optional
             GPUs of each worker: the batch system's GPU request (``--gres=gpu:N``,
             ``ngpus=N``, ``-l gpu=N``) and a ``GPU`` worker resource that the pool's calls need.
@@ -493,6 +498,10 @@ class HPCExecutor(BlockMethods, Executor):
         """
         with self._shutdown_lock:
             self._check_open()
+        rungs = None
+        if is_ladder(memory):
+            rungs = parse_ladder(memory)
+            memory = rungs[0][0]
         shape = parse_shape({
             **{name: value for name, value in (
                 ("cores", cores), ("memory", memory), ("gpus", gpus), ("walltime", walltime),
@@ -501,7 +510,10 @@ class HPCExecutor(BlockMethods, Executor):
                if value is not None},
             **other_options,  # parse_shape names an unknown option (not a bare TypeError)
         })
-        return PoolExecutor(self, self._pools.get(shape))
+        if rungs is None:
+            return PoolExecutor(self, self._pools.get(shape))
+        ladder = MemoryLadder(self, shape, rungs)
+        return PoolExecutor(self, ladder.pool(0), ladder)
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:
         """The chunk size ``map`` uses for ``call_count`` calls of ``fn`` when none is given.

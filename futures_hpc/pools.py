@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .call_queue import CallQueue
 from .errors import ExecutorShutdownError, OptionError
+from .memory_ladder import LADDER_RESOURCE, LadderEntrance, MemoryLadder
 from .options import (
     check_whole_number,
     format_walltime,
@@ -84,6 +85,10 @@ class PoolShape:
     call_time : str or None
         ``HH:MM:SS`` each call needs; ``call_time_seconds`` holds the seconds. No call starts
         on a job with less time left.
+    memory_ladder : bool
+        A rung of a memory ladder (``memory=[...]``, :mod:`futures_hpc.memory_ladder`): its
+        calls killed for memory move to the next rung. A pool of its own, apart from a pool of
+        the same shape without a ladder.
 
     """
 
@@ -99,6 +104,7 @@ class PoolShape:
     max_workers: int | None = None
     call_time: str | None = None
     call_time_seconds: int | None = None
+    memory_ladder: bool = False
 
     def describe(self) -> str:
         """``cores=2 memory=8GB ...``: the options that were given."""
@@ -109,6 +115,8 @@ class PoolShape:
                 parts.append(f"{name}={value}")
         if self.job_extra:
             parts.append(f"job_extra={list(self.job_extra)}")
+        if self.memory_ladder:
+            parts.append("(a memory ladder's rung)")
         return " ".join(parts)
 
 
@@ -188,6 +196,8 @@ class ResourcePool:
         needs: dict[str, float] = {self.resource: 1}
         if self.shape.gpus:
             needs[GPU_RESOURCE] = self.shape.gpus
+        if self.shape.memory_ladder:
+            needs[LADDER_RESOURCE] = 1
         return needs
 
     def worker_resources(self) -> dict[str, float]:
@@ -318,6 +328,7 @@ class Pools:
             pool = ResourcePool(number=number, shape=shape, max_workers=max_workers,
                                 job_prefix=backend.pool_job_prefix(number), pools=self)
             pool.queue = executor._make_queue(lambda: pool.max_workers, pool.task_resources())
+            pool.queue.look_ahead = not shape.memory_ladder
             if not self._by_shape:  # the executor's own calls now stay on its own workers
                 executor._queue.resources = {BASE_RESOURCE: 1}
             scaling = validate_scaling_options(executor.executor_options, max_workers)
@@ -374,9 +385,11 @@ class PoolExecutor(Executor):
     only stops it taking calls (and waits for, or cancels, its own).
     """
 
-    def __init__(self, executor: HPCExecutor, pool: ResourcePool) -> None:
+    def __init__(self, executor: HPCExecutor, pool: ResourcePool,
+                 ladder: MemoryLadder | None = None) -> None:
         self._executor = executor
         self._pool = pool
+        self._ladder = ladder
         self._shutdown = False
         # This view's unfinished futures: its shutdown waits for (or cancels) these only, not
         # those of another view of the same pool.
@@ -392,6 +405,17 @@ class PoolExecutor(Executor):
     def _forget(self, future: Future) -> None:
         with self._lock:
             self._futures.discard(future)
+
+    @property
+    def ladder(self) -> MemoryLadder | None:
+        """The memory ladder (``memory=[...]``) whose first rung this pool is, or None."""
+        return self._ladder
+
+    def _entrance(self) -> CallQueue | LadderEntrance:
+        """Where this executor's calls are queued: the pool's queue, or its ladder's."""
+        if self._ladder is None:
+            return self._pool.queue
+        return LadderEntrance(self._pool.queue, self._ladder)
 
     @property
     def shape(self) -> PoolShape:
@@ -419,7 +443,7 @@ class PoolExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` on a worker of this pool (see ``HPCExecutor``)."""
         with self._lock:  # not shut down meanwhile
             self._check_open()
-            future = self._executor._submit_to(self._pool.queue, fn, args, kwargs)
+            future = self._executor._submit_to(self._entrance(), fn, args, kwargs)
             self._futures.add(future)
         future.add_done_callback(self._forget)
         return future
@@ -430,7 +454,7 @@ class PoolExecutor(Executor):
         """``fn`` over the items of ``iterables`` on this pool, in order (see ``HPCExecutor``)."""
         self._check_open()
         pool = self._pool
-        return self._executor._map_on(pool.queue, lambda: pool.max_workers, fn, iterables,
+        return self._executor._map_on(self._entrance(), lambda: pool.max_workers, fn, iterables,
                                       timeout=timeout, chunksize=chunksize,
                                       buffersize=buffersize, progress=progress,
                                       view_open=self._check_open,
@@ -441,6 +465,8 @@ class PoolExecutor(Executor):
         current = self._pool.shape
         given = {name: getattr(current, name) for name in SHAPE_OPTIONS}
         given["job_extra"] = list(current.job_extra)
+        if self._ladder is not None:
+            given["memory"] = [rung.memory for rung in self._ladder.shapes]
         given.update(shape)
         return self._executor.with_resources(**given)
 

@@ -52,6 +52,9 @@ class QueuedCall:
         Split from a task whose worker died: sent only to a free worker thread, never as a
         look-ahead behind another task, so that a call that kills its worker takes no other
         call with it.
+    ladder : MemoryLadder or None
+        For a call of ``with_resources(memory=[...])``: its memory ladder
+        (:mod:`futures_hpc.memory_ladder`); ``rung`` is where it runs now.
 
     """
 
@@ -68,6 +71,8 @@ class QueuedCall:
     isolated: bool = False
     function_id: bytes | None = None
     store_key: bytes | None = None
+    ladder: Any = None
+    rung: int = 0
 
 
 def function_name(function: Callable[..., Any]) -> str:
