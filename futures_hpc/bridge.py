@@ -34,6 +34,7 @@ from .engine import add_client_stream_handler, allowed_failures, future_state_wa
 from .errors import CallMemoryError, WorkerLostError
 from .memory_kills import MemoryKillRelay
 from .memory_ladder import format_bytes
+from .oom_watch import OutOfMemoryWatch
 from .relay import RELAY_OP, CallNewsPlugin, RelayToClients
 from .streams import PromptStreams, make_client_prompt
 
@@ -135,7 +136,11 @@ class FutureBridge:
             return False  # another distributed: no relay
         if not self._register_scheduler_plugin(RelayToClients()):
             return False
-        self._register_scheduler_plugin(MemoryKillRelay())
+        if self._register_scheduler_plugin(MemoryKillRelay()):
+            try:  # the kernel's out-of-memory kills, seen by the nannies (if any)
+                self._client.register_plugin(OutOfMemoryWatch())
+            except Exception as error:
+                logger.info("nanny plugin %s not installed: %r", OutOfMemoryWatch.name, error)
         return True
 
     def _subscribe_running(self) -> bool:
@@ -355,12 +360,14 @@ class FutureBridge:
 
     def _memory_error(self, record: _Record, memory: dict[str, Any]) -> CallMemoryError:
         rss, limit = memory.get("rss"), memory.get("limit")
+        if memory.get("killer") == "kernel":
+            how = "the kernel's out-of-memory killer ended (its memory cgroup was full)"
+        else:
+            how = (f"its nanny ended for using too much memory ({format_bytes(rss)} of its "
+                   f"{format_bytes(limit)} limit)")
         return CallMemoryError(
             f"the call {record.description} was running on worker {memory.get('worker')}, "
-            f"which its nanny ended for using too much memory ({format_bytes(rss)} of its "
-            f"{format_bytes(limit)} limit)",
-            rss=rss, memory_limit=limit,
-        )
+            f"which {how}", rss=rss, memory_limit=limit)
 
     def _complete(
         self, record: _Record, outcome: bytes | None = None, error: BaseException | None = None

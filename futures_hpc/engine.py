@@ -268,6 +268,18 @@ def allowed_failures(client: distributed.Client) -> int:
 NANNY_MEMORY_KILL_TOPIC = "worker-restart-memory"
 
 
+
+def nanny_worker_pid(nanny: Any) -> int | None:
+    """The process id of a nanny's worker while it runs, else None (dead, or restarting)."""
+    process = getattr(getattr(nanny, "process", None), "process", None)
+    if process is None:
+        return None
+    try:
+        return process.pid if process.is_alive() else None
+    except Exception:  # being replaced
+        return None
+
+
 def cancel_on_scheduler(scheduler: Any, keys: list[str], client: str, reason: str) -> bool:
     """Cancel tasks from inside the scheduler, as ``client.cancel(force=True)`` would.
 

@@ -9,6 +9,8 @@ memory. dask's own ``KilledWorker`` carries no cause; this scheduler plugin does
   that the worker was running (a rung's worker runs one at a time), sends each task's client a
   :data:`~futures_hpc.relay.RELAY_OP` message with ``memory={"rss", "limit", "worker"}``, and
   cancels the task in the scheduler, so that dask does not run it again on the same shape;
+- the same for :data:`~futures_hpc.oom_watch.OOM_KILL_TOPIC`: the kernel's out-of-memory
+  killer ended the worker (a batch job's memory cgroup, :mod:`futures_hpc.oom_watch`);
 - the event usually comes a few milliseconds before the worker is gone; when it comes after,
   the tasks the worker had (from the scheduler's ``remove-worker`` event, kept
   :data:`REMEMBER_SECONDS`) are the ones meant.
@@ -27,6 +29,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from .engine import NANNY_MEMORY_KILL_TOPIC, cancel_on_scheduler, send_to_client
 from .memory_ladder import LADDER_RESOURCE
+from .oom_watch import OOM_KILL_TOPIC
 from .relay import RELAY_OP
 
 logger = logging.getLogger("futures_hpc")
@@ -58,7 +61,9 @@ class MemoryKillRelay(SchedulerPlugin):
             return
         try:
             if topic == NANNY_MEMORY_KILL_TOPIC:
-                self._memory_kill(str(msg.get("worker")), msg.get("rss"))
+                self._memory_kill(str(msg.get("worker")), msg.get("rss"), "nanny")
+            elif topic == OOM_KILL_TOPIC:
+                self._memory_kill(str(msg.get("worker")), None, "kernel")
             elif topic == "all" and msg.get("action") == "remove-worker":
                 self._remember_removed(str(msg.get("worker")), msg.get("processing-tasks") or ())
         except Exception:  # never disturb the scheduler
@@ -81,7 +86,7 @@ class MemoryKillRelay(SchedulerPlugin):
         if ladder_keys:
             self.removed[worker] = (now, ladder_keys)
 
-    def _memory_kill(self, worker: str, rss: Any) -> None:
+    def _memory_kill(self, worker: str, rss: Any, killer: str) -> None:
         worker_state = self.scheduler.workers.get(worker)
         if worker_state is not None:
             keys = [task.key for task in worker_state.processing]
@@ -94,7 +99,7 @@ class MemoryKillRelay(SchedulerPlugin):
             task = self._ladder_task(key)
             if task is None:
                 continue
-            news = {"rss": rss, "limit": limit, "worker": worker}
+            news = {"rss": rss, "limit": limit, "worker": worker, "killer": killer}
             for client in task.who_wants or ():
                 client_key = client.client_key
                 send_to_client(self.scheduler, client_key,

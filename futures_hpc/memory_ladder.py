@@ -142,14 +142,18 @@ class MemoryLadder:
             queue.take_over([entry])
             return
         shape = self.shapes[entry.rung]
+        limit = killed.memory_limit or shape.memory_bytes
+        if killed.rss is None:  # the kernel's out-of-memory killer: no measure of its own
+            how = (f"the kernel's out-of-memory killer ended its worker (memory cgroup full; "
+                   f"worker limit {format_bytes(limit)})")
+        else:
+            how = (f"its worker's process used {format_bytes(killed.rss)} of its "
+                   f"{format_bytes(limit)} limit")
         set_exception(entry.future, CallMemoryError(
             f"{entry.describe()} was killed for using too much memory on every rung of its "
-            f"memory ladder ({self.describe()}): on the last, memory={shape.memory}, its "
-            f"worker's process used {format_bytes(killed.rss)} of its "
-            f"{format_bytes(killed.memory_limit or shape.memory_bytes)} limit. Give the ladder "
-            "a larger last rung, or make the call use less memory.",
-            memory=shape.memory, rss=killed.rss,
-            memory_limit=killed.memory_limit or shape.memory_bytes,
+            f"memory ladder ({self.describe()}): on the last, memory={shape.memory}, {how}. "
+            "Give the ladder a larger last rung, or make the call use less memory.",
+            memory=shape.memory, rss=killed.rss, memory_limit=limit,
         ))
 
 
