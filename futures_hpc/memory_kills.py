@@ -90,6 +90,11 @@ class MemoryKillRelay(SchedulerPlugin):
         worker_state = self.scheduler.workers.get(worker)
         if worker_state is not None:
             keys = [task.key for task in worker_state.processing]
+            # A rung's worker runs one task at a time, but may hold a second one while its
+            # pool has fewer workers than calls: then the one it reported executing is meant.
+            executing = [task.key for task in getattr(worker_state, "executing", None) or ()]
+            if len(keys) > 1 and set(executing) & set(keys):
+                keys = [key for key in keys if key in executing]
             limit = worker_state.memory_limit or None
         else:  # removed already: the tasks it had
             keys = self.removed.pop(worker, (0.0, []))[1]
