@@ -536,9 +536,18 @@ class CallQueue:
 
     def take_over(self, entries: list[QueuedCall]) -> None:
         """Queue, at the front, calls that come from another queue (a lower rung)."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._unfinished.update(entry.future for entry in entries)
+                self._waiting.extendleft(reversed(entries))
+        if closed:
+            for entry in entries:
+                set_exception(entry.future, CancelledError("the executor's cluster was closed"))
+            return
         for entry in entries:
-            self._track(entry.future)
-        self._enqueue(entries, front=True)
+            entry.future.add_done_callback(self._forget)
+        self.pump()
 
     def _queue_again(self, entries: list[QueuedCall]) -> None:
         """Queue calls of a lost task again, at the front; the first alone and isolated."""

@@ -134,8 +134,10 @@ class MemoryLadder:
         next_rung = entry.rung + 1
         if next_rung < len(self.shapes):
             try:
-                queue = self.pool(next_rung).queue
-            except Exception as error:  # the executor is closing: say why the call failed
+                pool = self.pool(next_rung)
+                pool.check_usable()  # its jobs were refused: the call fails with that
+                queue = pool.queue
+            except Exception as error:  # or the executor is closing: say why the call failed
                 set_exception(entry.future, error)
                 return
             entry.rung = next_rung
