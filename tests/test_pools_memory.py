@@ -222,3 +222,20 @@ def test_slurm_a_call_killed_for_memory_completes_on_the_next_rung():
     while slurm_queued_job_ids(executor.run_name) and time.monotonic() < deadline:
         time.sleep(1)
     assert slurm_queued_job_ids(executor.run_name) == []
+
+
+@pytest.mark.slurm
+def test_slurm_a_rung_whose_jobs_are_refused_fails_the_call_with_slurms_message():
+    up, reason = _slurm_is_up()
+    require(up, reason)
+
+    with HPCExecutor("slurm", max_workers=1, cores=1, memory="300MB", idle_timeout=5,
+                     max_call_retries=2) as executor:
+        ladder = executor.with_resources(memory=["400MB", "100GB"], max_workers=1)
+        with pytest.raises(Exception, match="[Mm]emory") as raised:
+            ladder.submit(hog, 700).result(timeout=280)
+        assert not isinstance(raised.value, CallMemoryError)
+        assert "100GB" in str(raised.value) or "Memory specification" in str(raised.value)
+        print(type(raised.value).__name__, raised.value)
+        # The executor's own calls go on.
+        assert executor.submit(sum, [1, 2]).result(timeout=280) == 3
