@@ -118,11 +118,6 @@ class MemoryLadder:
                 self._pools[rung] = pool
         return pool
 
-    def made_pools(self) -> list[ResourcePool]:
-        """The pools of the rungs used so far."""
-        with self._lock:
-            return [pool for pool in self._pools if pool is not None]
-
     def move_up(self, entry: QueuedCall, killed: CallMemoryError) -> None:
         """A call of rung ``entry.rung`` was killed for memory: queue it on the next rung.
 
@@ -135,11 +130,14 @@ class MemoryLadder:
         if next_rung < len(self.shapes):
             try:
                 pool = self.pool(next_rung)
-                pool.check_usable()  # its jobs were refused: the call fails with that
-                queue = pool.queue
-            except Exception as error:  # or the executor is closing: say why the call failed
+            except Exception as error:  # the executor is closing: say why the call failed
                 set_exception(entry.future, error)
                 return
+            if pool.failure is not None or pool.queue is None:  # its jobs cannot run
+                set_exception(entry.future, pool.failure or RuntimeError(
+                    f"the pool of rung {next_rung} of {self.describe()} has no call queue"))
+                return
+            queue = pool.queue
             entry.rung = next_rung
             queue.take_over([entry])
             return
