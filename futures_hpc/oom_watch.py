@@ -52,10 +52,8 @@ def oom_counter(pid: int) -> Path | None:
     return None
 
 
-def oom_kills(counter: Path | None) -> int:
+def oom_kills(counter: Path) -> int:
     """The ``oom_kill`` count in ``counter`` (0 if unreadable)."""
-    if counter is None:
-        return 0
     try:
         for line in counter.read_text().splitlines():
             name, _, value = line.partition(" ")
@@ -70,8 +68,13 @@ def oom_kills(counter: Path | None) -> int:
 class _Watched:
     pid: int
     address: str
-    counter: Path | None
-    kills: int
+    #: Each counter the process was seen under (it may move; an exiting process shows the
+    #: root cgroup), with its count when first seen.
+    kills: dict[Path, int]
+
+    def killed(self) -> bool:
+        """Whether a counter grew since it was first seen."""
+        return any(oom_kills(counter) > count for counter, count in self.kills.items())
 
 
 class OutOfMemoryWatch(NannyPlugin):
@@ -101,7 +104,7 @@ class OutOfMemoryWatch(NannyPlugin):
             watched = self._watched
             if watched is not None and pid != watched.pid:
                 self._watched = None
-                if watched.counter is not None and oom_kills(watched.counter) > watched.kills:
+                if watched.killed():
                     logger.warning("futures_hpc: the kernel killed worker %s (pid %d) for "
                                    "memory", watched.address, watched.pid)
                     self.nanny.log_event(OOM_KILL_TOPIC, {"worker": watched.address,
@@ -109,10 +112,10 @@ class OutOfMemoryWatch(NannyPlugin):
             address = getattr(self.nanny, "worker_address", None)
             if pid is None or not address:
                 return
-            counter = oom_counter(pid)  # again each time: the process may have moved
             if self._watched is None:
-                self._watched = _Watched(pid, str(address), counter, oom_kills(counter))
-            elif counter != self._watched.counter:
-                self._watched.counter, self._watched.kills = counter, oom_kills(counter)
+                self._watched = _Watched(pid, str(address), {})
+            counter = oom_counter(pid)  # again each time: the process may have moved
+            if counter is not None and counter not in self._watched.kills:
+                self._watched.kills[counter] = oom_kills(counter)
         except Exception:  # never disturb the nanny
             logger.debug("futures_hpc: watching for out-of-memory kills failed", exc_info=True)
