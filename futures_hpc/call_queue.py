@@ -146,6 +146,8 @@ class CallQueue:
         self._task_numbers = itertools.count()
         #: The dask worker resources each task needs (None: any worker).
         self.resources: dict[str, float] | None = resources
+        #: Called (without the lock) whenever calls wait here: a pool wakes its scaling policy.
+        self.on_waiting: Callable[[], None] | None = None
         #: Whether a short task may wait on a busy worker (off for a memory ladder's rungs).
         self.look_ahead = True
 
@@ -320,6 +322,8 @@ class CallQueue:
 
     def pump(self) -> None:
         """Send as many tasks as there are free worker slots for, in one message."""
+        if self.on_waiting is not None and self._waiting:
+            self.on_waiting()
         while True:
             with self._lock:
                 if self._closed:

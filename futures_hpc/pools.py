@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_for_futures
@@ -58,6 +59,8 @@ GPU_RESOURCE = "GPU"
 #: The options of ``with_resources``.
 SHAPE_OPTIONS = ("cores", "memory", "gpus", "walltime", "queue", "job_extra", "max_workers",
                  "call_time")
+#: The most often calls waking a pool's scaling policy make it look (seconds).
+WAKE_SECONDS = 0.2
 #: Environment variables set to a pool's cores in its workers (threads of numeric libraries).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -180,6 +183,7 @@ class ResourcePool:
     #: Why the pool cannot run calls (the batch system refused its job), once it cannot.
     failure: BaseException | None = None
     _numbers: Iterator[int] = field(default_factory=itertools.count)
+    _woken_at: float = float("-inf")
 
     @property
     def name(self) -> str:
@@ -230,6 +234,19 @@ class ResourcePool:
     def pending_elsewhere(self) -> int:
         """Jobs the executor's other pools have waiting."""
         return self.pools.pending_jobs(excluding=self)
+
+    def wake_policy(self) -> None:
+        """Let the pool's policy look now, not at its next interval: calls wait for it.
+
+        A pool with no worker would otherwise leave its first calls waiting up to an
+        interval (0.5 s) before its first job is asked for. At most every
+        :data:`WAKE_SECONDS`.
+        """
+        now = time.monotonic()
+        if self.adaptive is None or now - self._woken_at < WAKE_SECONDS:
+            return
+        self._woken_at = now
+        self.pools.executor.cluster.loop.add_callback(self.adaptive.adapt)
 
     def fail(self, error: BaseException) -> None:
         """The pool cannot run calls: stop its scaling, fail its calls and later ones.
@@ -328,6 +345,7 @@ class Pools:
             pool = ResourcePool(number=number, shape=shape, max_workers=max_workers,
                                 job_prefix=backend.pool_job_prefix(number), pools=self)
             pool.queue = executor._make_queue(lambda: pool.max_workers, pool.task_resources())
+            pool.queue.on_waiting = pool.wake_policy
             pool.queue.look_ahead = not shape.memory_ladder
             if not self._by_shape:  # the executor's own calls now stay on its own workers
                 executor._queue.resources = {BASE_RESOURCE: 1}
