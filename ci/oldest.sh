@@ -60,7 +60,9 @@ fi
 
 # The editable install points at the tree it was made from: a fresh clone elsewhere re-points it.
 tree=$(pwd -P)
-installed_from=$(cd / && "$venv/bin/python" -c 'import futures_hpc; print(futures_hpc.__file__)')
+# (An install that points at a tree since removed cannot be imported: re-point it too.)
+installed_from=$(cd / && "$venv/bin/python" -c 'import futures_hpc; print(futures_hpc.__file__)' \
+    2>/dev/null || true)
 if [[ $installed_from != "$tree"/* ]]; then
     "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q \
         --no-deps -e . >"$pip_log" 2>&1 || fail "pip install --no-deps -e . failed"

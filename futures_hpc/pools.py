@@ -61,6 +61,8 @@ SHAPE_OPTIONS = ("cores", "memory", "gpus", "walltime", "queue", "job_extra", "m
                  "call_time")
 #: The most often calls waking a pool's scaling policy make it look (seconds).
 WAKE_SECONDS = 0.2
+#: How long after calls come the woken policy looks (the rest of a burst comes meanwhile).
+WAKE_DELAY_SECONDS = 0.05
 #: Environment variables set to a pool's cores in its workers (threads of numeric libraries).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -239,14 +241,17 @@ class ResourcePool:
         """Let the pool's policy look now, not at its next interval: calls wait for it.
 
         A pool with no worker would otherwise leave its first calls waiting up to an
-        interval (0.5 s) before its first job is asked for. At most every
-        :data:`WAKE_SECONDS`.
+        interval (0.5 s) before its first job is asked for. The policy looks
+        :data:`WAKE_DELAY_SECONDS` later, at most every :data:`WAKE_SECONDS`.
         """
         now = time.monotonic()
         if self.adaptive is None or now - self._woken_at < WAKE_SECONDS:
             return
         self._woken_at = now
-        self.pools.executor.cluster.loop.add_callback(self.adaptive.adapt)
+        loop, adapt = self.pools.executor.cluster.loop, self.adaptive.adapt
+        # A moment later, so that a burst of calls is seen as one step (whose jobs go out
+        # together: one job array with job_array=True).
+        loop.add_callback(lambda: loop.call_later(WAKE_DELAY_SECONDS, adapt))
 
     def fail(self, error: BaseException) -> None:
         """The pool cannot run calls: stop its scaling, fail its calls and later ones.
