@@ -584,12 +584,7 @@ class CallQueue:
             self._waiting.clear()
             pending = [future for future in self._unfinished if not future.running()]
             self._unfinished.difference_update(pending)
-        cancelled = 0
-        for future in pending:
-            if future.cancel():
-                cancelled += 1
-            notify_if_cancelled(future)
-        return cancelled
+        return _cancel_all(pending)
 
     def cancel_calls(self, futures: Iterable[Future]) -> int:
         """Cancel those of ``futures`` that wait in the client; return how many were cancelled.
@@ -605,12 +600,7 @@ class CallQueue:
             pending = [future for future in wanted
                        if future in self._unfinished and not future.running()]
             self._unfinished.difference_update(pending)
-        cancelled = 0
-        for future in pending:
-            if future.cancel():
-                cancelled += 1
-            notify_if_cancelled(future)
-        return cancelled
+        return _cancel_all(pending)
 
     def close(self) -> None:
         """Stop sending; cancel what waits and fail what nobody will complete."""
@@ -623,6 +613,16 @@ class CallQueue:
             if not future.cancel():
                 set_exception(future, CancelledError("the executor's cluster was closed"))
             notify_if_cancelled(future)
+
+
+def _cancel_all(futures: list[Future]) -> int:
+    """Cancel ``futures`` (taken out of the queue); return how many were cancelled."""
+    cancelled = 0
+    for future in futures:
+        if future.cancel():
+            cancelled += 1
+        notify_if_cancelled(future)
+    return cancelled
 
 
 def _decode_calls(outcome: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], float | None]:
