@@ -244,21 +244,37 @@ class MotoServer:
         self._post("/moto-api/recorder/reset-recording")
 
     def recorded_requests(self) -> list[dict[str, Any]]:
-        """Requests received since the last reset, with ``user_agent``, ``target``, ``body``."""
+        """Requests received since the last reset, with ``user_agent``, ``target``, ``body``.
+
+        moto appends one JSON line per request from the thread serving it, so a download can end
+        in a line another client's request is still writing (the agent polls all the time). Such a
+        download is taken again; a line still torn after that is kept whole as raw text in every
+        field, so that a filter on the user agent still sees whose it was.
+        """
         url = self.endpoint_url + "/moto-api/recorder/download-recording"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            lines = response.read().decode().splitlines()
-        requests = []
-        for line in lines:
-            entry = json.loads(line)
-            headers = {key.lower(): value for key, value in entry["headers"].items()}
-            entry["user_agent"] = headers.get("user-agent", "")
-            entry["target"] = headers.get("x-amz-target", "")
-            body = entry.get("body") or ""
-            if entry.get("body_encoded"):
-                body = base64.b64decode(body).decode(errors="replace")
-            entry["body"] = body
-            requests.append(entry)
+        for _attempt in range(20):
+            with urllib.request.urlopen(url, timeout=10) as response:
+                lines = response.read().decode().splitlines()
+            requests, torn = [], False
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    torn = True
+                    requests.append({"headers": {}, "user_agent": line, "target": line,
+                                     "body": line, "torn": True})
+                    continue
+                headers = {key.lower(): value for key, value in entry["headers"].items()}
+                entry["user_agent"] = headers.get("user-agent", "")
+                entry["target"] = headers.get("x-amz-target", "")
+                body = entry.get("body") or ""
+                if entry.get("body_encoded"):
+                    body = base64.b64decode(body).decode(errors="replace")
+                entry["body"] = body
+                requests.append(entry)
+            if not torn:
+                break
+            time.sleep(0.05)
         return requests
 
     def client(self, service: str, region: str = "us-east-1", user_agent: str = "",
