@@ -184,6 +184,9 @@ class ResourcePool:
     calls_per_worker: int | None = 1
     #: Why the pool cannot run calls (the batch system refused its job), once it cannot.
     failure: BaseException | None = None
+    #: How each of the pool's jobs that ended unexpectedly ended (job id, state, log tail):
+    #: counted against the executor's ``max_resubmissions`` for this pool alone.
+    job_failures: list[str] = field(default_factory=list)
     _numbers: Iterator[int] = field(default_factory=itertools.count)
     _woken_at: float = float("-inf")
 
@@ -286,6 +289,7 @@ class ResourcePool:
             "jobs_running": counts.get("jobs_running", 0),
             "jobs_draining": counts.get("jobs_draining", 0),
             "retired_jobs": 0 if self.adaptive is None else self.adaptive.retired_jobs,
+            "resubmissions": len(self.job_failures),
             "waiting_calls": 0 if queue is None else queue.waiting_count(),
             "running_calls": 0 if queue is None else max(0, unfinished - queue.waiting_count()),
         }

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import require
 from futures_hpc import HPCExecutor
-from futures_hpc.errors import JobSubmissionError
+from futures_hpc.errors import JobFailedError, JobSubmissionError
 from futures_hpc.pools import GPU_RESOURCE
 from tests.backends.batch_helpers import (
     pbs_queued_job_ids,
@@ -221,5 +221,47 @@ def test_a_pool_that_no_node_can_hold_fails_alone(batch):
             huge.submit(sum, [1, 2])
         assert ex.submit(sum, [5, 6]).result(timeout=240) == 11
         assert ex.status().pools[huge.pool_name]["running_calls"] == 0
+        run_name = ex.run_name
+    assert wait_until_no_jobs(batch, run_name) == []
+
+
+CANCEL_COMMANDS = {"slurm": "scancel", "pbs": "qdel", "sge": "qdel"}
+
+
+def test_a_pool_whose_jobs_keep_dying_fails_alone(batch):
+    """The pool's jobs are cancelled from outside (``scancel``/``qdel``, as an administrator or
+    a preemption would end them): they count against ``max_resubmissions`` for the pool alone.
+
+    The first is replaced; the second is one too many, so the pool's calls fail with
+    :class:`JobFailedError` naming the pool and both jobs, and the executor's own calls go on
+    with none of their resubmissions used.
+    """
+    variables = (batch.job_id_variable, batch.cpus_variable)
+    cancel = CANCEL_COMMANDS[batch.backend]
+    with executor(batch, max_resubmissions=1) as ex:
+        assert ex.submit(sum, [1, 2]).result(timeout=240) == 3
+        two_cores = ex.with_resources(cores=2, max_workers=1)
+        first_job = two_cores.submit(what_my_job_has, variables).result(timeout=240)["job_id"]
+        assert run([cancel, first_job]).returncode == 0
+
+        def replaced() -> str | None:
+            job = two_cores.submit(what_my_job_has, variables).result(timeout=240)["job_id"]
+            return job if job != first_job else None
+
+        second_job = wait_for(replaced, 200)
+        assert second_job, "the pool's cancelled job was not replaced"
+        assert ex.status().pools[two_cores.pool_name]["resubmissions"] == 1
+        running = two_cores.submit(time.sleep, 600)
+        assert wait_for(lambda: ex.status().pools[two_cores.pool_name]["running_calls"], 30)
+        assert run([cancel, second_job]).returncode == 0
+        error = running.exception(timeout=150)
+        assert isinstance(error, JobFailedError), error
+        message = str(error)
+        assert two_cores.pool_name in message and "max_resubmissions=1" in message, message
+        assert f"job {first_job}" in message and f"job {second_job}" in message, message
+        with pytest.raises(JobFailedError, match=two_cores.pool_name):
+            two_cores.submit(sum, [1, 2])
+        assert ex.submit(sum, [5, 6]).result(timeout=240) == 11
+        assert ex.status().resubmissions == 0
         run_name = ex.run_name
     assert wait_until_no_jobs(batch, run_name) == []

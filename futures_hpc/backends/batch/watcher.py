@@ -256,12 +256,47 @@ class JobWatching:
         """Report jobs that ended unexpectedly and replace them, up to ``max_resubmissions``.
 
         Beyond that, the outstanding calls fail with :class:`JobFailedError` (ids, states, log
-        tails), and so does the next ``submit``/``map``.
+        tails), and so does the next ``submit``/``map``. The jobs of a pool
+        (``ex.with_resources``) count for that pool alone: a pool whose jobs keep dying fails
+        its own calls, and the executor and its other pools go on.
         """
+        own: list[BatchJob] = []
+        by_pool: dict[int, tuple[Any, list[BatchJob]]] = {}
         for job in ended:
             description = self._describe_ended_job(job)
             logger.warning("%s", description)
-            self._job_failures.append(description)
+            pool = self._pool_of(job.name)
+            if pool is None:
+                self._job_failures.append(description)
+                own.append(job)
+            else:
+                pool.job_failures.append(description)
+                by_pool.setdefault(id(pool), (pool, []))[1].append(job)
+        for pool, jobs in by_pool.values():
+            self._handle_ended_pool_jobs(pool, jobs)
+        if own:
+            self._handle_ended_own_jobs(own)
+
+    def _handle_ended_pool_jobs(self, pool: Any, ended: list[BatchJob]) -> None:
+        """Replace a pool's ended jobs, or fail the pool once they exceed max_resubmissions."""
+        self._forget_jobs(ended, pool.adaptive)
+        limit = self.scaling.max_resubmissions
+        if pool.failure is not None:
+            return
+        if len(pool.job_failures) > limit:
+            pool.fail(JobFailedError(
+                f"{len(pool.job_failures)} batch jobs of {pool.name} ({pool.shape.describe()}) "
+                f"of {self.run_name} ended unexpectedly, more than max_resubmissions={limit} "
+                "allows; the executor and its other pools go on:\n"
+                + "\n".join(pool.job_failures)
+                + f"\nJob scripts and logs of this run: {self.log_dir}"
+            ))
+            return
+        logger.warning("replacing %d job(s) of %s (%d of max_resubmissions=%d used)",
+                       len(ended), pool.name, len(pool.job_failures), limit)
+
+    def _handle_ended_own_jobs(self, ended: list[BatchJob]) -> None:
+        """:meth:`_handle_ended_jobs` for the executor's own jobs."""
         limit = self.scaling.max_resubmissions
         if self._adaptive is not None and len(self._job_failures) > limit:
             self._stop_policy()
@@ -273,7 +308,7 @@ class JobWatching:
             )
             return
         if self._adaptive is not None:
-            self._forget_jobs(ended)
+            self._forget_jobs(ended, self._adaptive)
             logger.warning("replacing %d job(s) (%d of max_resubmissions=%d used)",
                            len(ended), len(self._job_failures), limit)
             return
@@ -284,9 +319,9 @@ class JobWatching:
                 f"\nJob scripts and logs of this run: {self.log_dir}"
             )
 
-    def _forget_jobs(self, ended: list[BatchJob]) -> None:
-        """Drop ended jobs from the cluster, so that the policy submits replacements."""
-        cluster, adaptive = self._cluster, self._adaptive
+    def _forget_jobs(self, ended: list[BatchJob], adaptive: FairShareAdaptive | None) -> None:
+        """Drop ended jobs from the cluster, so that their policy submits replacements."""
+        cluster = self._cluster
 
         def forget() -> None:
             for job in ended:
