@@ -922,6 +922,39 @@ def test_a_pool_runs_its_calls_on_tasks_of_its_own_size(fargate, emulator, agent
     assert wait_nothing_left(emulator, agent, task_run_name) == []
 
 
+def test_a_pool_whose_tasks_keep_failing_fails_alone(fargate, emulator, agent):
+    """The prologue fails in the pool's tasks only (they alone have ``OMP_NUM_THREADS=2``).
+
+    They count against ``max_resubmissions`` for the pool alone: its first task is replaced, the
+    second is one too many, so the pool's calls fail with :class:`JobFailedError` naming the
+    pool and both exit codes, and the executor's own calls go on with no failure counted.
+    """
+    only_the_pool_fails = ('if [ "${OMP_NUM_THREADS:-}" = 2 ]; then '
+                           "echo 'pool task cannot start' >&2; exit 7; fi")
+    options = fargate(prologue=[only_the_pool_fails], max_resubmissions=1, log_group=True,
+                      execution_role_arn=EXECUTION_ROLE)
+    with ECSExecutor(max_workers=1, **options) as executor:
+        task_run_name = executor.cluster.run_name
+        assert executor.submit(sum, [1, 2]).result(timeout=90) == 3
+        big = executor.with_resources(cores=2, memory="4GB", max_workers=1)
+        with pytest.raises(JobFailedError) as caught:
+            big.submit(sum, [3, 4]).result(timeout=180)
+        message = str(caught.value)
+        assert big.pool_name in message and "max_resubmissions=1" in message, message
+        assert message.count("exit code 7") == 2 and "pool task cannot start" in message
+        with pytest.raises(JobFailedError, match=big.pool_name):
+            big.submit(sum, [1, 2])
+        assert executor.submit(sum, [5, 6]).result(timeout=90) == 11
+        assert executor.cluster.failures == [] and executor.cluster.job_failure is None
+        assert executor.status().resubmissions == 0
+        assert executor.status().pools[big.pool_name]["resubmissions"] == 2
+    log_group = LOG_GROUP_PREFIX + task_run_name
+    # The failed tasks' logs are kept for debugging, and only they.
+    assert wait_nothing_left(emulator, agent, task_run_name) == [f"log group {log_group}"]
+    emulator.client("logs").delete_log_group(logGroupName=log_group)
+    assert wait_nothing_left(emulator, agent, task_run_name) == []
+
+
 def test_pool_sizes_fargate_does_not_offer_are_refused_before_any_task(fargate, emulator):
     with ECSExecutor(max_workers=1, **fargate()) as executor:
         with pytest.raises(OptionError, match="cores=3"):

@@ -135,6 +135,10 @@ class ECSCluster(ClusterHooks, SpecCluster):
         Set when failures exceeded ``max_resubmissions``; :meth:`scale` then raises it.
     failure_callbacks : list of callable
         Called with :attr:`job_failure` (in the event loop's thread) once no worker is left.
+    pool_failure_callbacks : list of callable
+        Called with the worker's name and its :class:`TaskFailure` (in a thread of their own)
+        when a pool's worker task (``ex.with_resources``) stops without being asked to: its
+        pool counts it and asks for another; it is not one of :attr:`failures`.
 
     """
 
@@ -217,6 +221,7 @@ class ECSCluster(ClusterHooks, SpecCluster):
         self.failures: list[TaskFailure] = []
         self.job_failure: JobFailedError | None = None
         self.failure_callbacks: list[Callable[[JobFailedError], Any]] = []
+        self.pool_failure_callbacks: list[Callable[[str, TaskFailure], Any]] = []
         self._failure_reported = False
         self._watcher: PeriodicCallback | None = None
         self._checking_tasks = False
@@ -459,11 +464,23 @@ class ECSCluster(ClusterHooks, SpecCluster):
 
     async def _replace_failed(self, worker: ECSWorkerTask, failure: TaskFailure) -> None:
         """Record a failed task and start another worker in its place, within the limit."""
-        self.failures.append(failure)
         self._run.resources.keep_log_group = True
         worker.stop_requested = True
         worker.status = Status.closed
         logger.warning("ECS run %s: %s", self.run_name, failure.describe())
+        if worker.shape is not None:  # a pool's worker: the pool counts it, asks for another
+            async with self.spec_lock:
+                if self.workers.get(worker.name) is worker:
+                    del self.workers[worker.name]
+                self.worker_spec.pop(worker.name, None)
+            for callback in list(self.pool_failure_callbacks):
+                try:
+                    await asyncio.to_thread(callback, worker.name, failure)
+                except Exception:
+                    logger.exception("ECS: a pool failure callback raised")
+            self.request_correct_state()
+            return
+        self.failures.append(failure)
         async with self.spec_lock:
             if self.workers.get(worker.name) is worker:
                 del self.workers[worker.name]
@@ -471,8 +488,6 @@ class ECSCluster(ClusterHooks, SpecCluster):
             adaptive = self.adaptive_policy()
             if isinstance(adaptive, FairShareAdaptive):
                 adaptive.forget_job(worker.name)
-            if worker.shape is not None:
-                wanted = False  # a pool's worker: the pool's policy asks for another
             if self.job_failure is None and wanted:
                 if len(self.failures) <= self.options.max_resubmissions:
                     self.worker_spec.update(self.new_worker_spec())

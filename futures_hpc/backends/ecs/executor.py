@@ -28,7 +28,7 @@ from .options import (
     _parse_memory_mib,
     check_fargate_size,
 )
-from .run import WorkerShape
+from .run import TaskFailure, WorkerShape
 
 logger = logging.getLogger("futures_hpc")
 
@@ -113,7 +113,31 @@ class ECSProvider(BackendProvider):
                              security=credentials if credentials else False,
                              dashboard_address=self.executor.dashboard_address)
         cluster.failure_callbacks.append(self._fail_outstanding)
+        cluster.pool_failure_callbacks.append(self._pool_worker_failed)
         return cluster
+
+    def _pool_worker_failed(self, worker_name: str, failure: TaskFailure) -> None:
+        """Count a pool's failed task for that pool alone; beyond ``max_resubmissions`` fail it.
+
+        The executor and its other pools go on; below the limit the pool's policy asks for
+        another task.
+        """
+        pools = self.executor._pools
+        pool = None if pools is None else next(
+            (pool for pool in pools.all() if pool.owns_job(worker_name)), None)
+        if pool is None:
+            return
+        if pool.adaptive is not None:
+            self.executor.cluster.loop.add_callback(pool.adaptive.forget_job, worker_name)
+        pool.job_failures.append(failure.describe())
+        limit = self.scaling.max_resubmissions
+        if pool.failure is not None or len(pool.job_failures) <= limit:
+            return
+        pool.fail(JobFailedError(
+            f"ECS run {self.executor.run_name}: {len(pool.job_failures)} worker tasks of "
+            f"{pool.name} ({pool.shape.describe()}) stopped with errors, more than "
+            f"max_resubmissions={limit} allows; the executor and its other pools go on:\n"
+            + "\n".join(f"  - {description}" for description in pool.job_failures)))
 
     def cancel_jobs_now(self) -> None:
         """Stop every worker task and delete what the run created, without the event loop.
