@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .call_queue import CallQueue
-from .errors import ExecutorShutdownError, OptionError
+from .errors import ExecutorShutdownError, JobFailedError, OptionError
 from .memory_ladder import LADDER_RESOURCE, LadderEntrance, MemoryLadder
 from .options import (
     check_whole_number,
@@ -275,6 +275,26 @@ class ResourcePool:
             self.queue.close()  # sends nothing more; forgets the failed calls
         logger.error("%s", error)
 
+    def count_job_failure(self, description: str, limit: int, jobs: str,
+                          suffix: str = "") -> bool:
+        """Count one of the pool's jobs that ended unexpectedly; beyond ``limit``, fail the pool.
+
+        ``description`` says how the job ended (id, state, log tail); ``jobs`` names the kind
+        (``"batch jobs"``, ``"worker tasks"``) and ``suffix`` ends the error. Return whether the
+        pool goes on (its policy then asks for another job).
+        """
+        self.job_failures.append(description)
+        if self.failure is not None:
+            return False
+        if len(self.job_failures) <= limit:
+            return True
+        self.fail(JobFailedError(
+            f"{len(self.job_failures)} {jobs} of {self.name} ({self.shape.describe()}) of "
+            f"{self.pools.executor.run_name} ended unexpectedly, more than "
+            f"max_resubmissions={limit} allows; the executor and its other pools go on:\n"
+            + "\n".join(self.job_failures) + suffix))
+        return False
+
     def report(self) -> dict[str, Any]:
         """The pool's line of ``ex.status()``."""
         counts = {} if self.adaptive is None else self.adaptive.counts()
@@ -339,6 +359,10 @@ class Pools:
     def all(self) -> list[ResourcePool]:
         """Every pool made so far."""
         return list(self._by_shape.values())
+
+    def owner_of(self, job_name: str) -> ResourcePool | None:
+        """The pool whose job (or task) ``job_name`` is; None: the executor's own."""
+        return next((pool for pool in self.all() if pool.owns_job(job_name)), None)
 
     def get(self, shape: PoolShape) -> ResourcePool:
         """The pool of ``shape``, made (and its scaling started) on first use."""

@@ -115,8 +115,8 @@ class JobWatching:
 
     def _pool_of(self, job_name: str) -> Any:
         """The pool (:class:`~futures_hpc.pools.ResourcePool`) of a job; None: the executor's."""
-        pools = self.executor._pools.all() if self.executor._pools is not None else []
-        return next((pool for pool in pools if pool.owns_job(job_name)), None)
+        pools = self.executor._pools
+        return None if pools is None else pools.owner_of(job_name)
 
     def _started_kinds(self, jobs: list[BatchJob]) -> dict[str, bool]:
         """For each of ``jobs``' ids: whether a job of its script (its pool's) ever connected."""
@@ -261,7 +261,7 @@ class JobWatching:
         its own calls, and the executor and its other pools go on.
         """
         own: list[BatchJob] = []
-        by_pool: dict[int, tuple[Any, list[BatchJob]]] = {}
+        by_pool: dict[int, tuple[Any, dict[str, BatchJob]]] = {}
         for job in ended:
             description = self._describe_ended_job(job)
             logger.warning("%s", description)
@@ -270,30 +270,22 @@ class JobWatching:
                 self._job_failures.append(description)
                 own.append(job)
             else:
-                pool.job_failures.append(description)
-                by_pool.setdefault(id(pool), (pool, []))[1].append(job)
+                by_pool.setdefault(id(pool), (pool, {}))[1][description] = job
         for pool, jobs in by_pool.values():
             self._handle_ended_pool_jobs(pool, jobs)
         if own:
             self._handle_ended_own_jobs(own)
 
-    def _handle_ended_pool_jobs(self, pool: Any, ended: list[BatchJob]) -> None:
-        """Replace a pool's ended jobs, or fail the pool once they exceed max_resubmissions."""
-        self._forget_jobs(ended, pool.adaptive)
+    def _handle_ended_pool_jobs(self, pool: Any, ended: dict[str, BatchJob]) -> None:
+        """Count a pool's ended jobs (by description) for it alone; replace them or fail it."""
+        self._forget_jobs(list(ended.values()), pool.adaptive)
         limit = self.scaling.max_resubmissions
-        if pool.failure is not None:
-            return
-        if len(pool.job_failures) > limit:
-            pool.fail(JobFailedError(
-                f"{len(pool.job_failures)} batch jobs of {pool.name} ({pool.shape.describe()}) "
-                f"of {self.run_name} ended unexpectedly, more than max_resubmissions={limit} "
-                "allows; the executor and its other pools go on:\n"
-                + "\n".join(pool.job_failures)
-                + f"\nJob scripts and logs of this run: {self.log_dir}"
-            ))
-            return
-        logger.warning("replacing %d job(s) of %s (%d of max_resubmissions=%d used)",
-                       len(ended), pool.name, len(pool.job_failures), limit)
+        goes_on = [pool.count_job_failure(description, limit, "batch jobs",
+                                          f"\nJob scripts and logs of this run: {self.log_dir}")
+                   for description in ended]
+        if all(goes_on):
+            logger.warning("replacing %d job(s) of %s (%d of max_resubmissions=%d used)",
+                           len(ended), pool.name, len(pool.job_failures), limit)
 
     def _handle_ended_own_jobs(self, ended: list[BatchJob]) -> None:
         """:meth:`_handle_ended_jobs` for the executor's own jobs."""
@@ -351,10 +343,9 @@ class JobWatching:
         if len(rejected) <= self._rejections_seen or self._fatal_error is not None:
             return
         new, self._rejections_seen = rejected[self._rejections_seen:], len(rejected)
-        pools = self.executor._pools.all() if self.executor._pools is not None else []
         own = []
         for name, message in new:
-            pool = next((pool for pool in pools if pool.owns_job(name)), None)
+            pool = self._pool_of(name)
             if pool is None:
                 own.append(message)
             elif pool.failure is None:

@@ -123,21 +123,13 @@ class ECSProvider(BackendProvider):
         another task.
         """
         pools = self.executor._pools
-        pool = None if pools is None else next(
-            (pool for pool in pools.all() if pool.owns_job(worker_name)), None)
+        pool = None if pools is None else pools.owner_of(worker_name)
         if pool is None:
             return
         if pool.adaptive is not None:
             self.executor.cluster.loop.add_callback(pool.adaptive.forget_job, worker_name)
-        pool.job_failures.append(failure.describe())
-        limit = self.scaling.max_resubmissions
-        if pool.failure is not None or len(pool.job_failures) <= limit:
-            return
-        pool.fail(JobFailedError(
-            f"ECS run {self.executor.run_name}: {len(pool.job_failures)} worker tasks of "
-            f"{pool.name} ({pool.shape.describe()}) stopped with errors, more than "
-            f"max_resubmissions={limit} allows; the executor and its other pools go on:\n"
-            + "\n".join(f"  - {description}" for description in pool.job_failures)))
+        pool.count_job_failure(failure.describe(), self.scaling.max_resubmissions,
+                               "worker tasks")
 
     def cancel_jobs_now(self) -> None:
         """Stop every worker task and delete what the run created, without the event loop.
