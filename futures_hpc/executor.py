@@ -33,6 +33,7 @@ from .call_queue import CallQueue
 from .calls import pack_function
 from .chunking import CallCosts, automatic_chunksize, function_key
 from .cleanup import undo_foreign_interrupt_handler
+from .dask_settings import apply_dask_settings
 from .discovery import (
     register_for_discovery,
     restore_dask_scheduler,
@@ -233,6 +234,7 @@ class HPCExecutor(BlockMethods, Executor):
         try:
             check_engine()
             undo_foreign_interrupt_handler()  # check_engine may have imported dask-jobqueue
+            apply_dask_settings()
             cleanup.register(self)  # from now on: closed at exit, jobs cancelled on SIGTERM
             self._cluster = self._backend.create_cluster()
             self._client = connect_client(self._cluster, self.security)

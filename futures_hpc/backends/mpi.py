@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any, ClassVar
 
+from ..dask_settings import worker_environment as dask_worker_environment
 from ..errors import BackendUnavailableError, OptionError
 from ..executor import HPCExecutor
 from ..import_path import pythonpath_value
@@ -238,7 +239,7 @@ class MPIProvider(BackendProvider):
 
     def _worker_environment(self) -> dict[str, str]:
         """Variables the launched ranks need beyond this process's environment."""
-        variables: dict[str, str] = {}
+        variables = dask_worker_environment()
         if self.executor.credentials is not None:
             variables.update(self.executor.credentials.worker_environment())
         if self.executor.import_path:  # the client's own modules (futures_hpc.import_path)

@@ -39,6 +39,7 @@ import distributed
 from distributed.security import Security
 from distributed.utils import get_ip
 
+from ..dask_settings import apply_dask_settings
 from ..streams import make_worker_prompt
 
 if TYPE_CHECKING:
@@ -322,6 +323,7 @@ class _RankServer:
         await self.stop_events[config.cluster_id].wait()  # stay until the client says stop
 
     async def _serve_worker(self, config: ClusterConfig) -> None:
+        apply_dask_settings()  # as the client's rank does (futures_hpc.dask_settings)
         with environment_set(config.env):
             worker = make_prompt(distributed.Worker(
                 config.scheduler_address,
@@ -409,6 +411,7 @@ async def _run_launched_worker(arguments: argparse.Namespace) -> None:
         except ValueError:
             single_node = False
         listen = {"host": rank_host(several_nodes=not single_node)}
+    apply_dask_settings()
     worker = make_prompt(distributed.Worker(
         arguments.scheduler_address,
         name=f"{arguments.name}-rank-{rank}",

@@ -246,6 +246,19 @@ def environment_value(name: str) -> str | None:
     return os.environ.get(name)
 
 
+def worker_dask_settings(dask_worker=None) -> dict[str, object]:
+    """The worker's values of futures_hpc's dask settings, and its own tick's period in ms."""
+    import dask.config
+    from distributed import get_worker
+
+    from futures_hpc.dask_settings import DASK_SETTINGS
+
+    worker = dask_worker or get_worker()
+    values: dict[str, object] = {name: dask.config.get(name) for name in DASK_SETTINGS}
+    values["tick period"] = worker.periodic_callbacks["tick"].callback_time
+    return values
+
+
 # -- the batch test suite ----------------------------------------------------------------------
 
 
@@ -266,6 +279,18 @@ def test_workers_are_this_executors_batch_jobs(ex, batch):
 
 def test_env_reaches_the_workers(ex):
     assert ex.submit(environment_value, "FUTURES_HPC_TEST_VALUE").result(60) == "42 and spaces"
+
+
+def test_workers_run_with_futures_hpcs_dask_settings(ex):
+    """The job script passes the client's tick and profile intervals on (dask_settings)."""
+    script = ex.job_script()
+    assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=200ms" in script
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms" in script
+    assert ex.submit(worker_dask_settings).result(120) == {
+        "distributed.admin.tick.interval": "200ms",
+        "distributed.worker.profile.interval": "100ms",
+        "tick period": 200,
+    }
 
 
 def test_job_scripts_and_logs_are_in_the_runs_log_dir(ex):

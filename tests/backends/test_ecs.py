@@ -28,6 +28,7 @@ from pathlib import Path
 
 import boto3
 import botocore.session
+import dask.config
 import distributed
 import psutil
 import pytest
@@ -311,7 +312,13 @@ def test_environment_and_prologue_reach_the_workers(fargate):
             lambda: (os.environ.get("FUTURES_HPC_TEST_VALUE"),
                      os.environ.get("FUTURES_HPC_FROM_PROLOGUE"),
                      os.environ.get("FUTURES_HPC_TLS_KEY"))).result(timeout=60)
+        # futures_hpc's dask settings (futures_hpc.dask_settings) come with the task too.
+        settings = executor.submit(
+            lambda: (dask.config.get("distributed.admin.tick.interval"),
+                     distributed.get_worker().periodic_callbacks["tick"].callback_time,
+                     dask.config.get("distributed.worker.profile.interval"))).result(timeout=60)
     assert values == ("42", "yes", None)
+    assert settings == ("200ms", 200, "100ms")
 
 
 def test_fargate_spot_and_public_ip(fargate, emulator):

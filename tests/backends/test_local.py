@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import time
 
+import dask.config
 import psutil
 import pytest
 
 from futures_hpc import HPCExecutor, LocalExecutor
+from futures_hpc.dask_settings import DASK_SETTINGS, worker_environment
+from tests.backends.batch_helpers import worker_dask_settings
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
 
 
@@ -122,3 +125,26 @@ def test_calls_of_a_packed_task_complete_as_they_finish(ex):
     assert futures[0].result(timeout=1.5) == 0
     assert futures[1].running()
     assert [future.result(timeout=60) for future in futures] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("users_profile_interval", [None, "50ms"])
+def test_futures_hpcs_dask_settings_apply_unless_the_user_set_them(users_profile_interval):
+    """The scheduler, the nannies and the workers run with dask_settings' intervals; a value
+    the user set is kept, and is what workers started elsewhere are given."""
+    profile = users_profile_interval or DASK_SETTINGS["distributed.worker.profile.interval"]
+    users = ({"distributed.worker.profile.interval": users_profile_interval}
+             if users_profile_interval else {})
+    with dask.config.set(users), LocalExecutor(max_workers=1) as executor:
+        on_worker = executor.submit(worker_dask_settings).result(timeout=60)
+        on_workers = executor.client.run(worker_dask_settings)
+        scheduler_tick = executor.cluster.scheduler.periodic_callbacks["tick"].callback_time
+        nanny_ticks = {nanny.periodic_callbacks["tick"].callback_time
+                       for nanny in executor.cluster.workers.values()}
+        exported = worker_environment()
+    expected = {"distributed.admin.tick.interval": "200ms",
+                "distributed.worker.profile.interval": profile, "tick period": 200}
+    assert on_worker == expected
+    assert list(on_workers.values()) == [expected]
+    assert scheduler_tick == 200 and nanny_ticks == {200}
+    assert exported == {"DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "200ms",
+                        "DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL": profile}

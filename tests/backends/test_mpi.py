@@ -173,6 +173,7 @@ def test_three_ranks_give_two_workers_and_the_scheduler_runs_in_the_clients_proc
     assert [rank for rank, _ in layout["workers"]] == ["1", "2"]
     assert layout["client pid"] not in {pid for _, pid in layout["workers"]}
     assert layout["status workers"] == 2
+    assert layout["worker tick periods"] == [200, 200]  # futures_hpc.dask_settings
     assert {path.name: path.read_text() for path in tmp_path.glob("rank-*.exit")} == {
         "rank-1.exit": "0", "rank-2.exit": "0"
     }
@@ -360,6 +361,9 @@ def test_launched_mode_runs_three_worker_ranks_of_mpirun(ex):
     assert {rank for rank, _ in where} == {"0", "1", "2"}
     launcher = psutil.Process(ex.cluster.launcher.pid)
     assert {pid for _, pid in where} <= {child.pid for child in launcher.children(recursive=True)}
+    # The ranks run with futures_hpc's dask settings (futures_hpc.dask_settings).
+    ticks = ex.client.run(lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time)
+    assert sorted(ticks.values()) == [200, 200, 200]
 
 
 def test_launched_ranks_are_gone_after_shutdown():

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import dask.config
 
 from ...cleanup import interrupt_handler_kept
+from ...dask_settings import worker_environment as dask_worker_environment
 from ...errors import BackendUnavailableError, JobFailedError, JobSubmissionError, OptionError
 from ...executor import HPCExecutor
 from ...import_path import pythonpath_value
@@ -407,6 +408,9 @@ class BatchProvider(JobWatching, BackendProvider):
             # The client's import path, for modules of the user's own (futures_hpc.import_path).
             *([f"export PYTHONPATH={shlex.quote(pythonpath_value(self.import_path))}"
                "${PYTHONPATH:+:$PYTHONPATH}"] if self.import_path else []),
+            # dask settings of the client's config that cost the workers CPU (dask_settings).
+            *(f"export {name}={shlex.quote(value)}"
+              for name, value in dask_worker_environment().items()),
             *(f"export {name}={shlex.quote(value)}" for name, value in resources.env.items()),
             *resources.prologue,
         ]

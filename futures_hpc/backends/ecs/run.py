@@ -16,6 +16,7 @@ from futures_hpc.errors import JobSubmissionError, OptionError
 from futures_hpc.pools import BASE_RESOURCE
 from futures_hpc.security import RunCredentials
 
+from ...dask_settings import worker_environment as dask_worker_environment
 from .aws import AWSRequestError, _AWSClients, _ec2_tags, _ecs_tags
 from .constants import (
     CONTAINER_NAME,
@@ -165,6 +166,7 @@ class ECSRun:
         #: Worker tasks started and not yet seen STOPPED, by task ARN.
         self.watched_workers: dict[str, ECSWorkerTask] = {}
         self._command_prefix, self._environment = _shell_prefix(credentials, options.prologue)
+        self._environment.update(dask_worker_environment())
         self._environment.update(options.env)
 
     # worker task contents ----------------------------------------------------------------

@@ -30,6 +30,11 @@ def rank_and_pid():
     return os.environ.get("OMPI_COMM_WORLD_RANK"), os.getpid()
 
 
+def tick_period(dask_worker) -> int:
+    """The worker's event-loop tick period, in ms (futures_hpc.dask_settings: 200)."""
+    return dask_worker.periodic_callbacks["tick"].callback_time
+
+
 def layout(executor) -> dict:
     """Where the client, the scheduler and the workers of ``executor`` run."""
     client = executor.client
@@ -42,6 +47,7 @@ def layout(executor) -> dict:
         "scheduler address": executor.cluster.scheduler_address,
         "workers": sorted(client.run(rank_and_pid).values()),
         "status workers": executor.status().workers,
+        "worker tick periods": sorted(client.run(tick_period).values()),
     }
 
 
