@@ -19,8 +19,9 @@ from typing import Any
 
 import cloudpickle
 
-from .relay import packed_task_news
-from .store.recorder import StoreSpec, TaskRecorder
+from .relay import packed_task_news, ran_before
+from .store.recorder import StoreSpec, TaskRecorder, recorded_results
+from .store.results import MISSING
 
 #: The outcome of a call that the task skipped: it finished on a worker that died since.
 SKIPPED = ("skip", None)
@@ -229,7 +230,9 @@ def run_chunk(payload: bytes) -> bytes:
         started = time.perf_counter()
         if store is not None:
             recorder = TaskRecorder(store)
-            _run_recorded(function, columns, recorder, results)
+            # Run again after its worker was lost: the calls recorded meanwhile are not rerun.
+            recorded = recorded_results(store) if ran_before() else None
+            _run_recorded(function, columns, recorder, results, recorded)
         elif len(columns) == 1:
             for argument in columns[0]:
                 results.append(function(argument))
@@ -248,10 +251,17 @@ def run_chunk(payload: bytes) -> bytes:
 
 
 def _run_recorded(function: Callable[..., Any], columns: Sequence[Sequence[Any]],
-                  recorder: TaskRecorder, results: list[Any]) -> None:
-    """Run a chunk's calls in order, recording each result."""
+                  recorder: TaskRecorder, results: list[Any],
+                  recorded: Sequence[Any] | None = None) -> None:
+    """Run a chunk's calls in order, recording each result.
+
+    ``recorded``: a result per call, :data:`~futures_hpc.store.MISSING` for those to run.
+    """
     add = recorder.add
     for number, arguments in enumerate(zip(*columns, strict=True)):
+        if recorded is not None and recorded[number] is not MISSING:
+            results.append(recorded[number])
+            continue
         result = function(*arguments)
         results.append(result)
         add(number, result)

@@ -20,7 +20,8 @@ worker; the scheduler first tells that worker which calls finished (a :data:`FIN
 message, sent before the task itself), and the task skips them, so that no finished call runs
 twice. Outcomes still waiting for their message when the task ends come with its result; an
 outcome larger than :data:`OUTCOME_PUSH_LIMIT` is never sent ahead (its call counts as
-unfinished).
+unfinished). A chunk of ``map`` sends no such news; told that it ran before, it takes the
+results its calls recorded in the executor's store (``store=``) instead of running them again.
 
 The scheduler relays through a stream handler that :class:`RelayToClients` installs. A scheduler
 without it would close the worker's stream on the unknown message, so workers send these
@@ -62,6 +63,8 @@ OUTCOME_PUSH_LIMIT = 64 * 1024
 NEWS_INTERVAL = 0.1
 #: Task states after which the scheduler forgets which of a task's calls finished.
 _OVER = frozenset({"memory", "erred", "forgotten"})
+#: States a processing task goes to when its worker is lost: dask will run it again.
+_INTERRUPTED = frozenset({"released", "waiting", "no-worker"})
 
 # On a worker: the calls of each task that finished before the task's earlier worker died (from
 # the scheduler, taken by the task when it starts), and the plugins that send news.
@@ -80,6 +83,10 @@ class RelayToClients(SchedulerPlugin):
         self.scheduler: Any = None
         #: The calls of each running packed task that finished, by task key.
         self.finished_calls: dict[str, set[int]] = {}
+        #: The executors' tasks that started executing and are not over yet.
+        self.started: set[str] = set()
+        #: Those of them that were interrupted (their worker lost): dask runs them again.
+        self.interrupted: set[str] = set()
 
     async def start(self, scheduler: Any) -> None:
         """Install the stream handler for :data:`RELAY_OP` messages from workers."""
@@ -96,6 +103,8 @@ class RelayToClients(SchedulerPlugin):
         task, remembered until the task is over.
         """
         message = {"op": RELAY_OP, "key": key, "outcome": outcome}
+        if outcome is None and calls is None:
+            self.started.add(key)
         if calls is not None:
             self.finished_calls.setdefault(key, set()).update(calls)
             message["calls"] = calls
@@ -103,18 +112,33 @@ class RelayToClients(SchedulerPlugin):
         send_to_client(self.scheduler, client, message)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        """Tell the worker a task goes to which of its calls finished; forget finished tasks."""
-        if not self.finished_calls:
+        """Tell the worker a task goes to that it ran before, and which of its calls finished.
+
+        A task that started executing and goes back from processing (its worker was lost) is
+        remembered as interrupted; when it is processing again, its new worker gets a
+        :data:`FINISHED_OP` message before the task: the calls that finished (packed tasks),
+        and that it ran before (a chunk of ``map`` then looks for its calls in the store).
+        """
+        if not (self.started or self.interrupted):
             return
         if finish == "processing":
             calls = self.finished_calls.get(key)
-            task = self.scheduler.tasks.get(key) if calls else None
+            if not calls and key not in self.interrupted:
+                return
+            self.interrupted.discard(key)
+            task = self.scheduler.tasks.get(key)
             worker = getattr(getattr(task, "processing_on", None), "address", None)
             if worker is not None:
                 send_to_worker(self.scheduler, worker,
-                               {"op": FINISHED_OP, "key": key, "calls": sorted(calls)})
+                               {"op": FINISHED_OP, "key": key, "calls": sorted(calls or ())})
+        elif start == "processing" and finish in _INTERRUPTED:
+            if key in self.started:
+                self.started.discard(key)
+                self.interrupted.add(key)
         elif finish in _OVER:
             self.finished_calls.pop(key, None)
+            self.started.discard(key)
+            self.interrupted.discard(key)
 
 
 class CallNewsPlugin(WorkerPlugin):
@@ -262,6 +286,20 @@ class TaskNews:
                 self._loop.call_later(NEWS_INTERVAL, self._flush)
         if calls:
             self._plugin.send_calls(self._key, calls, outcomes)
+
+
+def ran_before() -> bool:
+    """Whether the running task ran before, on a worker that was lost (the scheduler said so).
+
+    False outside a worker's task, and for a task that asked already (the word is taken).
+    """
+    if not _finished_elsewhere:
+        return False
+    try:
+        key = distributed.get_worker().get_current_task()
+    except Exception:  # not in a worker's task
+        return False
+    return _finished_elsewhere.pop(key, None) is not None
 
 
 def packed_task_news(calls: int) -> tuple[TaskNews | None, Collection[int]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import frames
-from .results import pack_result
+from .results import MISSING, pack_result, read_index, read_record
 from .segments import FLUSH_BYTES, SegmentWriter
 
 _writers: dict[str, SegmentWriter] = {}
@@ -33,6 +33,20 @@ class StoreSpec:
     location: str
     function_id: bytes
     keys: tuple[bytes, ...]
+
+
+def recorded_results(spec: StoreSpec) -> list[Any]:
+    """The result the store holds for each call of a task, :data:`MISSING` for the others.
+
+    Reads the index of the whole store: meant for a task that dask runs again after its
+    worker was lost, whose calls that finished there were recorded.
+    """
+    index = read_index(spec.location, with_runs=False)
+    found = []
+    for key in spec.keys:
+        where = index.calls.get(key)
+        found.append(MISSING if where is None else read_record(index, where))
+    return found
 
 
 def writer_for(location: str) -> SegmentWriter:
