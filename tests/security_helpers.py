@@ -90,7 +90,7 @@ def open_to_every_interface(listeners: list[tuple[str, int, str]]) -> list:
 
 #: A child that runs an executor inside ``with``, prints what it wrote, then waits for a line.
 _KEY_CHILD = textwrap.dedent("""
-    import json, sys
+    import json, select, sys
     import dask.config
     from futures_hpc import HPCExecutor
     if __name__ == "__main__":
@@ -105,6 +105,11 @@ _KEY_CHILD = textwrap.dedent("""
                 "certificate": (str(credentials.certificate_path)
                                 if credentials.certificate_path else None),
             }), flush=True)
+            # Wait for the word to end, waking every 0.2 s: a SIGINT that the kernel hands to
+            # another thread of the process does not interrupt a blocking read in this one
+            # (seen: 1 run in 9 under load hung past the 120 s the test waits).
+            while not select.select([sys.stdin], [], [], 0.2)[0]:
+                pass
             sys.stdin.readline()
 """)
 
