@@ -51,7 +51,7 @@ import threading
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +76,8 @@ from .queued_call import (
     set_result,
     substitute_futures,
 )
-from .store import MISSING, Occurrences, ResultStore, StoreSpec, function_identity
-from .store.identity import call_keys
+from .store import MISSING, ResultStore, StoreSpec, function_identity
+from .store.identity import WORKER_KEYED_TYPES, Occurrences, call_keys
 
 logger = logging.getLogger("futures_hpc")
 
@@ -124,13 +124,17 @@ class CallQueue:
     resources : dict, optional
         dask worker resources every task of this queue needs (a pool's, see
         :mod:`futures_hpc.pools`): its tasks run only on workers that have them.
+    occurrences : Occurrences, optional
+        Numbers repeated calls for the store; the executor's queues share one, so that a call
+        repeated on another pool is still a repeat.
 
     """
 
     def __init__(self, client: distributed.Client, bridge: FutureBridge, call_costs: CallCosts,
                  worker_slots: Callable[[], int], run_name: str,
                  store: ResultStore | None = None,
-                 resources: dict[str, float] | None = None) -> None:
+                 resources: dict[str, float] | None = None,
+                 occurrences: Occurrences | None = None) -> None:
         self._client = client
         self._bridge = bridge
         self._costs = call_costs
@@ -145,7 +149,7 @@ class CallQueue:
         self._packed_functions: weakref.WeakKeyDictionary[
             Any, tuple[bytes, bytes, bytes | None]] = weakref.WeakKeyDictionary()
         self.store = store
-        self._occurrences = Occurrences()
+        self._occurrences = occurrences if occurrences is not None else Occurrences()
         self._closed = False
         self._task_numbers = itertools.count()
         #: The dask worker resources each task needs (None: any worker).
@@ -226,9 +230,31 @@ class CallQueue:
         self.store.name_function(identity, qualified_name(function))
         return identity
 
-    def store_keys(self, function_id: bytes, packed_arguments: Iterable[bytes]) -> list[bytes]:
-        """The store keys of calls of one function, in the order they are made."""
-        return self._occurrences.keys(call_keys(function_id, packed_arguments))
+    def store_keys(self, function_id: bytes, packed_arguments: Iterable[bytes],
+                   calls: Sequence[tuple[Any, ...]] | None = None) -> list[bytes]:
+        """The store keys of calls of one function, in the order they are made.
+
+        ``calls``: the calls themselves if their arguments are all of
+        :data:`~futures_hpc.store.identity.WORKER_KEYED_TYPES` (without keywords).
+        """
+        if calls is not None and self.store is not None and self.store.has_calls_of(
+                function_id):
+            calls = None  # no chunk of it is keyed by a worker in this run
+        return self._occurrences.keys(call_keys(function_id, packed_arguments), function_id,
+                                      calls)
+
+    def worker_keyed(self, function_id: bytes, columns: Sequence[Sequence[Any]],
+                     types: set[type]) -> dict[int, bytes] | None:
+        """Whether a worker may key this chunk's calls, and the keys of those that repeat.
+
+        None when the client must key the chunk itself: the store holds calls of the function
+        (they are looked up), or a call repeats another of the chunk. Otherwise the keys, by
+        position, of the calls that repeat earlier ones (see
+        :meth:`~futures_hpc.store.Occurrences.worker_keyed`; ``types``: the arguments' types).
+        """
+        if self.store is None or self.store.has_calls_of(function_id):
+            return None
+        return self._occurrences.worker_keyed(function_id, columns, types)
 
     def _prepare(self, entry: QueuedCall, function: Callable[..., Any],
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -255,7 +281,10 @@ class CallQueue:
             len(entry.packed_arguments) + len(entry.packed_function) > LARGE_PAYLOAD_BYTES
         )
         if entry.function_id is not None and not dask_dependencies:
-            entry.store_key, = self.store_keys(entry.function_id, [entry.packed_arguments])
+            keyed_by_hash = not kwargs and all(type(value) in WORKER_KEYED_TYPES
+                                               for value in args)
+            entry.store_key, = self.store_keys(entry.function_id, [entry.packed_arguments],
+                                               [args] if keyed_by_hash else None)
             recorded = self.store.result(entry.store_key)
             if recorded is not MISSING:
                 set_result(entry.future, recorded)

@@ -20,7 +20,7 @@ from typing import Any
 import cloudpickle
 
 from .relay import packed_task_news, ran_before
-from .store.recorder import StoreSpec, TaskRecorder, recorded_results
+from .store.recorder import ChunkRecorder, StoreSpec, TaskRecorder, recorded_results
 from .store.results import MISSING
 
 #: The outcome of a call that the task skipped: it finished on a worker that died since.
@@ -229,29 +229,29 @@ def run_chunk(payload: bytes) -> bytes:
         function = pickle.loads(packed_function)
         started = time.perf_counter()
         if store is not None:
-            recorder = TaskRecorder(store)
+            recorder = (TaskRecorder(store) if store.keys is not None
+                        else ChunkRecorder(store, columns, results))
             # Run again after its worker was lost: the calls recorded meanwhile are not rerun.
-            recorded = recorded_results(store) if ran_before() else None
-            _run_recorded(function, columns, recorder, results, recorded)
-        elif len(columns) == 1:
-            for argument in columns[0]:
-                results.append(function(argument))
+            recorded = recorded_results(store, columns) if ran_before() else None
+            if recorded is None and isinstance(recorder, ChunkRecorder):
+                _run_plain(function, columns, results)
+            else:
+                _run_recorded(function, columns, recorder, results, recorded)
         else:
-            for arguments in zip(*columns, strict=True):
-                results.append(function(*arguments))
+            _run_plain(function, columns, results)
     except BaseException as error:  # noqa: BLE001
         seconds = None if started is None else time.perf_counter() - started
         if recorder is not None:
-            recorder.flush()
+            recorder.close()
         return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error), seconds))
     seconds = time.perf_counter() - started
     if recorder is not None:
-        recorder.flush()
+        recorder.close()
     return _pack_outcome(("chunk", results, None, seconds))
 
 
 def _run_recorded(function: Callable[..., Any], columns: Sequence[Sequence[Any]],
-                  recorder: TaskRecorder, results: list[Any],
+                  recorder: TaskRecorder | ChunkRecorder, results: list[Any],
                   recorded: Sequence[Any] | None = None) -> None:
     """Run a chunk's calls in order, recording each result.
 
@@ -265,6 +265,21 @@ def _run_recorded(function: Callable[..., Any], columns: Sequence[Sequence[Any]]
         result = function(*arguments)
         results.append(result)
         add(number, result)
+
+
+def _run_plain(function: Callable[..., Any], columns: Sequence[Sequence[Any]],
+               results: list[Any]) -> None:
+    """Run a chunk's calls in order, appending each result: nothing else per call.
+
+    A worker-keyed chunk runs so too: the store's thread writes its calls from ``results``
+    (:mod:`futures_hpc.store.flusher`).
+    """
+    if len(columns) == 1:
+        for argument in columns[0]:
+            results.append(function(argument))
+    else:
+        for arguments in zip(*columns, strict=True):
+            results.append(function(*arguments))
 
 
 def unpack_outcome(packed: bytes) -> tuple[Any, ...]:

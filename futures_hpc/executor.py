@@ -66,7 +66,7 @@ from .provider import BackendProvider, ProviderTrait, chosen_executor_class
 from .queued_call import function_name, pickled
 from .scaling import ScalingStatus, validate_scaling_options
 from .security import TLS_DIRECTORY, RunCredentials, dashboard_link_for, run_credentials
-from .store import ResultStore
+from .store import Occurrences, ResultStore
 from .streams import connect_client
 
 logger = logging.getLogger("futures_hpc")
@@ -218,6 +218,7 @@ class HPCExecutor(BlockMethods, Executor):
         #: Where results are recorded and looked up (``store=``), or None.
         self.store: ResultStore | None = (
             None if store is None else ResultStore(store, self.run_name))
+        self._occurrences = Occurrences()
         self.credentials: RunCredentials | None = None
         self.security: Security | None = self._make_security(security)
 
@@ -432,7 +433,7 @@ class HPCExecutor(BlockMethods, Executor):
                     resources: dict[str, float] | None = None) -> CallQueue:
         """A call queue on this executor's client, sending while ``slots()`` has room."""
         return CallQueue(self._client, self._bridge, self._call_costs, slots, self.run_name,
-                         self.store, resources)
+                         self.store, resources, self._occurrences)
 
     def with_resources(
         self,

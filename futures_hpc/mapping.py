@@ -17,8 +17,9 @@ from typing import Any
 
 from .call_queue import CallQueue
 from .calls import pack_chunk, run_chunk
-from .queued_call import all_plain, function_name, pack_arguments, pickled
+from .queued_call import PLAIN_TYPES, function_name, pack_arguments, pickled
 from .store import MISSING, StoreSpec
+from .store.identity import WORKER_KEYED_TYPES
 
 #: With an input of unknown length, chunks grow from 1 call by doubling up to this size.
 MAX_GROWING_CHUNKSIZE = 256
@@ -138,33 +139,58 @@ def _submit_stored_chunks(queue: CallQueue, fn: Callable[..., Any], packed_funct
     keyed. Otherwise every chunk is keyed first, and a call that cannot be pickled fails the
     map before anything is queued.
     """
-    if all(all_plain(columns) for columns in chunks):
+    kinds = [_argument_types(columns) for columns in chunks]
+    if all(types <= PLAIN_TYPES for types in kinds):
         futures = []
-        for columns in chunks:
+        for columns, types in zip(chunks, kinds, strict=True):
             futures.append(_queue_planned(queue, fn, key, *_plan_stored_chunk(
-                queue, fn, packed_function, columns, function_id, plain=True)))
+                queue, fn, packed_function, columns, function_id, types)))
             queue.pump()
         return futures
-    planned = [_plan_stored_chunk(queue, fn, packed_function, columns, function_id,
-                                  plain=False) for columns in chunks]
+    planned = [_plan_stored_chunk(queue, fn, packed_function, columns, function_id, types)
+               for columns, types in zip(chunks, kinds, strict=True)]
     futures = [_queue_planned(queue, fn, key, *plan) for plan in planned]
     queue.pump()
     return futures
 
 
+def _argument_types(columns: Sequence[Sequence[Any]]) -> set[type]:
+    """The types of the values in ``columns`` (a ``range`` holds ints)."""
+    types: set[type] = set()
+    for column in columns:
+        if type(column) is range:
+            types.add(int)
+        else:
+            types.update(map(type, column))
+    return types
+
+
 def _plan_stored_chunk(
     queue: CallQueue, fn: Callable[..., Any], packed_function: bytes,
-    columns: Sequence[Sequence[Any]], function_id: bytes, plain: bool,
-) -> tuple[bytes | None, list[Sequence[Any]] | None, list[Any], list[int]]:
-    """A chunk's keys, what the store holds, and the payload of a task for the rest."""
+    columns: Sequence[Sequence[Any]], function_id: bytes, types: set[type],
+) -> tuple[bytes | None, list[Sequence[Any]] | None, list[Any] | None, list[int] | None]:
+    """A chunk's keys, what the store holds, and the payload of a task for the rest.
+
+    A chunk of a function the store holds nothing of, with arguments a worker can key, is
+    sent whole with no keys (``recorded`` and ``missing`` are then None): its worker records
+    each call under a key derived from its arguments.
+    """
+    worker_keyed = types <= WORKER_KEYED_TYPES
+    if worker_keyed:
+        overrides = queue.worker_keyed(function_id, columns, types)
+        if overrides is not None:
+            spec = StoreSpec(queue.store.location, function_id, None, overrides)
+            payload = pickled(lambda: pack_chunk(packed_function, columns, spec),
+                              lambda: _describe_chunk(fn, columns))
+            return payload, list(columns), None, None
     calls = list(zip(*columns, strict=False))
-    if plain:  # as pack_arguments(call, {}) packs them, without its checks
+    if types <= PLAIN_TYPES:  # as pack_arguments(call, {}) packs them, without its checks
         dumps, protocol, no_keywords = pickle.dumps, pickle.HIGHEST_PROTOCOL, {}
         packed = [dumps((call, no_keywords), protocol) for call in calls]
     else:
         packed = [pickled(lambda call=call: pack_arguments(call, {}),
                           lambda call=call: describe_call(fn, call, {})) for call in calls]
-    keys = queue.store_keys(function_id, packed)
+    keys = queue.store_keys(function_id, packed, calls if worker_keyed else None)
     del packed
     recorded = queue.store.results(keys)
     missing = [index for index, value in enumerate(recorded) if value is MISSING]
@@ -182,11 +208,13 @@ def _plan_stored_chunk(
 
 def _queue_planned(queue: CallQueue, fn: Callable[..., Any], key: bytes | None,
                    payload: bytes | None, sub_columns: list[Sequence[Any]] | None,
-                   recorded: list[Any], missing: list[int]) -> Future:
+                   recorded: list[Any] | None, missing: list[int] | None) -> Future:
     if payload is None:
         done: Future = Future()
         done.set_result((recorded, None, None))
         return done
+    if recorded is None or missing is None:  # nothing looked up: the task runs every call
+        return _queue_chunk(queue, fn, payload, sub_columns, key, _decode_chunk)
     return _queue_chunk(queue, fn, payload, sub_columns, key,
                         lambda outcome: _merge_recorded(_decode_chunk(outcome), recorded, missing))
 

@@ -12,7 +12,7 @@ between.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,18 +95,13 @@ def pickled(pack: Callable[[], Any], describe: Callable[[], str]) -> Any:
 
 
 #: Argument types that the standard pickle module pickles exactly as cloudpickle would.
-_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-def all_plain(columns: Iterable[Iterable[Any]]) -> bool:
-    """Whether every value in ``columns`` is of a type the standard pickle module packs."""
-    return {type(value) for column in columns for value in column} <= _PLAIN_TYPES
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
 def pack_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle ``(args, kwargs)``: with the C pickler for plain values, else with cloudpickle."""
-    if all(type(value) in _PLAIN_TYPES for value in args) and all(
-        type(value) in _PLAIN_TYPES for value in kwargs.values()
+    if all(type(value) in PLAIN_TYPES for value in args) and all(
+        type(value) in PLAIN_TYPES for value in kwargs.values()
     ):
         return pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     return cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)

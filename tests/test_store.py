@@ -207,10 +207,11 @@ def test_a_worker_job_cancelled_mid_run_loses_nothing_recorded(tmp_path):
     assert process.returncode == 0, err[-3000:]
     first_run = program.side_calls()
     assert sorted(set(first_run)) == list(range(CALLS))
-    # Only the calls whose records were not written yet (the last FLUSH_SECONDS, 50 ms of 10 ms
-    # calls) and the one running: before the chunk consulted the store, its finished calls ran
-    # again too (80 of them in a run of this test).
-    assert len(first_run) - CALLS <= 10, len(first_run) - CALLS
+    # Only the call running and those whose records were not written yet (records wait at most
+    # MIN_FLUSH_SECONDS, 2 ms, here: one 5-10 ms call, two if the write was late): before the
+    # chunk consulted the store, its finished calls ran again too (80 of them in a run of this
+    # test), and with 50 ms of waiting, up to 11.
+    assert len(first_run) - CALLS <= 5, len(first_run) - CALLS
     assert recorded_arguments(program.store) == set(range(CALLS))
     program.rerun()
     assert len(program.side_calls()) == len(first_run)
@@ -238,18 +239,18 @@ def _fails_first_time(path):
 def record_then_kill_once(directory: str, value: int, killer: int) -> int:
     """Append ``value`` to a side file; the call ``killer`` kills its worker, the first time.
 
-    The call before the killer outlasts the recorder's flush interval, so that the calls before
-    the killer in its chunk are in the store when their worker dies.
+    The killer runs for longer than the store's longest flush interval before it kills, so
+    that the calls before it in its chunk are in the store when their worker dies (a call's
+    record is written at most that long after it finished).
     """
     marker = os.path.join(directory, "killed")
     if value == killer and not os.path.exists(marker):
         with open(marker, "w") as handle:
             handle.write(f"{os.getpid()}\n")
+        time.sleep(4 * segments.FLUSH_SECONDS)
         os._exit(1)
     with open(os.path.join(directory, "side"), "a") as handle:
         handle.write(f"{value}\n")
-    if value == killer - 1:
-        time.sleep(4 * segments.FLUSH_SECONDS)
     return 2 * value
 
 
@@ -267,6 +268,56 @@ def test_a_map_chunk_run_again_after_its_worker_died_takes_its_recorded_calls(tm
     index = read_index(str(tmp_path / "store"))
     recorded = [read_record(index, where) for where in index.calls.values()]
     assert sorted(recorded) == [2 * value for value in range(count)]
+
+
+def _draw_for(value):
+    return value, os.urandom(8).hex()
+
+
+def _drawn_pair(text, number):
+    return text * number, os.urandom(8).hex()
+
+
+def _maybe_a_function(value):
+    if value == 1:
+        return lambda: 42  # the standard pickler cannot pack it; cloudpickle can
+    return value
+
+
+def test_chunks_keyed_by_their_workers_keep_repeats_apart(tmp_path):
+    """Chunks of int and str arguments are keyed by their workers (one ``CALLS`` record per
+    write); a call repeated in a later map, within one chunk, or through ``submit`` still gets a
+    record of its own, and the rerun finds every call under the same key."""
+    store = tmp_path / "store"
+
+    def run(ex: HPCExecutor) -> tuple:
+        return (list(ex.map(_draw_for, range(300))),
+                list(ex.map(_draw_for, list(range(200, 400)))),  # 100 repeats of the first
+                ex.submit(_draw_for, 5).result(),  # a repeat of a worker-keyed call
+                list(ex.map(_draw_for, ["p", "q", "p"])),  # a repeat within one chunk
+                list(ex.map(_drawn_pair, ["x", "y"], [1, 2])))
+
+    with HPCExecutor("local", max_workers=2, store=store) as ex:
+        first = run(ex)
+        assert ex.store.hits == 0
+    assert first[1][50][0] == 250 and first[1][50][1] != first[0][250][1]
+    assert first[2][1] != first[0][5][1]
+    assert first[3][0][1] != first[3][2][1]
+    kinds = {kind for name in segments.segment_names(str(store))
+             for _, kind, *_ in frames.scan(segments.read_segment(name))}
+    assert frames.CALLS in kinds
+    with HPCExecutor("local", max_workers=2, store=store) as ex:
+        assert run(ex) == first
+        assert ex.store.hits == 300 + 200 + 1 + 3 + 2
+
+
+def test_a_worker_keyed_result_that_needs_cloudpickle_is_recorded(tmp_path):
+    store = tmp_path / "store"
+    for run in range(2):
+        with HPCExecutor("local", max_workers=1, store=store) as ex:
+            results = list(ex.map(_maybe_a_function, range(4)))
+            assert results[1]() == 42 and results[:1] + results[2:] == [0, 2, 3]
+            assert ex.store.hits == (4 if run else 0)
 
 
 def test_submit_and_map_share_records_and_repeats_stay_apart(tmp_path):
@@ -390,17 +441,26 @@ def test_joblib_batches_are_recorded(tmp_path):
 # -- the format -------------------------------------------------------------------------------
 
 
-def test_a_torn_tail_is_ignored_and_a_torn_record_runs_again(tmp_path):
+def _run_squares(ex: HPCExecutor, how: str) -> list[int]:
+    if how == "submit":  # a record per call
+        return [future.result() for future in [ex.submit(_square, x) for x in range(10)]]
+    return list(ex.map(_square, range(10), chunksize=2))  # a record per chunk of 2 calls
+
+
+@pytest.mark.parametrize("how, calls_per_record", [("submit", 1), ("map", 2)])
+def test_a_torn_tail_is_ignored_and_a_torn_record_runs_again(tmp_path, how, calls_per_record):
     store = tmp_path / "store"
     with HPCExecutor("local", max_workers=1, store=store) as ex:
-        assert list(ex.map(_square, range(10))) == [x * x for x in range(10)]
+        assert _run_squares(ex, how) == [x * x for x in range(10)]
     worker_segments = [name for name in segments.segment_names(str(store))
                        if Path(name).name.startswith("w-")]
     assert len(worker_segments) == 1
     segment = Path(worker_segments[0])
     data = segment.read_bytes()
     records = list(frames.scan(data))
-    assert len(records) == 10
+    assert len(records) == 10 // calls_per_record
+    assert {kind for _, kind, *_ in records} == {
+        frames.CALL if calls_per_record == 1 else frames.CALLS}
     # Flip a byte in the payload of the third record, cut the last one in half.
     third_offset, *_ , third_length = records[2]
     flipped = bytearray(data)
@@ -408,10 +468,13 @@ def test_a_torn_tail_is_ignored_and_a_torn_record_runs_again(tmp_path):
     last_offset = records[-1][0]
     segment.write_bytes(bytes(flipped[:last_offset + 20]))
     index = read_index(str(store))
-    assert len(index.calls) == 9  # the cut record is not whole
+    if calls_per_record == 1:
+        assert len(index.calls) == 9  # the cut record is not whole; the flipped one is indexed
+    else:
+        assert len(index.calls) == 6  # a chunk record is read to key its calls: both are out
     with HPCExecutor("local", max_workers=1, store=store) as ex:
-        assert list(ex.map(_square, range(10))) == [x * x for x in range(10)]
-        assert ex.store.hits == 8  # the flipped one and the cut one ran again
+        assert _run_squares(ex, how) == [x * x for x in range(10)]
+        assert ex.store.hits == 10 - 2 * calls_per_record  # the flipped and the cut ran again
 
 
 def test_object_store_writes_one_object_per_flush():

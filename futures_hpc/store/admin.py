@@ -56,7 +56,7 @@ def summarize(location: str) -> StoreSummary:
     if not segments.is_store(location):
         raise FileNotFoundError(f"{location} is not a futures_hpc store (no "
                                 f"{segments.MARKER} file)")
-    index = read_index(location)
+    index = read_index(location, expand=False)
     summary = StoreSummary(location, runs=sorted(index.runs, key=lambda run: run["started"]),
                            blocks=len(index.blocks), segments=len(index.names))
     for function_id, count in index.calls_per_function.items():
@@ -94,7 +94,7 @@ def clear_function(location: str, name: str) -> int:
     (``module.function``), or its last part (``function``), or a function id in hex.
     """
     location = segments.normalized_location(location)
-    index = read_index(location, with_runs=False)
+    index = read_index(location, with_runs=False, expand=False)
     chosen = {function_id for function_id, known in index.functions.items()
               if name in (known, known.rsplit(".", 1)[-1])}
     chosen |= {function_id for function_id in index.calls_per_function
@@ -106,11 +106,12 @@ def clear_function(location: str, name: str) -> int:
         kept: list[bytes] = []
         dropped = 0
         whole = 0
-        for offset, kind, first, _second, length in frames.scan(data):
+        for offset, kind, first, second, length in frames.scan(data):
             end = offset + frames.HEADER_SIZE + length
             whole = end
-            if kind in (frames.CALL, frames.FUNCTION) and first in chosen:
-                dropped += kind == frames.CALL
+            if kind in (frames.CALL, frames.CALLS, frames.FUNCTION) and first in chosen:
+                dropped += (1 if kind == frames.CALL
+                            else frames.key_count(second) if kind == frames.CALLS else 0)
                 continue
             kept.append(bytes(data[offset:end]))
         if dropped or whole < len(data):

@@ -34,8 +34,29 @@ FUNCTION = 2  #: a function's name: function id, zero key, the name in UTF-8
 RUN = 3  #: a run of a program: zero key, run key, pickled facts about it
 BLOCK = 4  #: a block of ``map_blocks`` done: job key, block key, pickled partial (or None)
 OUTPUT = 5  #: an output claimed by a block job: output key, claim key, pickled (job key, time)
+#: calls of a chunk keyed by its worker: function id, :func:`count_key`, then
+#: :data:`CALLS_HEADER`, the pickled ``(argument columns, {position: key})`` and the results
+CALLS = 6
+
+#: The start of a ``CALLS`` record's payload: the length of its pickled arguments, and how its
+#: results are pickled (:data:`RESULTS_LIST` or :data:`RESULTS_EACH`).
+CALLS_HEADER = struct.Struct("<IB")
+#: The results are one pickled list.
+RESULTS_LIST = 0
+#: The results are a pickled list of each result's own bytes (None: not recorded).
+RESULTS_EACH = 1
 
 ZERO_KEY = bytes(16)
+
+
+def count_key(count: int) -> bytes:
+    """The second key of a ``CALLS`` record: how many calls it holds."""
+    return count.to_bytes(8, "little") + bytes(8)
+
+
+def key_count(key: bytes) -> int:
+    """The number of calls a ``CALLS`` record holds, from its second key."""
+    return int.from_bytes(key[:8], "little")
 
 
 class TornRecord(Exception):  # noqa: N818 - a condition, not an error to report

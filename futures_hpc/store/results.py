@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import cloudpickle
 
 from . import frames, segments
+from .identity import column_keys
 
 #: What a lookup returns when the call is not recorded (or its record is torn).
 MISSING = object()
@@ -34,7 +36,8 @@ class StoreIndex:
     Attributes
     ----------
     calls : dict
-        Call key to ``(segment number, offset)``.
+        Call key to ``(segment number, offset)``, or ``(segment number, offset, position)``
+        for a call of a ``CALLS`` record (once :func:`expand_call_chunks` read them).
     blocks : dict
         ``(job key, block key)`` to ``(segment number, offset)``.
     outputs : dict
@@ -44,6 +47,8 @@ class StoreIndex:
         Function id to the function's name.
     calls_per_function : collections.Counter
         Recorded calls of each function id.
+    call_chunks : list
+        ``(function id, segment number, offset)`` of each ``CALLS`` record not yet read.
     runs : list of dict
         What each run that used the store recorded about itself.
     data : list
@@ -53,18 +58,25 @@ class StoreIndex:
 
     """
 
-    calls: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    calls: dict[bytes, tuple[int, ...]] = field(default_factory=dict)
     blocks: dict[tuple[bytes, bytes], tuple[int, int]] = field(default_factory=dict)
     outputs: dict[bytes, list[tuple[bytes, int, int]]] = field(default_factory=dict)
     functions: dict[bytes, str] = field(default_factory=dict)
     calls_per_function: Counter = field(default_factory=Counter)
+    call_chunks: list[tuple[bytes, int, int]] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     data: list[bytes | memoryview] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    #: The results of the ``CALLS`` record read last: ``((number, offset), results)``.
+    last_results: tuple[tuple[int, int], list[Any]] | None = None
 
 
-def read_index(location: str, *, with_runs: bool = True) -> StoreIndex:
-    """Index every whole record of the store at ``location``."""
+def read_index(location: str, *, with_runs: bool = True, expand: bool = True) -> StoreIndex:
+    """Index every whole record of the store at ``location``.
+
+    ``expand``: also key the calls of ``CALLS`` records (:func:`expand_call_chunks`), which
+    reads their arguments; otherwise they wait in ``call_chunks``.
+    """
     index = StoreIndex()
     for name, data in segments.iter_segments(location):
         number = len(index.data)
@@ -74,6 +86,9 @@ def read_index(location: str, *, with_runs: bool = True) -> StoreIndex:
             if kind == frames.CALL:
                 index.calls[second] = (number, offset)
                 index.calls_per_function[first] += 1
+            elif kind == frames.CALLS:
+                index.call_chunks.append((first, number, offset))
+                index.calls_per_function[first] += frames.key_count(second)
             elif kind == frames.BLOCK:
                 index.blocks[(first, second)] = (number, offset)
             elif kind == frames.OUTPUT:
@@ -88,16 +103,58 @@ def read_index(location: str, *, with_runs: bool = True) -> StoreIndex:
                     index.runs.append(pickle.loads(frames.read_payload(data, offset)))
                 except Exception:  # torn, or written by a newer version
                     pass
+    if expand:
+        expand_call_chunks(index)
     return index
 
 
-def read_record(index: StoreIndex, where: tuple[int, int]) -> Any:
+def expand_call_chunks(index: StoreIndex) -> None:
+    """Add the calls of every ``CALLS`` record to ``index.calls``.
+
+    Their keys are derived from their arguments. A torn record is left out: its calls run
+    again.
+    """
+    chunks, index.call_chunks = index.call_chunks, []
+    for function_id, number, offset in chunks:
+        try:
+            payload = frames.read_payload(index.data[number], offset)
+            arguments_size, _ = frames.CALLS_HEADER.unpack_from(payload)
+            columns, overrides = pickle.loads(
+                payload[frames.CALLS_HEADER.size:frames.CALLS_HEADER.size + arguments_size])
+        except Exception:  # torn, or written by a newer version
+            continue
+        calls = index.calls
+        for position, key in enumerate(column_keys(function_id, columns, overrides)):
+            calls[key] = (number, offset, position)
+
+
+def read_record(index: StoreIndex, where: tuple[int, ...]) -> Any:
     """The unpickled payload of the record at ``where``, or :data:`MISSING` if it is torn."""
+    if len(where) == 3:
+        return _read_from_calls(index, where)
     number, offset = where
     try:
         return pickle.loads(frames.read_payload(index.data[number], offset))
     except frames.TornRecord:
         return MISSING
+
+
+def _read_from_calls(index: StoreIndex, where: tuple[int, ...]) -> Any:
+    """The result at ``position`` in the ``CALLS`` record at ``(number, offset)``."""
+    number, offset, position = where
+    cached = index.last_results
+    if cached is None or cached[0] != (number, offset):
+        try:
+            payload = frames.read_payload(index.data[number], offset)
+        except frames.TornRecord:
+            return MISSING
+        arguments_size, encoding = frames.CALLS_HEADER.unpack_from(payload)
+        results = pickle.loads(payload[frames.CALLS_HEADER.size + arguments_size:])
+        if encoding == frames.RESULTS_EACH:
+            results = [MISSING if packed is None else pickle.loads(packed)
+                       for packed in results]
+        cached = index.last_results = ((number, offset), results)
+    return cached[1][position]
 
 
 class ResultStore:
@@ -116,9 +173,10 @@ class ResultStore:
     def __init__(self, location: str | os.PathLike[str], run_name: str) -> None:
         self.location = segments.normalized_location(location)
         segments.create(self.location)
-        self.index = read_index(self.location, with_runs=False)
+        self.index = read_index(self.location, with_runs=False, expand=False)
         self.run_name = run_name
         self.hits = 0
+        self._expanding = threading.Lock()
         self._writer = segments.SegmentWriter(self.location, "r")
         self._named: set[bytes] = set(self.index.functions)
         self._claims_made: dict[bytes, list[tuple[int, bytes, bytes]]] = {}
@@ -136,8 +194,15 @@ class ResultStore:
         self._writer.write([frames.frame(frames.FUNCTION, function_id, frames.ZERO_KEY,
                                          name.encode())])
 
+    def has_calls_of(self, function_id: bytes) -> bool:
+        """Whether the store held calls of the function when the run started."""
+        return self.index.calls_per_function[function_id] > 0
+
     def result(self, key: bytes) -> Any:
         """The recorded result of the call with ``key``, or :data:`MISSING`."""
+        if self.index.call_chunks:
+            with self._expanding:
+                expand_call_chunks(self.index)
         where = self.index.calls.get(key)
         if where is None:
             return MISSING

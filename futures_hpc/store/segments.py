@@ -23,7 +23,11 @@ MARKER = "FUTURES_HPC_STORE"
 MARKER_TEXT = "futures_hpc result store, format 1\n"
 SEGMENTS = "segments"
 SUFFIX = ".fhs"
-#: A task's records are written once this many seconds passed since its last write ...
+#: A task's records are written once :data:`MIN_FLUSH_SECONDS` passed since its last write, or
+#: :data:`WRITE_COST_SHARE` times what the writer's recent writes took if that is longer (on a
+#: slow filesystem), but at most :data:`FLUSH_SECONDS` ...
+MIN_FLUSH_SECONDS = 0.002
+WRITE_COST_SHARE = 20
 FLUSH_SECONDS = 0.05
 #: ... or once they are this many bytes (and always at the end of the task).
 FLUSH_BYTES = 4 * 1024 * 1024
@@ -179,13 +183,26 @@ class SegmentWriter:
         self.location = location
         self.name = writer_name(kind)
         self._object_store = is_url(location)
-        #: Seconds a task's records may wait to be written: :data:`FLUSH_SECONDS`, or
-        #: :data:`OBJECT_FLUSH_SECONDS` on an object store (a record written alone, as soon as
-        #: a task's first call ends, would make two objects per task).
-        self.flush_seconds = OBJECT_FLUSH_SECONDS if self._object_store else FLUSH_SECONDS
+        self._write_seconds = 0.0  # a moving average of what a write takes
         self._lock = threading.Lock()
         self._descriptor: int | None = None
         self._objects = 0
+
+    @property
+    def flush_seconds(self) -> float:
+        """Seconds a task's records may wait to be written.
+
+        On a filesystem, :data:`MIN_FLUSH_SECONDS`, or :data:`WRITE_COST_SHARE` times what
+        packing and writing records takes here (:meth:`note_cost`), up to
+        :data:`FLUSH_SECONDS`: writing costs at most about 5 % of the time, and a worker killed
+        loses the results of at most that much time. On an object
+        store, :data:`OBJECT_FLUSH_SECONDS` (a record written alone, as soon as a task's first
+        call ends, would make two objects per task).
+        """
+        if self._object_store:
+            return OBJECT_FLUSH_SECONDS
+        return min(FLUSH_SECONDS, max(MIN_FLUSH_SECONDS,
+                                      WRITE_COST_SHARE * self._write_seconds))
 
     def write(self, records: list[bytes]) -> None:
         """Write framed records now, in one piece."""
@@ -205,6 +222,10 @@ class SegmentWriter:
             while view:
                 written = os.write(self._descriptor, view)
                 view = view[written:]
+
+    def note_cost(self, seconds: float) -> None:
+        """A writing of records (packing them and :meth:`write`) took ``seconds``."""
+        self._write_seconds = 0.8 * self._write_seconds + 0.2 * seconds
 
     def close(self) -> None:
         """Close the segment file."""
