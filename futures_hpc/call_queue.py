@@ -163,10 +163,18 @@ class CallQueue:
 
     def submit(self, function: Callable[..., Any], args: tuple[Any, ...],
                kwargs: dict[str, Any], describe: Callable[[], str],
-               ladder: Any = None) -> Future:
-        """Queue ``function(*args, **kwargs)`` (on ``ladder``'s first rung); return its future."""
+               ladder: Any = None, batch: tuple[bytes, int] | None = None) -> Future:
+        """Queue ``function(*args, **kwargs)`` (on ``ladder``'s first rung); return its future.
+
+        ``batch``: the call runs a batch of calls that its caller made itself (joblib's),
+        ``(cost key, calls in it)``. Its cost is then learnt per call of the batch under that
+        key, shared by the caller's batches, so that a batch measured as short may wait on a
+        busy worker as a look-ahead task; it is never packed with other calls.
+        """
         future: Future = Future()
         entry = QueuedCall(future, function_name(function), describe, ladder=ladder)
+        if batch is not None:
+            entry.batch_cost_key, entry.calls = batch
         dependencies: list[Future] = []
         for value in args:
             find_futures(value, dependencies)
@@ -280,6 +288,8 @@ class CallQueue:
         entry.alone = bool(dask_dependencies) or (
             len(entry.packed_arguments) + len(entry.packed_function) > LARGE_PAYLOAD_BYTES
         )
+        if entry.batch_cost_key is not None:  # a batch of its own: never packed with others
+            entry.cost_key, entry.alone = entry.batch_cost_key, True
         if entry.function_id is not None and not dask_dependencies:
             keyed_by_hash = not kwargs and all(type(value) in WORKER_KEYED_TYPES
                                                for value in args)
@@ -510,6 +520,11 @@ class CallQueue:
                 self._short_in_flight -= 1
             else:
                 self._long_in_flight -= 1
+        if error is None and task_future is not None and not task_future.cancelled() and (
+                task_future.exception() is None):
+            # The slot is free: fill it before the results' callbacks run (joblib dispatches
+            # its next batches in them, which takes tens of milliseconds).
+            self.pump()
         try:
             self._deliver(sent, task_future, error)
         finally:
@@ -557,7 +572,8 @@ class CallQueue:
             else:  # finished on a lost worker, but its news never came: run it again
                 skipped.append(entry)
         if seconds is not None and head.cost_key is not None:
-            ran = sum(kind != SKIPPED[0] for kind, _ in outcomes)
+            ran = sum(entry.calls for entry, (kind, _) in zip(entries, outcomes, strict=True)
+                      if kind != SKIPPED[0])
             self._costs.record(head.cost_key, ran, seconds)
         self._queue_again(skipped)
 

@@ -7,6 +7,7 @@ the cluster and starts its workers; everything else, the whole life cycle includ
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import sys
@@ -424,10 +425,22 @@ class HPCExecutor(BlockMethods, Executor):
         return self._submit_to(self._queue, fn, args, kwargs)
 
     def _submit_to(self, queue: CallQueue, fn: Callable[..., Any], args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Future:
+                   kwargs: dict[str, Any], batch: tuple[bytes, int] | None = None) -> Future:
         with self._shutdown_lock:
             self._check_open()
-            return queue.submit(fn, args, kwargs, lambda: describe_call(fn, args, kwargs))
+            describe = functools.partial(describe_call, fn, args, kwargs)
+            if batch is None:
+                return queue.submit(fn, args, kwargs, describe)
+            return queue.submit(fn, args, kwargs, describe, batch=batch)
+
+    def submit_batch(self, fn: Callable[[], Any], calls: int, cost_key: bytes) -> Future:
+        """Schedule ``fn()``, a batch of ``calls`` calls made by a library (joblib's backend).
+
+        Its batches share ``cost_key``: the queue learns their cost per call under it, and a
+        batch measured as short may wait on a busy worker (see
+        :meth:`futures_hpc.call_queue.CallQueue.submit`).
+        """
+        return self._submit_to(self._queue, fn, (), {}, (cost_key, calls))
 
     def _make_queue(self, slots: Callable[[], int],
                     resources: dict[str, float] | None = None) -> CallQueue:

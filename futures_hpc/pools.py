@@ -499,6 +499,15 @@ class PoolExecutor(Executor):
         future.add_done_callback(self._forget)
         return future
 
+    def submit_batch(self, fn: Callable[[], Any], calls: int, cost_key: bytes) -> Future:
+        """Schedule a library's batch of calls on this pool (see ``HPCExecutor.submit_batch``)."""
+        with self._lock:
+            self._check_open()
+            future = self._executor._submit_to(self._entrance(), fn, (), {}, (cost_key, calls))
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int | None = None,
             buffersize: int | None = None, progress: bool = False) -> Iterator[Any]:

@@ -55,6 +55,9 @@ class QueuedCall:
     ladder : MemoryLadder or None
         For a call of ``with_resources(memory=[...])``: its memory ladder
         (:mod:`futures_hpc.memory_ladder`); ``rung`` is where it runs now.
+    batch_cost_key : bytes or None
+        For a call that runs a batch of ``calls`` calls made by its caller (joblib's): the cost
+        key its batches share (see :meth:`~futures_hpc.call_queue.CallQueue.submit`).
 
     """
 
@@ -73,6 +76,7 @@ class QueuedCall:
     store_key: bytes | None = None
     ladder: Any = None
     rung: int = 0
+    batch_cost_key: bytes | None = None
 
 
 def function_name(function: Callable[..., Any]) -> str:

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -259,6 +260,45 @@ def test_calls_slower_than_the_target_stay_one_per_batch(ex):
         tasks_before = _batch_task_count(ex.client)
         Parallel(n_jobs=2)(delayed(time.sleep)(0.25) for _ in range(6))
     assert _batch_task_count(ex.client) - tasks_before == 6
+
+
+def _most_batches_on_one_worker(client) -> int:
+    """The most joblib batches the scheduler has given one worker at this moment."""
+    return max((sum(str(key).startswith("BatchedCalls") for key in keys)
+                for keys in client.processing().values()), default=0)
+
+
+def test_short_batches_wait_on_a_busy_worker_as_loky_keeps_a_call_queued():
+    """Once a batch came back, the next batches, measured as short, are sent ahead: a worker
+    with one thread holds the running batch and the next one, so it never waits for a round
+    trip between two (before, one batch per worker thread: 1 here)."""
+    with HPCExecutor("local", max_workers=1) as one:
+        most = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                most[0] = max(most[0], _most_batches_on_one_worker(one.client))
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with joblib.parallel_config(backend="futures_hpc", executor=one):
+                results = Parallel(n_jobs=2)(delayed(_spin)(value) for value in range(60))
+        finally:
+            stop.set()
+            sampler.join()
+    assert results == list(range(60))
+    assert most[0] == 2
+
+
+def _spin(value: int) -> int:
+    """About 20 ms of arithmetic: batches of about 10 calls (0.2 s)."""
+    total = 0
+    for step in range(120_000):
+        total += step % 7
+    return value + 0 * total
 
 
 def test_batch_size_follows_the_cost_per_call_measured_on_workers():

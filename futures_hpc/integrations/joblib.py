@@ -25,12 +25,14 @@ ends (or, for ``Parallel(backend="futures_hpc")`` outside such a block, when tha
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from joblib import parallel as joblib_parallel
@@ -64,6 +66,26 @@ class _TimedBatch:
 
     def __repr__(self) -> str:
         return repr(self.batch)
+
+
+_callback_thread: ThreadPoolExecutor | None = None
+_callback_thread_lock = threading.Lock()
+
+
+def _run_callback(callback: Callable[[Future], None], future: Future) -> None:
+    """Run joblib's callback of a finished batch in a thread of its own, in order.
+
+    joblib dispatches its next batches in that callback: it takes the next slice of the
+    caller's generator and builds and pickles the batches (tens of milliseconds for thousands of
+    calls). Run where the executor completes futures, it would hold back the completion of the
+    other batches, and with it the dispatch of the calls waiting for their worker slots.
+    """
+    global _callback_thread
+    with _callback_thread_lock:
+        if _callback_thread is None:
+            _callback_thread = ThreadPoolExecutor(1, thread_name_prefix="futures_hpc-joblib")
+        runner = _callback_thread
+    runner.submit(callback, future)
 
 
 def _shut_down_owned_executor(executor: HPCExecutor) -> None:
@@ -142,6 +164,7 @@ class FuturesHPCBackend(ParallelBackendBase):
         self._measured_calls = 0.0
         self._batch_size = 1
         self._batch_duration = 0.0  # smoothed, from dispatch to result, of _batch_size batches
+        self._cost_key = os.urandom(16)  # the call queue's cost key of this Parallel's batches
 
     # -- the executor --------------------------------------------------------------------------
 
@@ -237,6 +260,7 @@ class FuturesHPCBackend(ParallelBackendBase):
         self._batch_duration = 0.0
         self._measured_seconds = 0.0
         self._measured_calls = 0.0
+        self._cost_key = os.urandom(16)
 
     def batch_completed(self, batch_size: int, duration: float) -> None:
         """Record a batch's time from dispatch to result (smoothed, as joblib does)."""
@@ -250,13 +274,21 @@ class FuturesHPCBackend(ParallelBackendBase):
         self._measured_calls = memory * self._measured_calls + calls
 
     def submit(self, func: Callable[[], Any], callback: Callable[[Any], None] | None = None):
-        """Run one joblib batch as one executor call; ``callback(future)`` when it is done."""
-        future = self._require_executor().submit(_TimedBatch(func))
+        """Run one joblib batch as one executor call; ``callback(future)`` when it is done.
+
+        The batches of one ``Parallel`` call share a cost key in the executor's call queue, so
+        that once one came back, batches measured as short are sent ahead to busy workers (two
+        per worker thread), as loky keeps a call queued per worker: no worker idles for a round
+        trip between two batches.
+        """
+        calls = len(func) if hasattr(func, "__len__") else 1
+        future = self._require_executor().submit_batch(_TimedBatch(func), max(1, calls),
+                                                       self._cost_key)
         with self._in_flight_lock:
             self._in_flight.add(future)
         future.add_done_callback(self._forget)
         if callback is not None:
-            future.add_done_callback(callback)
+            future.add_done_callback(functools.partial(_run_callback, callback))
         return future
 
     def _forget(self, future: Future) -> None:
