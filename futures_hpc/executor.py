@@ -434,11 +434,31 @@ class HPCExecutor(BlockMethods, Executor):
             return queue.submit(fn, args, kwargs, describe, batch=batch)
 
     def submit_batch(self, fn: Callable[[], Any], calls: int, cost_key: bytes) -> Future:
-        """Schedule ``fn()``, a batch of ``calls`` calls made by a library (joblib's backend).
+        """Schedule ``fn()``, a batch of calls that a library grouped itself (joblib's backend).
 
-        Its batches share ``cost_key``: the queue learns their cost per call under it, and a
-        batch measured as short may wait on a busy worker (see
-        :meth:`futures_hpc.call_queue.CallQueue.submit`).
+        Parameters
+        ----------
+        fn : callable
+            Runs the batch; takes no argument.
+        calls : int
+            How many calls the batch holds.
+        cost_key : bytes
+            Shared by the batches of one job (one ``joblib.Parallel`` call): the call queue
+            learns their cost per call under it, and once one came back, a batch measured as
+            short may wait on a busy worker as its next task (see
+            :meth:`futures_hpc.call_queue.CallQueue.submit`). A batch is never packed with
+            other calls.
+
+        Returns
+        -------
+        concurrent.futures.Future
+            Gets ``fn()``'s result or exception.
+
+        Raises
+        ------
+        RuntimeError
+            After :meth:`shutdown`.
+
         """
         return self._submit_to(self._queue, fn, (), {}, (cost_key, calls))
 
