@@ -74,11 +74,6 @@ def call_key(function_id: bytes, packed_arguments: bytes) -> bytes:
 WORKER_KEYED_TYPES = frozenset({int, str, bytes, type(None)})
 
 
-def packed_call(call: tuple[Any, ...]) -> bytes:
-    """A call of plain positional arguments, pickled as the call queue packs it for its key."""
-    return pickle.dumps((call, {}), pickle.HIGHEST_PROTOCOL)
-
-
 def column_keys(function_id: bytes, columns: Sequence[Sequence[Any]],
                 overrides: dict[int, bytes] | None = None) -> list[bytes]:
     """The keys of a chunk's calls of plain arguments, ``overrides`` by position taking over."""
@@ -205,7 +200,7 @@ class Occurrences:
 
     def keys(self, first_keys: list[bytes], function_id: bytes | None = None,
              calls: Sequence[tuple[Any, ...]] | None = None) -> list[bytes]:
-        """:meth:`key` of each of ``first_keys``, in order.
+        """The key of each call's occurrence, given its first occurrence's key, in order.
 
         ``calls``: the calls themselves, when their arguments are all of
         :data:`WORKER_KEYED_TYPES` and ``function_id``'s calls may be keyed by the workers:
@@ -229,12 +224,8 @@ class Occurrences:
                 return first_keys
             return [self._key(first_key) for first_key in first_keys]
 
-    def key(self, first_key: bytes) -> bytes:
-        """The key of this occurrence of the call whose first occurrence has ``first_key``."""
-        with self._lock:
-            return self._key(first_key)
-
     def _key(self, first_key: bytes) -> bytes:
+        """The key of this occurrence of the call whose first occurrence has ``first_key``."""
         if first_key not in self._seen:
             self._seen.add(first_key)
             return first_key
@@ -272,10 +263,8 @@ class Occurrences:
                 return None
             if not positions:
                 return {}
-            dumps, protocol, no_keywords = pickle.dumps, pickle.HIGHEST_PROTOCOL, {}
-            first_keys = call_keys(function_id, [
-                dumps((tuple(column[position] for column in columns), no_keywords), protocol)
-                for position in positions])
+            first_keys = column_keys(function_id, [[column[position] for position in positions]
+                                                   for column in columns])
             self._seen.update(first_keys)  # their first occurrences were keyed by workers
             return {position: self._key(first_key)
                     for position, first_key in zip(positions, first_keys, strict=True)}
