@@ -57,52 +57,60 @@ def _leading(shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 
 def _transfer_exactly(call, fd: int, buffer: memoryview, position: int) -> None:
-    done = 0
+    """``os.preadv`` or ``os.pwritev`` the whole buffer (a call may move fewer bytes)."""
+    done = call(fd, [buffer], position)
     while done < len(buffer):
+        if done <= 0:
+            raise EOFError(f"file ended at byte {position + max(done, 0)}")
         moved = call(fd, [buffer[done:]], position + done)
         if moved <= 0:
             raise EOFError(f"file ended at byte {position + done}")
         done += moved
 
 
-def _raw_window_runs(shape3: tuple[int, int, int], itemsize: int, offset: int,
-                     rows: slice, cols: slice):
-    """Yield ``(band, row_in_window or None, byte position)`` of each contiguous run."""
-    bands, total_rows, total_cols = shape3
+def _transfer_window(call, fd: int, offset: int, shape: tuple[int, ...], itemsize: int,
+                     rows: slice, cols: slice, window: np.ndarray) -> None:
+    """Move a window between the C-ordered ``window`` array and the file, run by run.
+
+    One buffer is made of ``window`` and sliced per run: a window narrower than the image is a
+    positional read or write per row, and those rows are what the loop spends its time on.
+    """
+    bands, total_rows, total_cols = (int(np.prod(shape[:-2], dtype=np.int64)),
+                                     *image_shape_of(shape))
     row_bytes = total_cols * itemsize
     band_bytes = total_rows * row_bytes
-    full_width = cols.start == 0 and cols.stop == total_cols
+    window_rows, width = rows.stop - rows.start, (cols.stop - cols.start) * itemsize
+    buffer = memoryview(window).cast("B")
+    if cols.start == 0 and cols.stop == total_cols:  # whole rows: one run per band
+        run = window_rows * width
+        for band in range(bands):
+            _transfer_exactly(call, fd, buffer[band * run:(band + 1) * run],
+                              offset + band * band_bytes + rows.start * row_bytes)
+        return
+    first = offset + rows.start * row_bytes + cols.start * itemsize
     for band in range(bands):
-        band_start = offset + band * band_bytes
-        if full_width:
-            yield band, None, band_start + rows.start * row_bytes
-            continue
-        for row_in_window, row in enumerate(range(rows.start, rows.stop)):
-            yield band, row_in_window, band_start + row * row_bytes + cols.start * itemsize
+        position = first + band * band_bytes
+        at = band * window_rows * width
+        for _ in range(window_rows):
+            _transfer_exactly(call, fd, buffer[at:at + width], position)
+            position += row_bytes
+            at += width
 
 
 def read_raw_window(fd: int, offset: int, shape: tuple[int, ...], dtype: np.dtype,
                     rows: slice, cols: slice) -> np.ndarray:
     """Read a window of a C-ordered raw image file with positional reads (no mmap faults)."""
-    shape3 = (int(np.prod(shape[:-2], dtype=np.int64)),) + image_shape_of(shape)
-    window = np.empty((shape3[0], rows.stop - rows.start, cols.stop - cols.start), dtype)
-    for band, row_in_window, position in _raw_window_runs(shape3, dtype.itemsize, offset,
-                                                          rows, cols):
-        target = window[band] if row_in_window is None else window[band, row_in_window]
-        _transfer_exactly(os.preadv, fd, memoryview(target).cast("B"), position)
+    bands = int(np.prod(shape[:-2], dtype=np.int64))
+    window = np.empty((bands, rows.stop - rows.start, cols.stop - cols.start), dtype)
+    _transfer_window(os.preadv, fd, offset, shape, dtype.itemsize, rows, cols, window)
     return window.reshape(tuple(shape[:-2]) + window.shape[-2:])
 
 
 def write_raw_window(fd: int, offset: int, shape: tuple[int, ...], dtype: np.dtype,
                      rows: slice, cols: slice, data: np.ndarray) -> None:
     """Write a window of a C-ordered raw image file with positional writes."""
-    shape3 = (int(np.prod(shape[:-2], dtype=np.int64)),) + image_shape_of(shape)
-    data = np.asarray(data, dtype=dtype).reshape((shape3[0],) + data.shape[-2:])
-    for band, row_in_window, position in _raw_window_runs(shape3, dtype.itemsize, offset,
-                                                          rows, cols):
-        part = data[band] if row_in_window is None else data[band, row_in_window]
-        _transfer_exactly(os.pwritev, fd, memoryview(np.ascontiguousarray(part)).cast("B"),
-                          position)
+    data = np.ascontiguousarray(np.asarray(data, dtype=dtype))
+    _transfer_window(os.pwritev, fd, offset, shape, dtype.itemsize, rows, cols, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,17 +336,45 @@ class ArraySink(ImageSink):
 
 
 class RawFileSink(ImageSink):
-    """A C-ordered raw image at ``offset`` in a file (``.npy``, memmap or shared memory)."""
+    """A C-ordered raw image at ``offset`` in a file (``.npy``, memmap or shared memory).
 
-    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: Any):
+    Windows are written with positional writes (safe side by side, also on network file
+    systems), or, with ``mapped=True`` (for outputs in ``/dev/shm``, which only processes of one
+    host share), assigned into one shared writable mapping of the file per process: one strided
+    copy per window, not a system call per row.
+    """
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: Any,
+                 mapped: bool = False):
         self.path = str(path)
         self.offset = int(offset)
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
+        self.mapped = mapped
+        self._image: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_image": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _mapped_image(self) -> np.ndarray:
+        with self._lock:
+            if self._image is None:
+                if not os.path.exists(self.path):
+                    raise FileNotFoundError(self.path)
+                self._image = np.memmap(self.path, self.dtype, "r+", self.offset, self.shape)
+            return self._image
 
     def write(self, rows: slice, cols: slice, data: np.ndarray) -> None:
         """Write with positional writes, so concurrent writers of other windows are safe."""
         data = self.fit(data, rows, cols)
+        if self.mapped:
+            self._mapped_image()[_leading(self.shape) + (rows, cols)] = data
+            return
         if not _HAVE_POSITIONAL_IO:
             image = np.memmap(self.path, self.dtype, "r+", self.offset, self.shape)
             image[_leading(self.shape) + (rows, cols)] = data

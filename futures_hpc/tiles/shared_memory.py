@@ -108,7 +108,7 @@ def create_shared_output(shape: tuple[int, ...], dtype: Any) -> RawFileSink:
     path = new_shared_path("output")
     dtype = np.dtype(dtype)
     os.close(_create_sparse(path, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))
-    return RawFileSink(path, 0, shape, dtype)
+    return RawFileSink(path, 0, shape, dtype, mapped=True)
 
 
 def map_shared_output(sink: RawFileSink) -> np.ndarray:
