@@ -11,6 +11,13 @@ batch job, two of them take CPU from the calls all the time, even while the clus
 - ``distributed.worker.profile.interval``, 10 ms: every worker samples its threads' stacks 100
   times a second for the dashboard's profile. futures_hpc uses 100 ms: the profile stays, with
   a sample per 100 ms.
+- ``distributed.admin.system-monitor.interval``, 500 ms: the scheduler, every nanny and every
+  worker read their process's CPU, memory, open files, disk and network counters twice a second
+  for the dashboard's system charts and the workers' heartbeats. The local backend's nannies
+  live in the client's process, so with 64 local workers its 65 monitors took about a tenth of
+  a core from the client (40.4 % of a core idle, 29.5 % at 2 s). futures_hpc uses 2 s: the
+  charts stay, a point every 2 s; the memory figures that spilling, pausing and the nanny's
+  memory limit act on are read on their own, at ``distributed.worker.memory.monitor-interval``.
 
 :func:`apply_dask_settings` sets them with dask's public :func:`dask.config.set` where the
 value is still distributed's default: a value the user set (a YAML file, a ``DASK_...``
@@ -28,6 +35,7 @@ import dask.config
 DASK_SETTINGS: dict[str, str] = {
     "distributed.admin.tick.interval": "200ms",
     "distributed.worker.profile.interval": "100ms",
+    "distributed.admin.system-monitor.interval": "2s",
 }
 
 

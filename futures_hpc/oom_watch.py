@@ -14,6 +14,7 @@ memory cgroup it does nothing: such a call follows ``max_call_retries``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ logger = logging.getLogger("futures_hpc")
 
 #: Seconds between two looks at the worker's process.
 WATCH_INTERVAL = 0.1
+#: Seconds between two readings of the process's memory cgroup (a file read and a stat): a
+#: process moves between cgroups rarely (a batch job's step, once). Read at every look, it cost
+#: the client of 64 idle local workers a third of a core.
+COUNTER_RECHECK_SECONDS = 1.0
 #: The event topic of a worker that the kernel killed for memory.
 OOM_KILL_TOPIC = "futures_hpc-worker-oom-kill"
 #: Where the memory cgroups are.
@@ -71,6 +76,8 @@ class _Watched:
     #: Each counter the process was seen under (it may move; an exiting process shows the
     #: root cgroup), with its count when first seen.
     kills: dict[Path, int]
+    #: When the counter of the process's cgroup was last looked up (``time.monotonic``).
+    counted_at: float = float("-inf")
 
     def killed(self) -> bool:
         """Whether a counter grew since it was first seen."""
@@ -114,7 +121,11 @@ class OutOfMemoryWatch(NannyPlugin):
                 return
             if self._watched is None:
                 self._watched = _Watched(pid, str(address), {})
-            counter = oom_counter(pid)  # again each time: the process may have moved
+            now = time.monotonic()
+            if now - self._watched.counted_at < COUNTER_RECHECK_SECONDS:
+                return
+            self._watched.counted_at = now
+            counter = oom_counter(pid)  # again now and then: the process may have moved
             if counter is not None and counter not in self._watched.kills:
                 self._watched.kills[counter] = oom_kills(counter)
         except Exception:  # never disturb the nanny

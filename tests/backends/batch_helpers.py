@@ -256,6 +256,7 @@ def worker_dask_settings(dask_worker=None) -> dict[str, object]:
     worker = dask_worker or get_worker()
     values: dict[str, object] = {name: dask.config.get(name) for name in DASK_SETTINGS}
     values["tick period"] = worker.periodic_callbacks["tick"].callback_time
+    values["monitor period"] = worker.periodic_callbacks["monitor"].callback_time
     return values
 
 
@@ -282,14 +283,17 @@ def test_env_reaches_the_workers(ex):
 
 
 def test_workers_run_with_futures_hpcs_dask_settings(ex):
-    """The job script passes the client's tick and profile intervals on (dask_settings)."""
+    """The job script passes the client's tick, profile and system monitor intervals on."""
     script = ex.job_script()
     assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=200ms" in script
     assert "export DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL=100ms" in script
+    assert "export DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s" in script
     assert ex.submit(worker_dask_settings).result(120) == {
         "distributed.admin.tick.interval": "200ms",
         "distributed.worker.profile.interval": "100ms",
+        "distributed.admin.system-monitor.interval": "2s",
         "tick period": 200,
+        "monitor period": 2000,
     }
 
 

@@ -186,11 +186,17 @@ def test_futures_hpcs_dask_settings_apply_unless_the_user_set_them(users_profile
         scheduler_tick = executor.cluster.scheduler.periodic_callbacks["tick"].callback_time
         nanny_ticks = {nanny.periodic_callbacks["tick"].callback_time
                        for nanny in executor.cluster.workers.values()}
+        monitors = {server.periodic_callbacks["monitor"].callback_time for server in
+                    [executor.cluster.scheduler, *executor.cluster.workers.values()]}
         exported = worker_environment()
     expected = {"distributed.admin.tick.interval": "200ms",
-                "distributed.worker.profile.interval": profile, "tick period": 200}
+                "distributed.worker.profile.interval": profile,
+                "distributed.admin.system-monitor.interval": "2s", "tick period": 200,
+                "monitor period": 2000}
     assert on_worker == expected
     assert list(on_workers.values()) == [expected]
     assert scheduler_tick == 200 and nanny_ticks == {200}
+    assert monitors == {2000}
     assert exported == {"DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "200ms",
-                        "DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL": profile}
+                        "DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL": profile,
+                        "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s"}
