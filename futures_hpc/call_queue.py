@@ -99,6 +99,8 @@ MAX_BATCH_CALLS = 10_000
 SHORT_TASK_SECONDS = 0.5
 #: Arguments pickled larger than this go to a worker with ``scatter``, not in the task graph.
 LARGE_PAYLOAD_BYTES = 1024 * 1024
+#: Tries at scattering a large call before it goes in the graph instead (see _scattered).
+SCATTER_ATTEMPTS = 2
 
 
 @dataclass(eq=False)
@@ -469,11 +471,29 @@ class CallQueue:
             protocol=pickle.HIGHEST_PROTOCOL,
         )
         if head.alone and len(payload) > LARGE_PAYLOAD_BYTES:
-            payload = self._client.scatter(payload, hash=False)  # not through the graph
+            payload = self._scattered(payload)
         description = head.describe() if len(entries) == 1 else (
             f"{head.describe()} (first of {len(entries)} calls packed in one task)"
         )
         return run_calls, payload, _decode_calls, description
+
+    def _scattered(self, payload: bytes) -> Any:
+        """``payload`` scattered to a worker (not through the graph), else ``payload`` itself.
+
+        dask's scatter picks its worker in the client, then tells the scheduler; a worker that
+        leaves in between (scaling down, a job at its walltime) makes the scheduler refuse it
+        (``KeyError`` of the worker's address). The scatter is tried once more with the
+        workers then known, and then the payload goes in the graph, which always works.
+        """
+        for attempt in range(SCATTER_ATTEMPTS):
+            try:
+                return self._client.scatter(payload, hash=False)
+            except Exception as error:  # noqa: BLE001 - the graph is the fallback
+                if self._client.status in ("closing", "closed"):
+                    raise
+                logger.debug("scattering a %d-byte call (attempt %d) failed: %r",
+                             len(payload), attempt + 1, error)
+        return payload
 
     def _send(self, taken: list[tuple[list[QueuedCall], bool]]) -> None:
         """Submit the tasks; those without dask dependencies in one ``client.map`` each kind."""

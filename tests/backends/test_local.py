@@ -156,6 +156,34 @@ def test_a_worker_killed_in_a_task_of_packed_chunks_loses_no_chunk(tmp_path):
         assert os.path.exists(marker + "-2")  # the worker did die once
 
 
+def _total(array):
+    return float(array.sum())
+
+
+@pytest.mark.parametrize("failures", [1, 5], ids=["fails-once", "fails-always"])
+def test_a_large_call_whose_scatter_is_refused_still_runs(monkeypatch, failures):
+    """A large call's arguments are scattered; the scheduler refuses a scatter whose worker
+    left in between (KeyError of its address, seen in CI when an SGE job was retired). That
+    race cannot be caused on purpose, so the client's scatter is replaced by one that fails
+    ``failures`` times first (a mock, for that reason only): the call is scattered again, or
+    sent in the graph, and runs."""
+    import numpy as np
+
+    with LocalExecutor(max_workers=1) as executor:
+        scatter, calls = executor.client.scatter, []
+
+        def refusing_scatter(*args, **kwargs):
+            calls.append(args)
+            if len(calls) <= failures:
+                raise KeyError("tls://192.0.2.2:41571")
+            return scatter(*args, **kwargs)
+
+        monkeypatch.setattr(executor.client, "scatter", refusing_scatter)
+        array = np.ones(1 << 20)  # 8 MB, over the scatter threshold
+        assert executor.submit(_total, array).result(timeout=120) == float(1 << 20)
+        assert len(calls) == min(failures + 1, 2)  # scattered again once, then in the graph
+
+
 def _quick_or_slow(value, slow):
     if value == slow:
         time.sleep(2.0)
