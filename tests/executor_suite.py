@@ -204,10 +204,7 @@ def test_map_learns_that_trivial_calls_want_one_chunk_per_worker(ex):
         time.sleep(0.2)
         assert list(ex.map(trivial, range(calls))) == list(range(calls))
         wait_until_idle(ex)
-    # Chunks of unknown cost go one per task; once the first are measured as quick, the call
-    # queue packs the chunks still waiting into shared tasks.
-    tasks = [r["key"] for r in stream.data]
-    assert ex.worker_slots() <= len(tasks) <= -(-calls // first_size), tasks
+    assert len(stream.data) == -(-calls // first_size), [r["key"] for r in stream.data]
     learned_size = ex.automatic_chunksize(calls, trivial)
     assert learned_size == -(-calls // ex.worker_slots())
     with get_task_stream(client=ex.client) as stream:
