@@ -212,7 +212,9 @@ def test_map_learns_that_trivial_calls_want_one_chunk_per_worker(ex):
         assert list(ex.map(trivial, range(calls))) == list(range(calls))
         wait_until_idle(ex)
     assert len(stream.data) == -(-calls // learned_size), [r["key"] for r in stream.data]
-    assert ex.automatic_chunksize(calls) == first_size  # without the function: unknown cost
+    # Without the function: unknown cost, 4 chunks per slot of the cluster as it is now (a
+    # batch backend may have released or added a job since the first map).
+    assert ex.automatic_chunksize(calls) == -(-calls // (4 * ex.worker_slots()))
 
 
 def test_map_several_iterables_stops_at_the_shortest(ex):
