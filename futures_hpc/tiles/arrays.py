@@ -58,10 +58,8 @@ def _leading(shape: tuple[int, ...]) -> tuple[slice, ...]:
 
 def _transfer_exactly(call, fd: int, buffer: memoryview, position: int) -> None:
     """``os.preadv`` or ``os.pwritev`` the whole buffer (a call may move fewer bytes)."""
-    done = call(fd, [buffer], position)
+    done = 0
     while done < len(buffer):
-        if done <= 0:
-            raise EOFError(f"file ended at byte {position + max(done, 0)}")
         moved = call(fd, [buffer[done:]], position + done)
         if moved <= 0:
             raise EOFError(f"file ended at byte {position + done}")
@@ -111,6 +109,20 @@ def write_raw_window(fd: int, offset: int, shape: tuple[int, ...], dtype: np.dty
     """Write a window of a C-ordered raw image file with positional writes."""
     data = np.ascontiguousarray(np.asarray(data, dtype=dtype))
     _transfer_window(os.pwritev, fd, offset, shape, dtype.itemsize, rows, cols, data)
+
+
+def _map_file(path: str, dtype: np.dtype, mode: str, offset: int,
+              shape: tuple[int, ...]) -> np.ndarray:
+    """A shared mapping of a raw image file, read-only with ``mode="r"``.
+
+    Raises FileNotFoundError where this process does not see the file.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    image = np.memmap(path, dtype, mode, offset, shape)
+    if mode == "r":
+        image.flags.writeable = False
+    return image
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +210,7 @@ class RawFileSource(ImageSource):
     def _mapped_image(self) -> np.ndarray:
         with self._lock:
             if self._image is None:
-                if not os.path.exists(self.path):
-                    raise FileNotFoundError(self.path)
-                image = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
-                image.flags.writeable = False
-                self._image = image
+                self._image = _map_file(self.path, self.dtype, "r", self.offset, self.shape)
             return self._image
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
@@ -364,9 +372,7 @@ class RawFileSink(ImageSink):
     def _mapped_image(self) -> np.ndarray:
         with self._lock:
             if self._image is None:
-                if not os.path.exists(self.path):
-                    raise FileNotFoundError(self.path)
-                self._image = np.memmap(self.path, self.dtype, "r+", self.offset, self.shape)
+                self._image = _map_file(self.path, self.dtype, "r+", self.offset, self.shape)
             return self._image
 
     def write(self, rows: slice, cols: slice, data: np.ndarray) -> None:
