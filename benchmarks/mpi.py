@@ -34,8 +34,9 @@ task of ``ex.map`` is a dask task, client -> scheduler (in rank 0's process, rea
 -> worker over TLS -> scheduler -> client, about 4 ms of CPU in rank 0 (client, scheduler, TLS)
 and 3.4 ms on the worker per task, whatever its size, and a round trip of 7 to 10 ms for one call
 when the machine is busy, against 0.1 ms for mpi4py.futures, which sends one pickled MPI message
-per chunk. With chunksize 100 (100 tasks) the run is bound by that CPU; with 2 to 8 tasks, by the
-round trip.
+per chunk. Chunks measured as quick share tasks (the call queue packs the chunks waiting
+together among the idle worker slots), so every chunk size here runs in 2 to 4 tasks and is
+bound by the round trip.
 
 Run: ``python benchmarks/mpi.py`` (``--ranks``, ``--repeats``, ``--chunksizes``; ``--quick`` for a
 short smoke run whose figures mean nothing).

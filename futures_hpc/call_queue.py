@@ -13,7 +13,11 @@ to dask and *with which others*. dask still runs, places, retries and moves the 
   timed on the workers). Calls of a function measured as quick that wait next to each other are
   packed into one task, each with its own future, result or exception. The first call of a
   function, or a slow one, runs alone. A batch never holds a call back: it is formed only when
-  a slot is free, from the calls waiting then.
+  a slot is free, from the calls waiting then. The chunks of a ``map`` are packed the same
+  way once a chunk of them is measured as quick (:func:`~futures_hpc.calls.run_chunks`): a
+  map's chunks are queued together and shared among the idle slots, so a small ``chunksize``
+  does not cost a dask task per chunk. A packed task of chunks sends no news per chunk: if its
+  worker dies, its chunks all go again (a chunk's calls already ran twice in that case).
 - **States.** A call is PENDING while it waits here, and is cancelled at once and locally. It
   becomes RUNNING when it is handed to the cluster, as a call of ``ProcessPoolExecutor`` does
   when it moves to the call queue; ``shutdown(cancel_futures=True)`` therefore cancels what
@@ -60,7 +64,7 @@ import cloudpickle
 import distributed
 
 from .bridge import FutureBridge
-from .calls import SKIPPED, PlaceholderArgument, run_calls
+from .calls import SKIPPED, PlaceholderArgument, run_calls, run_chunk, run_chunks, unpack_outcome
 from .chunking import CallCosts, function_key
 from .errors import CallDependencyError, CallMemoryError, CallSerializationError, WorkerLostError
 from .queued_call import (
@@ -194,13 +198,22 @@ class CallQueue:
 
     def submit_task(self, worker_function: Callable[..., Any], payload: Any,
                     decode: Callable[[Any], Any], name: str, describe: Callable[[], str],
-                    cost_key: bytes | None, calls: int, ladder: Any = None) -> Future:
-        """Queue a prepared task (a chunk of ``map``); its future gets the decoded outcome."""
+                    cost_key: bytes | None, calls: int, ladder: Any = None,
+                    pump: bool = True) -> Future:
+        """Queue a prepared task (a chunk of ``map``); its future gets the decoded outcome.
+
+        With ``pump=False`` the task only waits: the caller queues the others of its map and
+        then calls :meth:`pump`, so that quick chunks queued together can share tasks.
+        """
         future: Future = Future()
         entry = QueuedCall(future, name, describe, cost_key=cost_key,
                            task=(worker_function, payload, decode), calls=calls, ladder=ladder)
         self._track(future)
-        self._enqueue([entry])
+        if pump:
+            self._enqueue([entry])
+        else:
+            with self._lock:
+                self._waiting.append(entry)
         return future
 
     def _track(self, future: Future) -> None:
@@ -397,10 +410,11 @@ class CallQueue:
         free = slots - self._long_in_flight  # slots not held by long tasks
         head = waiting[0]
         cost = self._seconds_per_call(head)
-        packable = head.task is None and not head.alone
-        full_batch = 1
-        if cost is not None and cost < QUICK_CALL_SECONDS and packable:
-            full_batch = min(MAX_BATCH_CALLS, max(1, int(BATCH_SECONDS / max(cost, 1e-9))))
+        packable = not head.alone and (head.task is None or _packable_chunk(head))
+        full_batch = 1  # entries in a task
+        if cost is not None and packable and cost * head.calls < QUICK_CALL_SECONDS:
+            full_batch = min(MAX_BATCH_CALLS,
+                             max(1, int(BATCH_SECONDS / max(cost * head.calls, 1e-9))))
         short = self.look_ahead and not head.isolated and cost is not None and (
             cost * head.calls * full_batch <= max(SHORT_TASK_SECONDS, BATCH_SECONDS))
         if short:
@@ -409,8 +423,11 @@ class CallQueue:
             idle = self._short_in_flight < free
             if not idle and len(waiting) < full_batch:
                 return None
+            # Calls keep half the queue for look-ahead tasks; the chunks of a map, queued
+            # together, are shared among the idle slots at once.
+            share = free - self._short_in_flight if head.task is not None else 2 * free
             limit = full_batch if not idle else min(
-                full_batch, max(1, math.ceil(len(waiting) / max(1, 2 * free))))
+                full_batch, max(1, math.ceil(len(waiting) / max(1, share))))
         elif self._long_in_flight + math.ceil(self._short_in_flight / 2) >= slots:
             return None
         else:
@@ -418,8 +435,10 @@ class CallQueue:
         entries = [waiting.popleft()]
         while len(entries) < limit and waiting:
             entry = waiting[0]
-            if (entry.cost_key != head.cost_key or entry.task is not None or entry.alone
-                    or entry.function_id != head.function_id):
+            if (entry.cost_key != head.cost_key or entry.alone
+                    or entry.function_id != head.function_id
+                    or (entry.task is None) != (head.task is None)
+                    or (entry.task is not None and not _packable_chunk(entry))):
                 break
             entries.append(waiting.popleft())
         started = [entry for entry in entries if mark_running(entry)]
@@ -435,9 +454,14 @@ class CallQueue:
                                                            Callable[[Any], Any], str]:
         """The worker function, payload, decoder and description of a task."""
         head = entries[0]
-        if head.task is not None:
+        if head.task is not None and len(entries) == 1:
             worker_function, payload, decode = head.task
             return worker_function, payload, decode, head.describe()
+        if head.task is not None:  # quick chunks of map, packed
+            payload = pickle.dumps([entry.task[1] for entry in entries],
+                                   protocol=pickle.HIGHEST_PROTOCOL)
+            return (run_chunks, payload, _decode_chunks,
+                    f"{head.describe()} (first of {len(entries)} chunks packed in one task)")
         store = None
         if self.store is not None and head.store_key is not None:
             store = StoreSpec(self.store.location, head.function_id,
@@ -577,8 +601,17 @@ class CallQueue:
                 set_exception(entry.future, error)
             return
         outcome = task_future.result()
-        if head.task is not None:
+        if head.task is not None and len(entries) == 1:
             set_result(head.future, outcome)
+            return
+        if head.task is not None:  # packed chunks: each decoded as its own task would be
+            for entry, packed in zip(entries, outcome, strict=True):
+                try:
+                    value = entry.task[2](unpack_outcome(packed))
+                except BaseException as raised:  # noqa: BLE001 - that chunk's failure
+                    set_exception(entry.future, raised)
+                else:
+                    set_result(entry.future, value)
             return
         outcomes, seconds = outcome
         skipped = []
@@ -696,3 +729,14 @@ def _cancel_all(futures: list[Future]) -> int:
 
 def _decode_calls(outcome: tuple[Any, ...]) -> tuple[list[tuple[str, Any]], float | None]:
     return outcome[1], outcome[2]
+
+
+def _packable_chunk(entry: QueuedCall) -> bool:
+    """Whether a prepared task is a chunk of ``map`` that may share a task with others."""
+    return (entry.task is not None and entry.task[0] is run_chunk
+            and isinstance(entry.task[1], bytes) and len(entry.task[1]) <= LARGE_PAYLOAD_BYTES)
+
+
+def _decode_chunks(outcome: tuple[Any, ...]) -> list[bytes]:
+    """The packed outcome of each chunk of a :func:`~futures_hpc.calls.run_chunks` task."""
+    return outcome[1]

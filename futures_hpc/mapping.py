@@ -89,7 +89,9 @@ def submit_chunks(
     key: bytes | None = None,
     function_id: bytes | None = None,
 ) -> list[Future]:
-    """Queue chunks of calls of ``fn``, one task each; their futures give decoded outcomes.
+    """Queue chunks of calls of ``fn``; their futures give decoded outcomes.
+
+    The chunks are queued together and then sent: those measured as quick share tasks.
 
     With ``function_id`` (the executor has a store), calls recorded in the store are answered
     from it, and a chunk's task runs only its other calls, recording their results.
@@ -106,7 +108,7 @@ def submit_chunks(
         )
         for columns in chunks
     ]
-    futures = [_queue_chunk(queue, fn, payload, columns, key, _decode_chunk)
+    futures = [_queue_chunk(queue, fn, payload, columns, key, _decode_chunk, pump=False)
                for payload, columns in zip(payloads, chunks, strict=True)]
     queue.pump()
     return futures
@@ -119,13 +121,13 @@ def _describe_chunk(fn: Callable[..., Any], columns: Sequence[Sequence[Any]]) ->
 
 def _queue_chunk(queue: CallQueue, fn: Callable[..., Any], payload: bytes,
                  columns: Sequence[Sequence[Any]], key: bytes | None,
-                 decode: Callable[[Any], Any]) -> Future:
+                 decode: Callable[[Any], Any], pump: bool = True) -> Future:
     count = min((len(column) for column in columns), default=0)
     first = tuple(column[0] for column in columns) if count else ()
     return queue.submit_task(
         run_chunk, payload, decode, f"{function_name(fn)}-map",
         lambda: f"{describe_call(fn, first, {})} (first of a chunk of {count} calls)",
-        key, count,
+        key, count, pump=pump,
     )
 
 

@@ -82,6 +82,12 @@ class Payload:
         return 42
 
 
+#: Seconds to wait after opening dask's task stream before submitting what it should record:
+#: it keeps the records that started after it opened by the scheduler's estimate of each
+#: worker's clock, which was off by up to 0.26 s after busy maps (distributed 2024.1).
+TASK_STREAM_SETTLE_SECONDS = 1.0
+
+
 def wait_until_idle(ex, timeout=120):
     """Wait until no call of an earlier test is still running on the workers."""
     deadline = time.monotonic() + timeout
@@ -201,14 +207,17 @@ def test_map_learns_that_trivial_calls_want_one_chunk_per_worker(ex):
     # are relayed ahead of the workers' own word that a task finished: wait until the scheduler
     # has taken every task out of processing (so its task stream holds them all).
     with get_task_stream(client=ex.client) as stream:
-        time.sleep(0.2)
+        time.sleep(TASK_STREAM_SETTLE_SECONDS)
         assert list(ex.map(trivial, range(calls))) == list(range(calls))
         wait_until_idle(ex)
-    assert len(stream.data) == -(-calls // first_size), [r["key"] for r in stream.data]
+    # Chunks of unknown cost go one per task; once the first are measured as quick, the call
+    # queue packs the chunks still waiting into shared tasks.
+    tasks = [r["key"] for r in stream.data]
+    assert ex.worker_slots() <= len(tasks) <= -(-calls // first_size), tasks
     learned_size = ex.automatic_chunksize(calls, trivial)
     assert learned_size == -(-calls // ex.worker_slots())
     with get_task_stream(client=ex.client) as stream:
-        time.sleep(0.2)
+        time.sleep(TASK_STREAM_SETTLE_SECONDS)
         assert list(ex.map(trivial, range(calls))) == list(range(calls))
         wait_until_idle(ex)
     assert len(stream.data) == -(-calls // learned_size), [r["key"] for r in stream.data]

@@ -110,6 +110,52 @@ def test_a_worker_killed_mid_batch_loses_no_call_and_runs_no_finished_call_again
         check_killed_batch(executor, tmp_path, always)  # noqa: F405 - from the executor suite
 
 
+def _fail_on(value, bad):
+    if value == bad:
+        raise ValueError(f"bad value {value}")
+    return value * 2
+
+
+def test_quick_chunks_of_a_map_share_tasks_and_keep_their_own_outcomes(ex):
+    """A map with a small chunksize of a function measured as quick: its chunks, queued
+    together, go out in fewer dask tasks than chunks (one per free worker slot), each chunk
+    keeping its results in order, and a failing call still fails the map at its place."""
+    from distributed import get_task_stream
+
+    assert list(ex.map(_fail_on, range(50), [-1] * 50, chunksize=10)) == list(range(0, 100, 2))
+    wait_until_idle(ex)  # noqa: F405 - from the executor suite
+    with get_task_stream(client=ex.client) as stream:
+        time.sleep(TASK_STREAM_SETTLE_SECONDS)  # noqa: F405 - from the executor suite
+        assert list(ex.map(_fail_on, range(2000), [-1] * 2000, chunksize=20)) == [
+            value * 2 for value in range(2000)]
+        wait_until_idle(ex)  # noqa: F405
+    tasks = [record["key"] for record in stream.data]
+    assert 1 <= len(tasks) <= 10, tasks  # 100 chunks
+    results = ex.map(_fail_on, range(2000), [1234] * 2000, chunksize=20)
+    assert [next(results) for _ in range(1234)] == [value * 2 for value in range(1234)]
+    with pytest.raises(ValueError, match="bad value 1234"):
+        next(results)
+
+
+def _kill_once(value, marker):
+    if value == 777 and not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(13)
+    return value
+
+
+def test_a_worker_killed_in_a_task_of_packed_chunks_loses_no_chunk(tmp_path):
+    with LocalExecutor(max_workers=2, max_call_retries=3) as executor:
+        marker = str(tmp_path / "killed")
+        assert list(executor.map(_kill_once, range(100), [marker] * 100, chunksize=10)) == list(
+            range(100))
+        results = list(executor.map(_kill_once, range(2000), [marker + "-2"] * 2000,
+                                    chunksize=20))
+        assert results == list(range(2000))
+        assert os.path.exists(marker + "-2")  # the worker did die once
+
+
 def _total(array):
     return float(array.sum())
 
