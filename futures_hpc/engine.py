@@ -37,6 +37,10 @@ public form live here, each with what it relies on and what happens if a release
     :func:`make_default_client`,       ``distributed.client._set_global_client``/       error (5)
     :func:`drop_default_client`        ``_del_global_client``, ``Client._set_as_default``
     :func:`configured_joblib_backend`  ``joblib.parallel._backend`` (thread-local)      None (6)
+    :func:`stop_periodic_callback`,    ``Server.periodic_callbacks`` and its entries    no-op (8)
+    :func:`set_periodic_interval`,     ``"monitor"`` (every server's
+    :func:`periodic_interval`          ``SystemMonitor``) and ``"memory_monitor"``
+                                       (``NannyMemoryManager``)
     =================================  ===============================================  ===========
 
 (1) only reached once the relay is installed, which needs the same distributed; (2) futures
@@ -46,7 +50,9 @@ instead; (4) the bridge waits through ``Future.add_done_callback``; (5)
 backend is then never taken for the configured one, so an executor the backend made is shut
 down at interpreter exit instead of at the end of its ``parallel_config`` block; (7) the
 scheduler then never tells a worker which calls of a packed task finished before its first
-worker died, and the retried task runs them again (their futures keep the first outcome).
+worker died, and the retried task runs them again (their futures keep the first outcome);
+(8) the local backend's nannies then check as often as distributed's defaults say, however many
+share the client's process (:mod:`futures_hpc.hosted_nannies`).
 
 ``tests/test_engine_boundary.py`` fails if a private name of these libraries is used anywhere
 else in the package, and CI runs the suite on the oldest and newest versions
@@ -82,12 +88,15 @@ __all__ = [
     "future_state_waiter",
     "make_default_client",
     "pause_worker",
+    "periodic_interval",
     "send_from_worker",
     "send_to_client",
     "send_to_worker",
     "set_allowed_failures",
+    "set_periodic_interval",
     "set_scheduler_stream_intervals",
     "set_stream_interval",
+    "stop_periodic_callback",
     "stored_result",
     "threads_per_worker",
 ]
@@ -266,6 +275,43 @@ def allowed_failures(client: distributed.Client) -> int:
 #: ``NannyMemoryManager.memory_monitor``). If a release renames it, memory kills are no longer
 #: seen: calls of a memory ladder then follow ``max_call_retries`` as any other lost call.
 NANNY_MEMORY_KILL_TOPIC = "worker-restart-memory"
+
+#: The periodic callback of every dask server that samples its process for the dashboard's
+#: system charts (``distributed.core.Server``).
+SERVER_MONITOR_CALLBACK = "monitor"
+#: The periodic callback of a nanny that checks its worker's memory against the terminate
+#: threshold (``distributed.worker_memory.NannyMemoryManager``).
+NANNY_MEMORY_CALLBACK = "memory_monitor"
+
+
+def stop_periodic_callback(server: Any, name: str) -> bool:
+    """Stop and drop a dask server's periodic callback ``name``; False if it has none."""
+    callbacks = getattr(server, "periodic_callbacks", None)
+    if not isinstance(callbacks, dict) or name not in callbacks:
+        return False
+    callbacks.pop(name).stop()
+    return True
+
+
+def set_periodic_interval(server: Any, name: str, seconds: float) -> bool:
+    """Run a dask server's periodic callback ``name`` every ``seconds``; False if it has none.
+
+    A running callback takes the new interval from its next run on.
+    """
+    callbacks = getattr(server, "periodic_callbacks", None)
+    callback = callbacks.get(name) if isinstance(callbacks, dict) else None
+    if callback is None or not hasattr(callback, "callback_time"):
+        return False
+    callback.callback_time = seconds * 1000
+    return True
+
+
+def periodic_interval(server: Any, name: str) -> float | None:
+    """Seconds between two runs of a dask server's periodic callback ``name`` (None: none)."""
+    callbacks = getattr(server, "periodic_callbacks", None)
+    callback = callbacks.get(name) if isinstance(callbacks, dict) else None
+    milliseconds = getattr(callback, "callback_time", None)
+    return None if milliseconds is None else float(milliseconds) / 1000
 
 
 

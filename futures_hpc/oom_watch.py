@@ -23,10 +23,12 @@ from distributed.diagnostics.plugin import NannyPlugin
 from tornado.ioloop import PeriodicCallback
 
 from .engine import nanny_worker_pid
+from .hosted_nannies import HostedSet, spread_interval
 
 logger = logging.getLogger("futures_hpc")
 
-#: Seconds between two looks at the worker's process.
+#: Seconds between two looks at the worker's process (longer when one process hosts many
+#: nannies: :mod:`futures_hpc.hosted_nannies`).
 WATCH_INTERVAL = 0.1
 #: Seconds between two readings of the process's memory cgroup (a file read and a stat): a
 #: process moves between cgroups rarely (a batch job's step, once). Read at every look, it cost
@@ -100,10 +102,22 @@ class OutOfMemoryWatch(NannyPlugin):
         self.nanny = nanny
         self._callback = PeriodicCallback(self._look, WATCH_INTERVAL * 1000)
         self._callback.start()
+        _WATCHES.add(self)
 
     def teardown(self, nanny: Any) -> None:  # noqa: D102
+        _WATCHES.discard(self)
         if self._callback is not None:
             self._callback.stop()
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two looks at the worker's process."""
+        return self._callback.callback_time / 1000 if self._callback else WATCH_INTERVAL
+
+    def look_every(self, seconds: float) -> None:
+        """Look at the worker's process every ``seconds`` from the next look on."""
+        if self._callback is not None:
+            self._callback.callback_time = seconds * 1000
 
     def _look(self) -> None:
         try:
@@ -130,3 +144,11 @@ class OutOfMemoryWatch(NannyPlugin):
                 self._watched.kills[counter] = oom_kills(counter)
         except Exception:  # never disturb the nanny
             logger.debug("futures_hpc: watching for out-of-memory kills failed", exc_info=True)
+
+
+def _rescale_watch(watch: OutOfMemoryWatch, hosted: int) -> None:
+    watch.look_every(spread_interval(WATCH_INTERVAL, hosted))
+
+
+#: The watches of this process: one per nanny it hosts.
+_WATCHES = HostedSet(_rescale_watch)

@@ -13,15 +13,16 @@ call (measured: 5.8 ms to 3.4 ms for one call on a local cluster). Larger outcom
 worker and are gathered as usual, so that bulky data never passes through the scheduler.
 
 A task of packed calls (:func:`futures_hpc.calls.run_calls`) also sends the outcomes of its
-calls as they finish, at most one message per :data:`NEWS_INTERVAL` (:class:`TaskNews`): each
-call's future completes at once rather than with the whole task, and the scheduler remembers
-which calls of the task finished. If the worker dies, dask runs the task again on another
-worker; the scheduler first tells that worker which calls finished (a :data:`FINISHED_OP`
-message, sent before the task itself), and the task skips them, so that no finished call runs
-twice. Outcomes still waiting for their message when the task ends come with its result; an
-outcome larger than :data:`OUTCOME_PUSH_LIMIT` is never sent ahead (its call counts as
-unfinished). A chunk of ``map`` sends no such news; told that it ran before, it takes the
-results its calls recorded in the executor's store (``store=``) instead of running them again.
+calls as they finish, at most one message per :data:`NEWS_INTERVAL`, then less often as the task
+goes on (:class:`TaskNews`): each call's future completes at once rather than with the whole
+task, and the scheduler remembers which calls of the task finished. If the worker dies, dask
+runs the task again on another worker; the scheduler first tells that worker which calls
+finished (a :data:`FINISHED_OP` message, sent before the task itself), and the task skips them,
+so that no finished call runs twice. Outcomes still waiting for their message when the task ends
+come with its result; an outcome larger than :data:`OUTCOME_PUSH_LIMIT` is never sent ahead (its
+call counts as unfinished). A chunk of ``map`` sends no such news; told that it ran before, it
+takes the results its calls recorded in the executor's store (``store=``) instead of running them
+again.
 
 The scheduler relays through a stream handler that :class:`RelayToClients` installs. A scheduler
 without it would close the worker's stream on the unknown message, so workers send these
@@ -56,11 +57,19 @@ RELAY_OP = "futures_hpc-call-news"
 FINISHED_OP = "futures_hpc-finished-calls"
 #: Packed outcomes up to this size travel with the news; larger ones are gathered from the worker.
 OUTCOME_PUSH_LIMIT = 64 * 1024
-#: Seconds between two messages of one packed task's finished calls, at least. A message costs
-#: the worker, the scheduler and the client together about a millisecond of CPU: one per 0.1 s
-#: keeps that near 1 % of a worker's time (one per 25 ms cost 5 points of parallel efficiency
-#: on 10 ms calls), and a call's future completes at most 0.1 s after the call, or with its task.
+#: Seconds between a packed task's first finished call and its first message, and the least
+#: between two messages. A message costs the worker, the scheduler and the client together about
+#: a millisecond of CPU: one per 0.1 s keeps that near 1 % of a worker's time (one per 25 ms
+#: cost 5 points of parallel efficiency on 10 ms calls), and a call's future completes at most
+#: 0.1 s after the call early in a task, at most :data:`NEWS_INTERVAL_LONGEST` later on, or
+#: with its task.
 NEWS_INTERVAL = 0.1
+#: The longest wait between two messages of one packed task: the wait doubles after each
+#: message from :data:`NEWS_INTERVAL` up to this, so that a task sends a number of messages that
+#: grows with the logarithm of its duration. A task that ran long as it shared its core with
+#: others (64 local workers on 2 cores: 0.2 s of calls took 6 s) sent one message per 0.1 s,
+#: 8 times as many as on 2 workers, each costing the client's process.
+NEWS_INTERVAL_LONGEST = 1.0
 #: Task states after which the scheduler forgets which of a task's calls finished.
 _OVER = frozenset({"memory", "erred", "forgotten"})
 #: States a processing task goes to when its worker is lost: dask will run it again.
@@ -217,8 +226,9 @@ class TaskNews:
     """Sends the outcomes of a packed task's calls as they finish, batched in time.
 
     The task's thread adds each outcome (:meth:`add`); a timer on the worker's event loop sends
-    what was added, :data:`NEWS_INTERVAL` after the first outcome not sent yet. :meth:`close`,
-    when the task ends, sends nothing more: what is left comes with the task's result.
+    what was added, :data:`NEWS_INTERVAL` after the first outcome not sent yet, then twice as
+    long after each message, up to :data:`NEWS_INTERVAL_LONGEST`. :meth:`close`, when the task
+    ends, sends nothing more: what is left comes with the task's result.
 
     Parameters
     ----------
@@ -237,6 +247,7 @@ class TaskNews:
         self._pending: list[tuple[int, Any]] = []
         self._armed = False
         self._closed = False
+        self._interval = NEWS_INTERVAL
 
     def add(self, number: int, outcome: tuple[str, Any]) -> None:
         """Call ``number`` finished with ``outcome`` (from the task's thread)."""
@@ -254,13 +265,14 @@ class TaskNews:
             self._pending = []
 
     def _arm(self) -> None:
-        self._loop.call_later(NEWS_INTERVAL, self._flush)
+        self._loop.call_later(self._interval, self._flush)
 
     def _flush(self) -> None:
         with self._lock:
             if self._closed:
                 return
             pending, self._pending = self._pending, []
+            self._interval = min(2 * self._interval, NEWS_INTERVAL_LONGEST)
         calls: list[int] = []
         outcomes: list[bytes] = []
         size = 0
@@ -283,7 +295,7 @@ class TaskNews:
                 return
             self._armed = bool(self._pending)
             if self._armed:
-                self._loop.call_later(NEWS_INTERVAL, self._flush)
+                self._loop.call_later(self._interval, self._flush)
         if calls:
             self._plugin.send_calls(self._key, calls, outcomes)
 

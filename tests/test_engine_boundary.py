@@ -31,7 +31,7 @@ LIBRARIES = ("dask", "distributed", "dask_jobqueue", "joblib")
 #: Attributes of distributed without an underscore that its documentation does not promise.
 UNDOCUMENTED = frozenset({
     "stream_comms", "client_comms", "batched_stream", "stream_handlers", "allowed_failures",
-    "handle_worker_status_change",
+    "handle_worker_status_change", "periodic_callbacks",
 })
 #: Public API of namedtuples, which happens to start with an underscore.
 NAMEDTUPLE_API = frozenset({"_replace", "_asdict", "_fields", "_make", "_field_defaults"})

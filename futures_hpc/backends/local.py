@@ -13,10 +13,20 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from typing import Any
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import LocalCluster, Nanny
 
+from ..engine import (
+    NANNY_MEMORY_CALLBACK,
+    SERVER_MONITOR_CALLBACK,
+    set_periodic_interval,
+    stop_periodic_callback,
+)
 from ..executor import HPCExecutor
+from ..hosted_nannies import HostedSet, spread_interval
 from ..pools import BASE_RESOURCE, PoolShape, ResourcePool
 from ..provider import BackendProvider
 
@@ -32,16 +42,43 @@ LOCAL_WORKER_HTTP_ADDRESS = "127.0.0.1:0"
 _NO_WORKER_HTTP_ROUTES = {"distributed.worker.http.routes": []}
 
 
-class _NannyWithoutWorkerDashboard(Nanny):
-    """A nanny whose worker has no dashboard, whatever its ``dashboard_address``.
+def _memory_check_seconds() -> float:
+    """The interval of a nanny's memory check in distributed's config (the user's, if set)."""
+    return parse_timedelta(dask.config.get("distributed.worker.memory.monitor-interval"))
 
-    :class:`~distributed.LocalCluster` turns the workers' dashboards on whenever it is given a
-    ``worker_dashboard_address``, which is the only way to say where their HTTP servers listen.
+
+def _rescale_memory_check(nanny: Nanny, hosted: int) -> None:
+    set_periodic_interval(nanny, NANNY_MEMORY_CALLBACK,
+                          spread_interval(_memory_check_seconds(), hosted))
+
+
+#: The local nannies of this process (:mod:`futures_hpc.hosted_nannies`).
+_HOSTED_NANNIES = HostedSet(_rescale_memory_check)
+
+
+class _LocalNanny(Nanny):
+    """A nanny hosted in the client's process, as light on that process as it can be.
+
+    - Its worker has no dashboard, whatever its ``dashboard_address``:
+      :class:`~distributed.LocalCluster` turns the workers' dashboards on whenever it is given
+      a ``worker_dashboard_address``, which is the only way to say where their HTTP servers
+      listen.
+    - It has no system monitor: every dask server samples its own process for the dashboard's
+      system charts, and a hosted nanny's process is the client's, which the scheduler's
+      monitor samples already (64 nannies sampled it 32 times a second, to no use).
+    - Its memory check slows down as the process hosts more nannies
+      (:mod:`futures_hpc.hosted_nannies`).
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs["dashboard"] = False
         super().__init__(*args, **kwargs)
+        stop_periodic_callback(self, SERVER_MONITOR_CALLBACK)
+        _HOSTED_NANNIES.add(self)
+
+    async def close(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        _HOSTED_NANNIES.discard(self)
+        return await super().close(*args, **kwargs)
 
 
 def local_core_count() -> int:
@@ -87,7 +124,7 @@ class LocalProvider(BackendProvider):
             # Each worker's HTTP server cannot be turned off: on 127.0.0.1 (distributed 2024.1
             # would bind every interface), without the worker's dashboard.
             options.update(worker_dashboard_address=LOCAL_WORKER_HTTP_ADDRESS,
-                           worker_class=_NannyWithoutWorkerDashboard)
+                           worker_class=_LocalNanny)
             if executor.security is not None:
                 # It has no TLS: it serves nothing then (its routes: health, metrics, statics).
                 options["config"] = _NO_WORKER_HTTP_ROUTES

@@ -9,7 +9,7 @@ import dask.config
 import psutil
 import pytest
 
-from futures_hpc import HPCExecutor, LocalExecutor
+from futures_hpc import HPCExecutor, LocalExecutor, WorkerLostError
 from futures_hpc.dask_settings import DASK_SETTINGS, worker_environment
 from tests.backends.batch_helpers import worker_dask_settings
 from tests.executor_suite import *  # noqa: F403 - the shared executor suite
@@ -214,8 +214,9 @@ def test_futures_hpcs_dask_settings_apply_unless_the_user_set_them(users_profile
         scheduler_tick = executor.cluster.scheduler.periodic_callbacks["tick"].callback_time
         nanny_ticks = {nanny.periodic_callbacks["tick"].callback_time
                        for nanny in executor.cluster.workers.values()}
+        # The hosted nannies have no system monitor (futures_hpc.backends.local._LocalNanny).
         monitors = {server.periodic_callbacks["monitor"].callback_time for server in
-                    [executor.cluster.scheduler, *executor.cluster.workers.values()]}
+                    [executor.cluster.scheduler]}
         exported = worker_environment()
     expected = {"distributed.admin.tick.interval": "200ms",
                 "distributed.worker.profile.interval": profile,
@@ -228,3 +229,55 @@ def test_futures_hpcs_dask_settings_apply_unless_the_user_set_them(users_profile
     assert exported == {"DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "200ms",
                         "DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL": profile,
                         "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s"}
+
+
+def _hosted_checks(executor):
+    """For each nanny of ``executor``: its memory check's and its OOM watch's intervals."""
+    from futures_hpc.engine import (
+        NANNY_MEMORY_CALLBACK,
+        SERVER_MONITOR_CALLBACK,
+        periodic_interval,
+    )
+    from futures_hpc.oom_watch import OutOfMemoryWatch
+
+    checks = []
+    for nanny in executor.cluster.workers.values():
+        assert periodic_interval(nanny, SERVER_MONITOR_CALLBACK) is None  # no system monitor
+        watches = [plugin for plugin in nanny.plugins.values()
+                   if isinstance(plugin, OutOfMemoryWatch)]
+        assert len(watches) == 1
+        checks.append((periodic_interval(nanny, NANNY_MEMORY_CALLBACK), watches[0].interval))
+    return checks
+
+
+def test_nannies_sharing_the_client_process_check_their_workers_less_often_as_they_grow():
+    """The local nannies live in the client's process: up to 8 check at distributed's rate,
+    more check proportionally less often (futures_hpc.hosted_nannies), and none runs a system
+    monitor of its own (it would sample the client's process, as the scheduler's does). The
+    memory check still ends a worker that goes over its limit."""
+    from futures_hpc.backends.local import _HOSTED_NANNIES
+    from futures_hpc.hosted_nannies import spread_interval
+
+    def expected(count):
+        interval = pytest.approx(spread_interval(0.1, len(_HOSTED_NANNIES)))
+        return [(interval, interval)] * count
+
+    with LocalExecutor(max_workers=2) as small:
+        before = _hosted_checks(small)
+        assert before == expected(2)
+        with LocalExecutor(max_workers=10, memory="300MB") as wide:
+            assert len(_HOSTED_NANNIES) >= 12
+            assert _hosted_checks(wide) == expected(10)
+            assert _hosted_checks(small) == expected(2)
+            assert _hosted_checks(small)[0][0] >= 0.15 > before[0][0]  # 12 or more / 8
+            with pytest.raises(WorkerLostError):
+                wide.submit(_allocate_and_hold, 600).result(timeout=120)
+        assert _hosted_checks(small) == before  # back to the rate before
+
+
+def _allocate_and_hold(megabytes):
+    import numpy as np
+
+    block = np.ones(megabytes * 1_000_000 // 8)
+    time.sleep(5)
+    return block.nbytes
