@@ -226,8 +226,14 @@ def run_chunks(payload: bytes) -> bytes:
     bytes
         The packed ``("chunks", outcomes)``: what :func:`run_chunk` returned for each chunk.
 
+    Notes
+    -----
+    Whether the task ran before, on a worker since lost, is asked once (the scheduler's word is
+    taken by the first to ask) and holds for every chunk: each then takes the results its calls
+    recorded in the store.
     """
-    outcomes = [run_chunk(chunk) for chunk in pickle.loads(payload)]
+    before = ran_before()
+    outcomes = [_run_chunk(chunk, before) for chunk in pickle.loads(payload)]
     return pickle.dumps(("chunks", outcomes), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -242,6 +248,15 @@ def run_chunk(payload: bytes) -> bytes:
         :mod:`futures_hpc.chunking`).
 
     """
+    return _run_chunk(payload, None)
+
+
+def _run_chunk(payload: bytes, before: bool | None) -> bytes:
+    """Run a chunk as :func:`run_chunk` does, told whether its task ran before.
+
+    ``before`` None: ask the scheduler's word (:func:`~futures_hpc.relay.ran_before`), if the
+    chunk records in a store.
+    """
     results: list[Any] = []
     started = None
     recorder = None
@@ -253,7 +268,9 @@ def run_chunk(payload: bytes) -> bytes:
             recorder = (TaskRecorder(store) if store.keys is not None
                         else ChunkRecorder(store, columns, results))
             # Run again after its worker was lost: the calls recorded meanwhile are not rerun.
-            recorded = recorded_results(store, columns) if ran_before() else None
+            if before is None:
+                before = ran_before()
+            recorded = recorded_results(store, columns) if before else None
             if recorded is None and isinstance(recorder, ChunkRecorder):
                 _run_plain(function, columns, results)
             else:
