@@ -114,11 +114,11 @@ class TaskRecorder:
         """Write every record held now."""
         if not self._held:
             return
-        started = time.perf_counter()
+        started = time.thread_time()
         self.writer.write(self._held)
         self._held = []
         self._held_bytes = 0
-        self.writer.note_cost(time.perf_counter() - started)
+        self.writer.note_cost(time.thread_time() - started)
 
     def close(self) -> None:
         """Write every record held now: the task ends."""
@@ -159,14 +159,14 @@ class ChunkRecorder:
     def flush(self) -> None:
         """Write the calls finished since the last write (those in the results), as one record."""
         with self._lock:
-            started = time.perf_counter()
+            started = time.thread_time()
             start, end = self._written, len(self._results)
             if end <= start:
                 return
             self.writer.write([calls_record(self.spec, self._columns, self._results, start,
                                             end)])
             self._written = end
-            self.writer.note_cost(time.perf_counter() - started)
+            self.writer.note_cost(time.thread_time() - started)
 
     def close(self) -> None:
         """Write what is left; the store's thread no longer flushes this chunk."""
