@@ -211,11 +211,7 @@ class CallQueue:
         entry = QueuedCall(future, name, describe, cost_key=cost_key,
                            task=(worker_function, payload, decode), calls=calls, ladder=ladder)
         self._track(future)
-        if pump:
-            self._enqueue([entry])
-        else:
-            with self._lock:
-                self._waiting.append(entry)
+        self._enqueue([entry], pump=pump)
         return future
 
     def _track(self, future: Future) -> None:
@@ -367,13 +363,15 @@ class CallQueue:
             return
         self._enqueue([entry])
 
-    def _enqueue(self, entries: Iterable[QueuedCall], front: bool = False) -> None:
+    def _enqueue(self, entries: Iterable[QueuedCall], front: bool = False,
+                 pump: bool = True) -> None:
         with self._lock:
             if front:
                 self._waiting.extendleft(reversed(list(entries)))
             else:
                 self._waiting.extend(entries)
-        self.pump()
+        if pump:
+            self.pump()
 
     # -- sending tasks --------------------------------------------------------------------------
 
