@@ -25,7 +25,6 @@ from .options import (
     check_environment,
     check_log_dir,
     check_max_workers,
-    check_number,
     check_store,
     check_text,
     check_text_list,
@@ -35,7 +34,13 @@ from .options import (
     parse_walltime,
     unknown_option_error,
 )
-from .scaling import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_PENDING_JOBS, DEFAULT_MAX_RESUBMISSIONS
+from .scaling import (
+    AUTO_IDLE_TIMEOUT,
+    AUTO_IDLE_TIMEOUT_RANGE,
+    DEFAULT_MAX_PENDING_JOBS,
+    DEFAULT_MAX_RESUBMISSIONS,
+    check_idle_timeout,
+)
 from .security import check_security
 
 #: How many times a call may be running on a worker that dies before it fails with
@@ -146,9 +151,10 @@ OPTIONS: tuple[Option, ...] = (
              "size from the queued work (or hold `max_workers`)", "False"),
     _scaling("min_workers", lambda value: check_whole_number("min_workers", value, 0), "`0`",
              "workers kept without work", "2"),
-    _scaling("idle_timeout", lambda value: check_number("idle_timeout", value),
-             f"`{DEFAULT_IDLE_TIMEOUT:g}`",
-             "seconds a job's workers are idle before it is released", "120"),
+    _scaling("idle_timeout", check_idle_timeout, f'`"{AUTO_IDLE_TIMEOUT}"`',
+             "seconds a job's workers are idle before it is released; `\"auto\"`: as long as "
+             f"a job of the run took to start ({AUTO_IDLE_TIMEOUT_RANGE[0]:g} s to "
+             f"{AUTO_IDLE_TIMEOUT_RANGE[1] / 60:g} min, see [scaling](scaling.md))", "120"),
     _scaling("max_pending_jobs", lambda value: check_whole_number(
                  "max_pending_jobs", value, 1), f"`{DEFAULT_MAX_PENDING_JOBS}`",
              "the most jobs waiting in the batch queue at once", "10"),

@@ -12,7 +12,9 @@ carries the decision out:
   tasks), never beyond ``max_workers`` and never with more than ``max_pending_jobs`` jobs
   waiting in the batch queue (submitted, no worker connected yet);
 - release a job only when every worker process of it has run nothing for ``idle_timeout``
-  seconds (whole jobs only; the idle time is the hysteresis that keeps workers over a short gap);
+  seconds (whole jobs only; the idle time is the hysteresis that keeps workers over a short gap).
+  By default (``"auto"``) that is as long as a job of the executor took to start, from its
+  submission to its worker connecting (:func:`auto_idle_timeout`);
 - drain a job before its walltime: its workers are paused (they take no new task and finish the
   running ones), a replacement is submitted at once, and the job is retired once idle.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distributed.deploy.adaptive import Adaptive
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from . import engine
 from .engine import correct_cluster_state, pause_worker
@@ -45,7 +48,8 @@ from .scaling_policy import (
 )
 
 __all__ = [  # the policy's names too, as before the policy had a module of its own
-    "DEFAULT_IDLE_TIMEOUT",
+    "AUTO_IDLE_TIMEOUT",
+    "AUTO_IDLE_TIMEOUT_RANGE",
     "DEFAULT_MAX_PENDING_JOBS",
     "DEFAULT_MAX_RESUBMISSIONS",
     "DEFAULT_STARTUP_SECONDS",
@@ -58,6 +62,9 @@ __all__ = [  # the policy's names too, as before the policy had a module of its 
     "ScalingLimits",
     "ScalingOptions",
     "ScalingStatus",
+    "auto_idle_timeout",
+    "check_idle_timeout",
+    "describe_idle_timeout",
     "decide",
     "validate_scaling_options",
     "walltime_margin",
@@ -66,8 +73,11 @@ __all__ = [  # the policy's names too, as before the policy had a module of its 
 
 logger = logging.getLogger("futures_hpc")
 
-#: Default seconds a job may stay idle before it is released.
-DEFAULT_IDLE_TIMEOUT = 60.0
+#: The default ``idle_timeout``: as long as a job of the executor took to start
+#: (:func:`auto_idle_timeout`).
+AUTO_IDLE_TIMEOUT = "auto"
+#: The shortest and longest idle time of ``idle_timeout="auto"``, in seconds.
+AUTO_IDLE_TIMEOUT_RANGE = (3.0, 600.0)
 #: Default most jobs waiting in the batch queue at once.
 DEFAULT_MAX_PENDING_JOBS = 4
 #: Default replacements of failed jobs before the run fails.
@@ -93,8 +103,9 @@ class ScalingOptions:
         Workers kept even without work (rounded up to whole jobs).
     max_workers : int
         The most workers.
-    idle_timeout : float
-        Seconds every worker of a job must be idle before the job is released.
+    idle_timeout : float or None
+        Seconds every worker of a job must be idle before the job is released; None for
+        ``"auto"`` (:func:`auto_idle_timeout`).
     max_pending_jobs : int
         The most jobs waiting in the batch queue at once.
     max_resubmissions : int
@@ -108,10 +119,44 @@ class ScalingOptions:
     adaptive: bool = True
     min_workers: int = 0
     max_workers: int = 1
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    idle_timeout: float | None = None
     max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS
     max_resubmissions: int = DEFAULT_MAX_RESUBMISSIONS
     start_timeout: float | None = None
+
+
+def auto_idle_timeout(startup: float | None) -> float:
+    """The idle time after which ``idle_timeout="auto"`` releases a job.
+
+    As long as a job took to start (``startup``: the longest time seen from submitting a job
+    to its worker connecting; :data:`~futures_hpc.scaling_policy.DEFAULT_STARTUP_SECONDS` until
+    one has), within :data:`AUTO_IDLE_TIMEOUT_RANGE`. This is the break-even rule of renting
+    against buying: a job kept idle costs its slots for as long as a new one would take to
+    start when work comes back, so over any gap the run pays at most twice what it would have
+    paid had it known the gap's length in advance. On a busy queue, where a job waits minutes
+    to start, jobs are kept over gaps of minutes; where jobs start in seconds, they are released
+    after seconds.
+    """
+    shortest, longest = AUTO_IDLE_TIMEOUT_RANGE
+    seconds = DEFAULT_STARTUP_SECONDS if not startup else startup
+    return min(longest, max(shortest, seconds))
+
+
+def describe_idle_timeout(idle_timeout: float | None) -> str:
+    """``idle_timeout`` as the logs show it."""
+    if idle_timeout is None:
+        return f"{AUTO_IDLE_TIMEOUT} (as long as a job took to start)"
+    return f"{idle_timeout:g} s"
+
+
+def check_idle_timeout(value: Any) -> float | None:
+    """``idle_timeout``: seconds > 0, or ``"auto"`` (returned as None)."""
+    if value is None or value == AUTO_IDLE_TIMEOUT:
+        return None
+    if isinstance(value, str):
+        raise OptionError(f"idle_timeout={value!r} is not allowed; idle_timeout must be a "
+                          f"number of seconds > 0 or {AUTO_IDLE_TIMEOUT!r}")
+    return check_number("idle_timeout", value)
 
 
 def _whole_number(options: Mapping[str, Any], name: str, default: int, smallest: int) -> int:
@@ -141,13 +186,11 @@ def validate_scaling_options(options: Mapping[str, Any], max_workers: int) -> Sc
     if min_workers > max_workers:
         raise OptionError(f"min_workers={min_workers!r} is not allowed; min_workers must be "
                           f"at most max_workers ({max_workers})")
-    idle_timeout = options.get("idle_timeout")
     return ScalingOptions(
         adaptive=adaptive,
         min_workers=min_workers,
         max_workers=max_workers,
-        idle_timeout=(DEFAULT_IDLE_TIMEOUT if idle_timeout is None
-                      else check_number("idle_timeout", idle_timeout)),
+        idle_timeout=check_idle_timeout(options.get("idle_timeout")),
         max_pending_jobs=_whole_number(options, "max_pending_jobs",
                                        DEFAULT_MAX_PENDING_JOBS, 1),
         max_resubmissions=_whole_number(options, "max_resubmissions",
@@ -190,6 +233,10 @@ class ScalingStatus:
         One entry per pool (``ex.with_resources(...)``): its shape, ``max_workers``, jobs
         pending, running and draining, jobs released, calls waiting and calls running. The
         other counts are the executor's own workers' and the whole cluster's.
+    idle_timeout : float or None
+        Seconds a job's workers must be idle now before it is released (with
+        ``idle_timeout="auto"``, as long as a job took to start so far); None without
+        adaptive scaling.
 
     """
 
@@ -205,6 +252,7 @@ class ScalingStatus:
     pending_reasons: dict[str, str] = field(default_factory=dict)
     waiting_calls: int = 0
     pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    idle_timeout: float | None = None
 
 
 # -- carrying it out -----------------------------------------------------------------------------
@@ -235,6 +283,36 @@ class PoolScope(Protocol):
 
 
 
+class _TaskEnds(SchedulerPlugin):
+    """When each worker connected, and when it last finished a task.
+
+    The policy looks at the scheduler every :data:`DEFAULT_INTERVAL`; a call that starts and
+    ends between two looks would go unseen, and a worker running a short call every few
+    seconds would count as idle since long before it.
+    """
+
+    def __init__(self) -> None:
+        self.last_end: dict[str, float] = {}
+        self.connected_at: dict[str, float] = {}  # worker name -> when it connected
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        state = scheduler.workers.get(worker)
+        if state is not None:
+            self.connected_at[str(state.name)] = time.monotonic()
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if start == "processing":
+            worker = kwargs.get("worker")
+            if isinstance(worker, str):
+                self.last_end[worker] = time.monotonic()
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.last_end.pop(worker, None)
+        state = scheduler.workers.get(worker)
+        if state is not None:
+            self.connected_at.pop(str(state.name), None)
+
+
 class FairShareAdaptive(Adaptive):
     """The fair-share policy as a :class:`distributed.deploy.Adaptive` for a SpecCluster.
 
@@ -245,8 +323,9 @@ class FairShareAdaptive(Adaptive):
         :class:`distributed.Scheduler`); each ``worker_spec`` entry is one job.
     minimum, maximum : int
         The fewest and most workers (``min_workers``, ``max_workers``).
-    idle_timeout : float
-        Seconds every worker of a job must be idle before the job is released.
+    idle_timeout : float or None
+        Seconds every worker of a job must be idle before the job is released; None: as long
+        as a job of this cluster took to start (:func:`auto_idle_timeout`).
     max_pending_jobs : int
         The most jobs waiting in the batch queue at once.
     walltime : float, optional
@@ -272,7 +351,7 @@ class FairShareAdaptive(Adaptive):
     """
 
     def __init__(self, cluster: Any, minimum: int = 0, maximum: int = 1,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 idle_timeout: float | None = None,
                  max_pending_jobs: int = DEFAULT_MAX_PENDING_JOBS,
                  walltime: float | None = None, interval: float = DEFAULT_INTERVAL,
                  target_duration: float = DEFAULT_TARGET_DURATION,
@@ -283,7 +362,7 @@ class FairShareAdaptive(Adaptive):
         self._client_waiting = client_waiting
         self.pool = pool
         self.call_time = call_time
-        self.idle_timeout = float(idle_timeout)
+        self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self.max_pending_jobs = int(max_pending_jobs)
         self.walltime = walltime
         self.lost_calls = 0
@@ -298,8 +377,22 @@ class FairShareAdaptive(Adaptive):
         self._longest_call = 0.0
         self._startup = 0.0
         self._step_running = False  # one adapt step at a time
+        for job_name in getattr(cluster, "worker_spec", {}):  # submitted before the policy
+            self._submitted_at[job_name] = time.monotonic()
+        self._task_ends = _TaskEnds()
+        self._task_ends_name = f"futures_hpc-task-ends-{id(self):x}"
+        scheduler = getattr(cluster, "scheduler", None)
+        if hasattr(scheduler, "add_plugin") and hasattr(scheduler, "adaptive_target"):
+            scheduler.add_plugin(self._task_ends, name=self._task_ends_name)
         super().__init__(cluster, interval=interval, minimum=minimum, maximum=maximum,
                          target_duration=target_duration, **kwargs)
+
+    def stop(self, reason: str = "unknown") -> None:
+        """Stop deciding, and stop watching the scheduler's tasks."""
+        scheduler = getattr(self.cluster, "scheduler", None)
+        if self._task_ends_name in getattr(scheduler, "plugins", {}):
+            scheduler.remove_plugin(name=self._task_ends_name)
+        super().stop(reason=reason)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -316,6 +409,13 @@ class FairShareAdaptive(Adaptive):
         return names if self.pool is None else [name for name in names
                                                 if self.pool.owns_job(name)]
 
+    @property
+    def current_idle_timeout(self) -> float:
+        """Seconds a job's workers must be idle now before it is released."""
+        if self.idle_timeout is not None:
+            return self.idle_timeout
+        return auto_idle_timeout(self._startup)
+
     def limits(self) -> ScalingLimits:
         """The policy's limits in jobs."""
         per_job = self.processes_per_job
@@ -324,7 +424,7 @@ class FairShareAdaptive(Adaptive):
             min_jobs=math.ceil(self.minimum / per_job),
             max_jobs=max(1, int(self.maximum) // per_job),
             max_pending_jobs=max(0, self.max_pending_jobs - pending_elsewhere),
-            idle_timeout=self.idle_timeout,
+            idle_timeout=self.current_idle_timeout,
             processes_per_job=per_job,
             walltime=self.walltime,
             call_time=self.call_time,
@@ -348,12 +448,16 @@ class FairShareAdaptive(Adaptive):
                     self.lost_calls += tasks
                     logger.warning("worker %s was lost with %d task(s); dask re-runs them",
                                    name, tasks)
+        last_end = self._task_ends.last_end
         for ws in scheduler.workers.values():
             self._processing[ws.address] = (str(ws.name), len(ws.processing))
             if ws.processing:
                 self._idle_since.pop(ws.address, None)
             else:
-                self._idle_since.setdefault(ws.address, now)
+                since = self._idle_since.setdefault(ws.address, now)
+                ended = last_end.get(ws.address)
+                if ended is not None and ended > since:  # a call ran since the last look
+                    self._idle_since[ws.address] = ended
         for prefix in scheduler.task_prefixes.values():
             longest = max(getattr(prefix, "max_exec_time", -1), prefix.duration_average)
             self._longest_call = max(self._longest_call, longest)
@@ -364,8 +468,10 @@ class FairShareAdaptive(Adaptive):
             states = [by_name[name] for name in self._worker_names_of(job_name)
                       if name in by_name]
             if states and job_name not in self._started_at:
-                self._started_at[job_name] = now
-                self._startup = max(self._startup, now - self._submitted_at[job_name])
+                connected = [self._task_ends.connected_at.get(str(ws.name), now)
+                             for ws in states]
+                self._started_at[job_name] = started = min(now, *connected)
+                self._startup = max(self._startup, started - self._submitted_at[job_name])
             own_workers += states
             busy = sum(bool(ws.processing) for ws in states)
             idle_times = [self._idle_since.get(ws.address, now) for ws in states]
@@ -488,6 +594,7 @@ class FairShareAdaptive(Adaptive):
             setattr(status, name, value)
         status.lost_calls = self.lost_calls
         status.retired_jobs = self.retired_jobs
+        status.idle_timeout = self.current_idle_timeout
 
     def counts(self) -> dict[str, int]:
         """Jobs pending, running and draining, from the cluster's specs and the scheduler."""

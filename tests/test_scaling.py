@@ -130,8 +130,26 @@ def test_bad_options_are_refused_by_name(options, name):
 def test_default_options():
     options = validate_scaling_options({}, max_workers=4)
     assert options.adaptive is True and options.min_workers == 0
-    assert options.max_resubmissions == 3 and options.idle_timeout == 60.0
+    assert options.max_resubmissions == 3 and options.idle_timeout is None  # "auto"
     assert validate_scaling_options({"max_resubmissions": 0}, 4).max_resubmissions == 0
+    assert validate_scaling_options({"idle_timeout": "auto"}, 4).idle_timeout is None
+    assert validate_scaling_options({"idle_timeout": 30}, 4).idle_timeout == 30.0
+
+
+def test_the_automatic_idle_timeout_is_the_start_up_within_its_range():
+    from futures_hpc.scaling import AUTO_IDLE_TIMEOUT_RANGE, auto_idle_timeout
+    from futures_hpc.scaling_policy import DEFAULT_STARTUP_SECONDS
+
+    shortest, longest = AUTO_IDLE_TIMEOUT_RANGE
+    assert auto_idle_timeout(None) == DEFAULT_STARTUP_SECONDS  # no job has started yet
+    assert auto_idle_timeout(47.5) == 47.5
+    assert auto_idle_timeout(0.4) == shortest
+    assert auto_idle_timeout(3 * 3600.0) == longest
+
+
+def test_a_word_other_than_auto_is_refused_for_idle_timeout():
+    with pytest.raises(OptionError, match=r"idle_timeout='soon' is not allowed; .*'auto'"):
+        validate_scaling_options({"idle_timeout": "soon"}, max_workers=4)
 
 
 def test_status_of_a_local_executor_counts_its_workers():

@@ -91,8 +91,13 @@ class BatchSystem:
 
 @pytest.fixture(scope="module")
 def ex(batch):
-    """The suite's running executor: 2 one-worker jobs, both connected."""
-    with batch.executor(max_workers=2, env={"FUTURES_HPC_TEST_VALUE": "42 and spaces"}) as executor:
+    """The suite's running executor: 2 one-worker jobs, both connected.
+
+    ``min_workers=2`` keeps them between tests: the suite counts worker slots, and the default
+    ``idle_timeout="auto"`` would release idle jobs after a few seconds on this machine's queue.
+    """
+    with batch.executor(max_workers=2, min_workers=2,
+                        env={"FUTURES_HPC_TEST_VALUE": "42 and spaces"}) as executor:
         wait_for_workers(executor, 2)
         yield executor
 
@@ -102,7 +107,7 @@ def make_executor(batch):
     """New executors for the suite's shutdown tests (they shut them down themselves)."""
     def make():
         # The suite counts worker slots: wait until both jobs' workers are there.
-        executor = batch.executor(max_workers=2)
+        executor = batch.executor(max_workers=2, min_workers=2)
         wait_for_workers(executor, 2)
         return executor
 

@@ -188,6 +188,30 @@ def test_burst_keeps_pending_jobs_capped_and_releases_every_job_after_idle_timeo
     assert wait_until_no_jobs(ex.run_name) == {}
 
 
+def test_by_default_an_idle_job_is_kept_as_long_as_a_job_took_to_start():
+    """idle_timeout="auto": a job serves two calls a short gap apart, then, left idle, is
+    released once it has been idle as long as the longest start-up seen (status().idle_timeout).
+    """
+    created = time.monotonic()
+    with HPCExecutor("slurm", max_workers=1, **SMALL) as ex:
+        assert ex.submit(slow_double, 1, 0.0).result(timeout=120) == 2
+        first_result = time.monotonic() - created
+        first_jobs = ex.job_ids()
+        time.sleep(1.0)  # a gap shorter than the start-up: the job stays
+        timeout = ex.status().idle_timeout
+        # At least the floor; at most the time to the first result (the start-up is part of it)
+        # plus one look of the policy (0.5 s).
+        assert 3.0 <= timeout <= max(3.0, first_result + 0.5), (timeout, first_result)
+        assert ex.submit(slow_double, 2, 0.0).result(timeout=60) == 4
+        idle_from = time.monotonic()
+        assert ex.job_ids() == first_jobs
+        assert wait_for(lambda: not connected_job_ids(ex), timeout=timeout + 15, interval=0.2)
+        idle_for = time.monotonic() - idle_from
+        assert timeout - 0.5 <= idle_for <= timeout + 15, (idle_for, timeout)
+        assert ex.status().retired_jobs == 1
+        assert wait_until_no_jobs(ex.run_name) == {}
+
+
 def test_jobs_of_two_worker_processes_are_released_whole():
     """With 2 worker processes per job, both leave together once idle: never half a job."""
     options = {**SMALL, "cores": 2, "memory": "1GB"}

@@ -49,6 +49,7 @@ from ...scaling import (
     MINIMUM_WALLTIME_MARGIN,
     FairShareAdaptive,
     ScalingStatus,
+    describe_idle_timeout,
     validate_scaling_options,
 )
 from ..listen import plan_batch_listening
@@ -274,11 +275,12 @@ class BatchProvider(JobWatching, BackendProvider):
             pool=self.executor._pools.base,  # pools (with_resources) share the cluster
         )
         logger.info("%s: %s scaling, %d to %d worker(s) (%d to %d job(s) of %d worker "
-                    "process(es)), at most %d pending job(s), idle timeout %.0f s, start "
+                    "process(es)), at most %d pending job(s), idle timeout %s, start "
                     "timeout %s", self.run_name,
                     "adaptive" if self.scaling.adaptive else "fixed", minimum, maximum,
                     minimum // per_job, maximum // per_job, per_job,
-                    self.scaling.max_pending_jobs, self.scaling.idle_timeout,
+                    self.scaling.max_pending_jobs,
+                    describe_idle_timeout(self.scaling.idle_timeout),
                     "none" if self.scaling.start_timeout is None
                     else f"{self.scaling.start_timeout:g} s")
 

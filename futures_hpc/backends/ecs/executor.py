@@ -15,6 +15,7 @@ from futures_hpc.scaling import (
     FairShareAdaptive,
     ScalingOptions,
     ScalingStatus,
+    describe_idle_timeout,
     validate_scaling_options,
 )
 from futures_hpc.store.segments import is_url, normalized_location
@@ -153,9 +154,9 @@ class ECSProvider(BackendProvider):
                 max_pending_jobs=self.scaling.max_pending_jobs,
                 client_waiting=self.executor._waiting_in_client)
             logger.info("%s: fair-share scaling, %d to %d worker task(s), at most %d pending, "
-                        "idle timeout %.0f s", self.executor.run_name, self.scaling.min_workers,
+                        "idle timeout %s", self.executor.run_name, self.scaling.min_workers,
                         self.executor.max_workers or 1, self.scaling.max_pending_jobs,
-                        self.scaling.idle_timeout)
+                        describe_idle_timeout(self.scaling.idle_timeout))
         else:
             self.executor.cluster.request_workers(self.executor.max_workers or 1)
 
