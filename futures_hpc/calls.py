@@ -12,13 +12,13 @@ A remote exception comes back as itself, with the remote traceback attached as i
 from __future__ import annotations
 
 import pickle
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 
+from .call_clock import call_clock
 from .relay import packed_task_news, ran_before
 from .store.recorder import ChunkRecorder, StoreSpec, TaskRecorder, recorded_results
 from .store.results import MISSING
@@ -163,7 +163,8 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
     -------
     bytes
         The packed ``("calls", outcomes, seconds)``: ``("ok", result)`` or ``("error",
-        exception)`` per call, and the seconds the calls took (for :mod:`futures_hpc.chunking`).
+        exception)`` per call, and the seconds the calls took (for :mod:`futures_hpc.chunking`;
+        on :func:`~futures_hpc.call_clock.call_clock`, which leaves out waits for a CPU).
         A call that finished before the task's earlier worker died is skipped (:data:`SKIPPED`).
 
     Notes
@@ -181,7 +182,7 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
         return _pack_outcomes([failed] * len(packed_calls), None)
     news, finished = packed_task_news(len(packed_calls))
     recorder = None if store is None else TaskRecorder(store)
-    started = time.perf_counter()
+    started = call_clock()
     for number, packed in enumerate(packed_calls):
         if finished and number in finished:
             outcomes.append(SKIPPED)
@@ -202,7 +203,7 @@ def run_calls(payload: bytes, *dependencies: Any) -> bytes:
         outcomes.append(outcome)
         if news is not None:
             news.add(number, outcome)
-    seconds = time.perf_counter() - started
+    seconds = call_clock() - started
     if news is not None:
         news.close()
     if recorder is not None:
@@ -245,7 +246,7 @@ def run_chunk(payload: bytes) -> bytes:
     bytes
         The packed ``("chunk", results, error, seconds)``: the results of the calls before the
         first failure, that failure (or None), and the seconds the calls took (for
-        :mod:`futures_hpc.chunking`).
+        :mod:`futures_hpc.chunking`; on :func:`~futures_hpc.call_clock.call_clock`).
 
     """
     return _run_chunk(payload, None)
@@ -263,7 +264,7 @@ def _run_chunk(payload: bytes, before: bool | None) -> bytes:
     try:
         packed_function, columns, store = pickle.loads(payload)
         function = pickle.loads(packed_function)
-        started = time.perf_counter()
+        started = call_clock()
         if store is not None:
             recorder = (TaskRecorder(store) if store.keys is not None
                         else ChunkRecorder(store, columns, results))
@@ -278,11 +279,11 @@ def _run_chunk(payload: bytes, before: bool | None) -> bytes:
         else:
             _run_plain(function, columns, results)
     except BaseException as error:  # noqa: BLE001
-        seconds = None if started is None else time.perf_counter() - started
+        seconds = None if started is None else call_clock() - started
         if recorder is not None:
             recorder.close()
         return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error), seconds))
-    seconds = time.perf_counter() - started
+    seconds = call_clock() - started
     if recorder is not None:
         recorder.close()
     return _pack_outcome(("chunk", results, None, seconds))

@@ -4,8 +4,9 @@ Each dask task costs about 2 ms of scheduling and messaging, so trivial calls wa
 chunks; calls of uneven length want several chunks per worker so that no worker is left with
 the last long chunk while the others idle. An executor cannot know a call's cost before it has
 run, so it remembers what it measured: workers time each chunk (see
-:func:`futures_hpc.calls.run_chunk`), and the next ``map`` of the same function uses that
-figure, as joblib's automatic batching learns from the batches it has run.
+:func:`futures_hpc.calls.run_chunk`, on :func:`futures_hpc.call_clock.call_clock`, which leaves
+out the time a worker waited for a CPU it shares with others), and the next ``map`` of the same
+function uses that figure, as joblib's automatic batching learns from the batches it has run.
 """
 
 from __future__ import annotations

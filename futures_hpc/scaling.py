@@ -50,6 +50,7 @@ from .scaling_policy import (
 __all__ = [  # the policy's names too, as before the policy had a module of its own
     "AUTO_IDLE_TIMEOUT",
     "AUTO_IDLE_TIMEOUT_RANGE",
+    "AUTO_PENDING_IDLE_TIMEOUT",
     "DEFAULT_MAX_PENDING_JOBS",
     "DEFAULT_MAX_RESUBMISSIONS",
     "DEFAULT_STARTUP_SECONDS",
@@ -78,6 +79,11 @@ logger = logging.getLogger("futures_hpc")
 AUTO_IDLE_TIMEOUT = "auto"
 #: The shortest and longest idle time of ``idle_timeout="auto"``, in seconds.
 AUTO_IDLE_TIMEOUT_RANGE = (3.0, 600.0)
+#: With ``idle_timeout="auto"``, the least time a job that has not started yet is kept without
+#: work: a queued job costs nothing until it starts, and its place in the queue is worth keeping
+#: for a while (the first jobs are submitted before any call, so that the first calls do not
+#: wait for the queue).
+AUTO_PENDING_IDLE_TIMEOUT = 60.0
 #: Default most jobs waiting in the batch queue at once.
 DEFAULT_MAX_PENDING_JOBS = 4
 #: Default replacements of failed jobs before the run fails.
@@ -387,12 +393,15 @@ class FairShareAdaptive(Adaptive):
         super().__init__(cluster, interval=interval, minimum=minimum, maximum=maximum,
                          target_duration=target_duration, **kwargs)
 
-    def stop(self, reason: str = "unknown") -> None:
-        """Stop deciding, and stop watching the scheduler's tasks."""
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        """Stop deciding, and stop watching the scheduler's tasks.
+
+        The arguments go to dask's ``stop`` (``reason=`` since distributed 2024.2; none before).
+        """
         scheduler = getattr(self.cluster, "scheduler", None)
         if self._task_ends_name in getattr(scheduler, "plugins", {}):
             scheduler.remove_plugin(name=self._task_ends_name)
-        super().stop(reason=reason)
+        super().stop(*args, **kwargs)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -425,6 +434,8 @@ class FairShareAdaptive(Adaptive):
             max_jobs=max(1, int(self.maximum) // per_job),
             max_pending_jobs=max(0, self.max_pending_jobs - pending_elsewhere),
             idle_timeout=self.current_idle_timeout,
+            pending_idle_timeout=(None if self.idle_timeout is not None else max(
+                AUTO_PENDING_IDLE_TIMEOUT, self.current_idle_timeout)),
             processes_per_job=per_job,
             walltime=self.walltime,
             call_time=self.call_time,

@@ -38,6 +38,9 @@ class ScalingLimits:
     call_time : float or None
         Seconds each call needs (a pool's ``call_time``): a job with less time left takes
         no new call (it is drained that long before its walltime).
+    pending_idle_timeout : float or None
+        Seconds a job that has not started yet may wait without work before it is released;
+        None: ``idle_timeout``.
 
     """
 
@@ -48,6 +51,7 @@ class ScalingLimits:
     processes_per_job: int = 1
     walltime: float | None = None
     call_time: float | None = None
+    pending_idle_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -215,8 +219,10 @@ def decide(limits: ScalingLimits, snapshot: ClusterSnapshot) -> ScalingDecision:
                 return now - job.submitted_at
             return -1.0 if job.idle_since is None else now - job.idle_since
 
-        candidates = [job for job in active if job.busy_workers == 0
-                      and idle_for(job) >= limits.idle_timeout]
+        pending_timeout = (limits.idle_timeout if limits.pending_idle_timeout is None
+                           else limits.pending_idle_timeout)
+        candidates = [job for job in active if job.busy_workers == 0 and idle_for(job) >= (
+            pending_timeout if job.pending else limits.idle_timeout)]
         # Jobs still in the queue first (nothing runs there), then the longest idle.
         candidates.sort(key=lambda job: (not job.pending, -idle_for(job)))
         retire += [job.name for job in candidates[:excess]]

@@ -115,7 +115,8 @@ def outside_backend(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ex(outside_backend):
-    with HPCExecutor(BACKEND_NAME, max_workers=2, **SMALL_WORKERS) as executor:
+    """The suite's executor: 2 jobs kept between tests (min_workers), as the suite counts them."""
+    with HPCExecutor(BACKEND_NAME, max_workers=2, min_workers=2, **SMALL_WORKERS) as executor:
         wait_for_workers(executor, 2)
         yield executor
 
@@ -123,7 +124,7 @@ def ex(outside_backend):
 @pytest.fixture
 def make_executor(outside_backend):
     def make():
-        executor = HPCExecutor(BACKEND_NAME, max_workers=2, **SMALL_WORKERS)
+        executor = HPCExecutor(BACKEND_NAME, max_workers=2, min_workers=2, **SMALL_WORKERS)
         wait_for_workers(executor, 2)
         return executor
 

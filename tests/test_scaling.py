@@ -179,3 +179,16 @@ def test_call_time_drains_a_job_that_could_not_finish_a_call():
                    ClusterSnapshot(now=300.0, wanted_workers=1, jobs=(job,),
                                    longest_call=1.0, startup=5.0))
     assert plain.drain == ()
+
+
+def test_a_job_still_in_the_queue_may_have_its_own_idle_timeout():
+    """idle_timeout="auto" keeps a queued job without work longer than a started one."""
+    limits = ScalingLimits(min_jobs=0, max_jobs=2, max_pending_jobs=2, idle_timeout=3.0,
+                           pending_idle_timeout=60.0)
+    jobs = (JobSnapshot("queued", submitted_at=0.0),
+            JobSnapshot("idle", submitted_at=0.0, connected_workers=1, idle_since=5.0,
+                        started_at=2.0))
+    early = decide(limits, ClusterSnapshot(now=10.0, wanted_workers=0, jobs=jobs))
+    assert early.retire == ("idle",)
+    late = decide(limits, ClusterSnapshot(now=61.0, wanted_workers=0, jobs=jobs))
+    assert set(late.retire) == {"queued", "idle"}

@@ -29,7 +29,6 @@ import functools
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +36,7 @@ from typing import Any
 
 from joblib import parallel as joblib_parallel
 
+from ..call_clock import call_clock
 from ..engine import ParallelBackendBase, configured_joblib_backend
 from ..executor import HPCExecutor
 from ..pools import PoolExecutor
@@ -56,9 +56,9 @@ class _TimedBatch:
         self.batch = batch
 
     def __call__(self) -> tuple[Any, float]:
-        started = time.perf_counter()
+        started = call_clock()
         results = self.batch()
-        return results, time.perf_counter() - started
+        return results, call_clock() - started
 
     @property
     def __name__(self) -> str:  # the task's key starts with it, e.g. "BatchedCalls-..."

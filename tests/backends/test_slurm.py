@@ -237,7 +237,7 @@ def test_no_process_of_the_run_outlives_the_executor(batch, tmp_path, workers_wh
     does not exit by itself stays for ever (invisible to squeue).
     """
     jobs = 4
-    options = {"max_workers": jobs}
+    options = {"max_workers": jobs, "min_workers": jobs}  # all 4 stay until the shutdown
     if workers_when_closed == "starting":
         marker_dir = tmp_path / "started"
         marker_dir.mkdir()
