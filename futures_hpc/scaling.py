@@ -298,13 +298,11 @@ class _TaskEnds(SchedulerPlugin):
     """
 
     def __init__(self) -> None:
-        self.last_end: dict[str, float] = {}
-        self.connected_at: dict[str, float] = {}  # worker name -> when it connected
+        self.last_end: dict[str, float] = {}  # worker address -> when its last task ended
+        self.connected_at: dict[str, float] = {}  # worker address -> when it connected
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
-        state = scheduler.workers.get(worker)
-        if state is not None:
-            self.connected_at[str(state.name)] = time.monotonic()
+        self.connected_at[worker] = time.monotonic()
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         if start == "processing":
@@ -314,9 +312,7 @@ class _TaskEnds(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.last_end.pop(worker, None)
-        state = scheduler.workers.get(worker)
-        if state is not None:
-            self.connected_at.pop(str(state.name), None)
+        self.connected_at.pop(worker, None)
 
 
 class FairShareAdaptive(Adaptive):
@@ -429,13 +425,14 @@ class FairShareAdaptive(Adaptive):
         """The policy's limits in jobs."""
         per_job = self.processes_per_job
         pending_elsewhere = 0 if self.pool is None else self.pool.pending_elsewhere()
+        idle_timeout = self.current_idle_timeout
         return ScalingLimits(
             min_jobs=math.ceil(self.minimum / per_job),
             max_jobs=max(1, int(self.maximum) // per_job),
             max_pending_jobs=max(0, self.max_pending_jobs - pending_elsewhere),
-            idle_timeout=self.current_idle_timeout,
-            pending_idle_timeout=(None if self.idle_timeout is not None else max(
-                AUTO_PENDING_IDLE_TIMEOUT, self.current_idle_timeout)),
+            idle_timeout=idle_timeout,
+            pending_idle_timeout=(None if self.idle_timeout is not None
+                                  else max(AUTO_PENDING_IDLE_TIMEOUT, idle_timeout)),
             processes_per_job=per_job,
             walltime=self.walltime,
             call_time=self.call_time,
@@ -479,7 +476,7 @@ class FairShareAdaptive(Adaptive):
             states = [by_name[name] for name in self._worker_names_of(job_name)
                       if name in by_name]
             if states and job_name not in self._started_at:
-                connected = [self._task_ends.connected_at.get(str(ws.name), now)
+                connected = [self._task_ends.connected_at.get(ws.address, now)
                              for ws in states]
                 self._started_at[job_name] = started = min(now, *connected)
                 self._startup = max(self._startup, started - self._submitted_at[job_name])
