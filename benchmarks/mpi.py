@@ -35,8 +35,9 @@ task of ``ex.map`` is a dask task, client -> scheduler (in rank 0's process, rea
 and 3.4 ms on the worker per task, whatever its size, and a round trip of 7 to 10 ms for one call
 when the machine is busy, against 0.1 ms for mpi4py.futures, which sends one pickled MPI message
 per chunk. Chunks measured as quick share tasks (the call queue packs the chunks waiting
-together among the idle worker slots), so every chunk size here runs in 2 to 4 tasks and is
-bound by the round trip.
+together, over no more tasks than their work pays for: 10,000 trivial calls are about 0.5 ms of
+work, so they go in one task whatever the chunk size, and ``ex.map`` chooses one chunk), so
+every chunk size here is bound by one round trip.
 
 Run: ``python benchmarks/mpi.py`` (``--ranks``, ``--repeats``, ``--chunksizes``; ``--quick`` for a
 short smoke run whose figures mean nothing).

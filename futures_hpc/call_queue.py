@@ -15,8 +15,10 @@ to dask and *with which others*. dask still runs, places, retries and moves the 
   function, or a slow one, runs alone. A batch never holds a call back: it is formed only when
   a slot is free, from the calls waiting then. The chunks of a ``map`` are packed the same
   way once a chunk of them is measured as quick (:func:`~futures_hpc.calls.run_chunks`): a
-  map's chunks are queued together and shared among the idle slots, so a small ``chunksize``
-  does not cost a dask task per chunk. A packed task of chunks sends no news per chunk: if its
+  map's chunks are queued together and shared among the idle slots, over no more tasks than
+  their measured work pays for (:func:`~futures_hpc.chunking.useful_tasks`: a few milliseconds
+  of trivial calls go in one task), so a small ``chunksize`` does not cost a dask task per
+  chunk. A packed task of chunks sends no news per chunk: if its
   worker dies, its chunks all go again (a chunk's calls already ran twice in that case).
 - **States.** A call is PENDING while it waits here, and is cancelled at once and locally. It
   becomes RUNNING when it is handed to the cluster, as a call of ``ProcessPoolExecutor`` does
@@ -65,7 +67,7 @@ import distributed
 
 from .bridge import FutureBridge
 from .calls import SKIPPED, PlaceholderArgument, run_calls, run_chunk, run_chunks, unpack_outcome
-from .chunking import CallCosts, function_key
+from .chunking import CallCosts, function_key, useful_tasks
 from .errors import CallDependencyError, CallMemoryError, CallSerializationError, WorkerLostError
 from .queued_call import (
     QueuedCall,
@@ -424,8 +426,13 @@ class CallQueue:
             if not idle and len(waiting) < full_batch:
                 return None
             # Calls keep half the queue for look-ahead tasks; the chunks of a map, queued
-            # together, are shared among the idle slots at once.
-            share = free - self._short_in_flight if head.task is not None else 2 * free
+            # together, are shared among the idle slots at once, over no more tasks than their
+            # work pays for (a few milliseconds of trivial calls go in one task).
+            if head.task is not None:
+                work = cost * head.calls * min(len(waiting), full_batch)
+                share = useful_tasks(work, free - self._short_in_flight)
+            else:
+                share = 2 * free
             limit = full_batch if not idle else min(
                 full_batch, max(1, math.ceil(len(waiting) / max(1, share))))
         elif self._long_in_flight + math.ceil(self._short_in_flight / 2) >= slots:

@@ -556,9 +556,9 @@ class HPCExecutor(BlockMethods, Executor):
 
         :data:`~futures_hpc.chunking.CHUNKS_PER_WORKER_SLOT` chunks per worker thread; fewer
         for a function this executor has already mapped and measured as so quick that a
-        worker's share is short (see :mod:`futures_hpc.chunking`): each dask task costs about
-        2 ms, so large chunks make trivial calls cheap, while several chunks per worker keep
-        uneven calls balanced.
+        worker's share is short (see :mod:`futures_hpc.chunking`): each dask task costs the
+        client milliseconds, so large chunks make trivial calls cheap (a few milliseconds of
+        work make one chunk), while several chunks per worker keep uneven calls balanced.
         """
         key = None if fn is None else function_key(pack_function(fn))
         return self._automatic_chunksize(call_count, key)
