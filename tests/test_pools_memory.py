@@ -29,13 +29,21 @@ SMALL = "300MB"
 LARGE = "1200MB"
 
 
+#: How long a hog holds its memory. The nanny samples its worker's memory every 100 ms on its
+#: event loop, which it shares with the client's here; a hog that let go at once could end
+#: between two samples on a loaded machine (it did, once in CI) and never be seen.
+HOLD_SECONDS = 3.0
+
+
 def hog(megabytes: int) -> tuple[int, int]:
-    """Allocate and touch ``megabytes`` MB; return the worker's pid and memory limit."""
+    """Allocate, touch and hold ``megabytes`` MB; return the worker's pid and memory limit."""
     import distributed
     import numpy as np
 
     block = np.ones(megabytes * 1_000_000 // 8)
     assert block.sum() == block.size
+    time.sleep(HOLD_SECONDS)  # a test's stand-in for a call that keeps what it allocated
+    assert block[-1] == 1.0
     return os.getpid(), distributed.get_worker().memory_manager.memory_limit
 
 
