@@ -20,8 +20,8 @@ constraints=ci/oldest-constraints.txt
 pip_log=$FHPC_LOG_DIR/oldest-pip.log
 register_logs "$pip_log"
 
-# The subset: every local and SLURM executor test, the modules they lean on, and the engine
-# boundary (private names read from these versions' sources).
+# The subset: every local and SLURM executor test, the modules they lean on, the engine
+# boundary (private names read from these versions' sources) and the joblib backend.
 TESTS=(
     tests/backends/test_local.py
     tests/backends/test_slurm.py
@@ -34,6 +34,8 @@ TESTS=(
     tests/test_option_table.py
     tests/test_pools.py
     tests/backends/test_pools_placement.py
+    # the joblib backend, on joblib 1.3 (apply_async; the cut batches handed over at once)
+    tests/test_joblib.py
 )
 
 bash ci/setup.sh >/dev/null

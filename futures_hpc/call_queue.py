@@ -173,16 +173,19 @@ class CallQueue:
 
     def submit(self, function: Callable[..., Any], args: tuple[Any, ...],
                kwargs: dict[str, Any], describe: Callable[[], str],
-               ladder: Any = None, batch: tuple[bytes, int] | None = None) -> Future:
+               ladder: Any = None, batch: tuple[bytes, int] | None = None,
+               name: str | None = None) -> Future:
         """Queue ``function(*args, **kwargs)`` (on ``ladder``'s first rung); return its future.
 
         ``batch``: the call runs a batch of calls that its caller made itself (joblib's),
         ``(cost key, calls in it)``. Its cost is then learnt per call of the batch under that
-        key, shared by the caller's batches, so that a batch measured as short may wait on a
-        busy worker as a look-ahead task; it is never packed with other calls.
+        key, shared by the caller's batches: a batch measured as short may wait on a busy
+        worker as a look-ahead task, and quick batches waiting together share tasks, as the
+        quick chunks of a map do (only with batches of the same key and function).
+        ``name``: what the task's key starts with (by default the function's name).
         """
         future: Future = Future()
-        entry = QueuedCall(future, function_name(function), describe, ladder=ladder)
+        entry = QueuedCall(future, name or function_name(function), describe, ladder=ladder)
         if batch is not None:
             entry.batch_cost_key, entry.calls = batch
         dependencies: list[Future] = []
@@ -303,8 +306,8 @@ class CallQueue:
         entry.alone = bool(dask_dependencies) or (
             len(entry.packed_arguments) + len(entry.packed_function) > LARGE_PAYLOAD_BYTES
         )
-        if entry.batch_cost_key is not None:  # a batch of its own: never packed with others
-            entry.cost_key, entry.alone = entry.batch_cost_key, True
+        if entry.batch_cost_key is not None:  # packed only with batches of the same caller
+            entry.cost_key = entry.batch_cost_key
         if entry.function_id is not None and not dask_dependencies:
             keyed_by_hash = not kwargs and all(type(value) in WORKER_KEYED_TYPES
                                                for value in args)
@@ -425,10 +428,11 @@ class CallQueue:
             idle = self._short_in_flight < free
             if not idle and len(waiting) < full_batch:
                 return None
-            # Calls keep half the queue for look-ahead tasks; the chunks of a map, queued
-            # together, are shared among the idle slots at once, over no more tasks than their
-            # work pays for (a few milliseconds of trivial calls go in one task).
-            if head.task is not None:
+            # Calls keep half the queue for look-ahead tasks; the chunks of a map (and a
+            # library's batches), queued together, are shared among the idle slots at once,
+            # over no more tasks than their work pays for (a few milliseconds of trivial calls
+            # go in one task).
+            if head.task is not None or head.batch_cost_key is not None:
                 work = cost * head.calls * min(len(waiting), full_batch)
                 share = useful_tasks(work, free - self._short_in_flight)
             else:

@@ -37,6 +37,8 @@ public form live here, each with what it relies on and what happens if a release
     :func:`make_default_client`,       ``distributed.client._set_global_client``/       error (5)
     :func:`drop_default_client`        ``_del_global_client``, ``Client._set_as_default``
     :func:`configured_joblib_backend`  ``joblib.parallel._backend`` (thread-local)      None (6)
+    :func:`dispatch_ready_joblib_      ``Parallel._lock``, ``._ready_batches``,          0 (9)
+    batches`                           ``._original_iterator``, ``._aborting``
     :func:`stop_periodic_callback`,    ``Server.periodic_callbacks`` and its entries    no-op (8)
     :func:`set_periodic_interval`,     ``"monitor"`` (every server's
     :func:`periodic_interval`          ``SystemMonitor``) and ``"memory_monitor"``
@@ -52,7 +54,10 @@ down at interpreter exit instead of at the end of its ``parallel_config`` block;
 scheduler then never tells a worker which calls of a packed task finished before its first
 worker died, and the retried task runs them again (their futures keep the first outcome);
 (8) the local backend's nannies then check as often as distributed's defaults say, however many
-share the client's process (:mod:`futures_hpc.hosted_nannies`).
+share the client's process (:mod:`futures_hpc.hosted_nannies`); (9) joblib then hands the
+backend the batches it has already cut one at a time, as each earlier batch ends, as it does for
+every backend: quick batches at the end of a ``Parallel`` call then cost one round trip each
+instead of sharing tasks.
 
 ``tests/test_engine_boundary.py`` fails if a private name of these libraries is used anywhere
 else in the package, and CI runs the suite on the oldest and newest versions
@@ -83,6 +88,7 @@ __all__ = [
     "allowed_failures",
     "check_engine",
     "configured_joblib_backend",
+    "dispatch_ready_joblib_batches",
     "correct_cluster_state",
     "drop_default_client",
     "future_state_waiter",
@@ -521,3 +527,33 @@ def configured_joblib_backend() -> Any:
     """The backend object of the innermost ``parallel_config`` block of this thread, or None."""
     config = getattr(getattr(joblib_parallel, "_backend", None), "config", None) or {}
     return config.get("backend")
+
+
+def dispatch_ready_joblib_batches(parallel: Any) -> int:
+    """Dispatch now every batch ``parallel`` (a ``joblib.Parallel``) has already cut.
+
+    joblib cuts each slice of the caller's calls into batches (the last slice into
+    ``10 * n_jobs`` small ones) and keeps them in ``Parallel._ready_batches``, handing the
+    backend one more each time a batch ends. This hands them all over at once, under
+    ``Parallel._lock`` (a reentrant lock, as ``Parallel.dispatch_next`` takes it too), through
+    the public ``Parallel.dispatch_next``; it never takes calls from the caller's iterator,
+    so ``pre_dispatch`` still bounds the calls made ahead. Nothing is dispatched once the call
+    is aborting or its iterator is used up (``Parallel._aborting``,
+    ``Parallel._original_iterator``, as joblib's own completion callback checks).
+
+    Returns
+    -------
+    int
+        The batches dispatched (0 where joblib no longer has these attributes).
+    """
+    lock = getattr(parallel, "_lock", None)
+    ready = getattr(parallel, "_ready_batches", None)
+    if lock is None or ready is None or not hasattr(parallel, "_original_iterator"):
+        return 0
+    dispatched = 0
+    with lock:
+        while (not getattr(parallel, "_aborting", True)
+               and parallel._original_iterator is not None and not ready.empty()):
+            parallel.dispatch_next()
+            dispatched += 1
+    return dispatched

@@ -428,31 +428,37 @@ class HPCExecutor(BlockMethods, Executor):
                    kwargs: dict[str, Any], batch: tuple[bytes, int] | None = None) -> Future:
         with self._shutdown_lock:
             self._check_open()
-            describe = functools.partial(describe_call, fn, args, kwargs)
             if batch is None:
+                describe = functools.partial(describe_call, fn, args, kwargs)
                 return queue.submit(fn, args, kwargs, describe)
-            return queue.submit(fn, args, kwargs, describe, batch=batch)
+            describe = functools.partial(describe_call, args[0], (), {})  # "BatchedCalls()"
+            return queue.submit(fn, args, kwargs, describe, batch=batch,
+                                name=function_name(args[0]))
 
-    def submit_batch(self, fn: Callable[[], Any], calls: int, cost_key: bytes) -> Future:
-        """Schedule ``fn()``, a batch of calls that a library grouped itself (joblib's backend).
+    def submit_batch(self, fn: Callable[[Any], Any], batch: Any, calls: int,
+                     cost_key: bytes) -> Future:
+        """Schedule ``fn(batch)``, a batch of calls that a library grouped itself (joblib's).
 
         Parameters
         ----------
         fn : callable
-            Runs the batch; takes no argument.
+            Runs a batch, given it as its one argument: the same function for every batch of
+            ``cost_key``, defined at module level (it is pickled by reference).
+        batch : object
+            The batch; its type's name starts the task's key (``BatchedCalls-...``).
         calls : int
             How many calls the batch holds.
         cost_key : bytes
             Shared by the batches of one job (one ``joblib.Parallel`` call): the call queue
-            learns their cost per call under it, and once one came back, a batch measured as
-            short may wait on a busy worker as its next task (see
-            :meth:`futures_hpc.call_queue.CallQueue.submit`). A batch is never packed with
-            other calls.
+            learns their cost per call under it; once one came back, a batch measured as short
+            may wait on a busy worker as its next task, and quick batches waiting together
+            share tasks (see :meth:`futures_hpc.call_queue.CallQueue.submit`). A batch is
+            never packed with calls of another job.
 
         Returns
         -------
         concurrent.futures.Future
-            Gets ``fn()``'s result or exception.
+            Gets ``fn(batch)``'s result or exception.
 
         Raises
         ------
@@ -460,7 +466,7 @@ class HPCExecutor(BlockMethods, Executor):
             After :meth:`shutdown`.
 
         """
-        return self._submit_to(self._queue, fn, (), {}, (cost_key, calls))
+        return self._submit_to(self._queue, fn, (batch,), {}, (cost_key, calls))
 
     def _make_queue(self, slots: Callable[[], int],
                     resources: dict[str, float] | None = None) -> CallQueue:

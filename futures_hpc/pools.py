@@ -499,11 +499,13 @@ class PoolExecutor(Executor):
         future.add_done_callback(self._forget)
         return future
 
-    def submit_batch(self, fn: Callable[[], Any], calls: int, cost_key: bytes) -> Future:
+    def submit_batch(self, fn: Callable[[Any], Any], batch: Any, calls: int,
+                     cost_key: bytes) -> Future:
         """Schedule a library's batch of calls on this pool (see ``HPCExecutor.submit_batch``)."""
         with self._lock:
             self._check_open()
-            future = self._executor._submit_to(self._entrance(), fn, (), {}, (cost_key, calls))
+            future = self._executor._submit_to(self._entrance(), fn, (batch,), {},
+                                               (cost_key, calls))
             self._futures.add(future)
         future.add_done_callback(self._forget)
         return future

@@ -12,11 +12,13 @@ Usage::
     with joblib.parallel_config(backend="futures_hpc"):   # a default HPCExecutor() for the block
         joblib.Parallel()(joblib.delayed(f)(x) for x in items)
 
-Each joblib batch (a list of calls that joblib groups itself) is one :meth:`HPCExecutor.submit`
-call, so it travels to the worker as one opaque pickled payload. Workers time each batch, and
-the next batches are sized to compute for about :attr:`FuturesHPCBackend.TARGET_BATCH_SECONDS`,
-which hides dask's cost of a few milliseconds per task; many small calls are then nearly as cheap
-as in a local process pool.
+Each joblib batch (a list of calls that joblib groups itself) is one call of the executor's call
+queue (:meth:`HPCExecutor.submit_batch`), so it travels to the worker as one pickled payload.
+Workers time each batch, and the next batches are sized to compute for about
+:attr:`FuturesHPCBackend.TARGET_BATCH_SECONDS`, which hides dask's cost of a few milliseconds per
+task. Batches measured as quick are handed over as soon as joblib has cut them and share tasks
+(:meth:`FuturesHPCBackend._hand_over_cut_batches`); many small calls are then nearly as cheap as
+in a local process pool.
 
 Without ``executor=`` a default ``HPCExecutor(**executor_options)`` is started when the first
 ``Parallel`` call needs it and shut down when the ``parallel_config`` / ``parallel_backend`` block
@@ -37,7 +39,12 @@ from typing import Any
 from joblib import parallel as joblib_parallel
 
 from ..call_clock import call_clock
-from ..engine import ParallelBackendBase, configured_joblib_backend
+from ..call_queue import QUICK_CALL_SECONDS
+from ..engine import (
+    ParallelBackendBase,
+    configured_joblib_backend,
+    dispatch_ready_joblib_batches,
+)
 from ..executor import HPCExecutor
 from ..pools import PoolExecutor
 
@@ -47,33 +54,20 @@ logger = logging.getLogger("futures_hpc")
 JOBLIB_BACKEND_NAME = "futures_hpc"
 
 
-class _TimedBatch:
-    """A joblib batch that also returns how long its calls took on the worker, in seconds."""
-
-    __slots__ = ("batch",)
-
-    def __init__(self, batch: Callable[[], Any]) -> None:
-        self.batch = batch
-
-    def __call__(self) -> tuple[Any, float]:
-        started = call_clock()
-        results = self.batch()
-        return results, call_clock() - started
-
-    @property
-    def __name__(self) -> str:  # the task's key starts with it, e.g. "BatchedCalls-..."
-        return type(self.batch).__name__
-
-    def __repr__(self) -> str:
-        return repr(self.batch)
+def run_timed_batch(batch: Callable[[], Any]) -> tuple[Any, float]:
+    """Run a joblib batch on a worker; return its results and how long its calls took (s)."""
+    started = call_clock()
+    results = batch()
+    return results, call_clock() - started
 
 
 _callback_thread: ThreadPoolExecutor | None = None
 _callback_thread_lock = threading.Lock()
 
 
-def _run_callback(callback: Callable[[Future], None], future: Future) -> None:
-    """Run joblib's callback of a finished batch in a thread of its own, in order.
+def _run_callback(callback: Callable[[Future], None], then: Callable[[], None],
+                  future: Future) -> None:
+    """Run joblib's callback of a finished batch, then ``then()``, in a thread of their own.
 
     joblib dispatches its next batches in that callback: it takes the next slice of the
     caller's generator and builds and pickles the batches (tens of milliseconds for thousands of
@@ -85,7 +79,13 @@ def _run_callback(callback: Callable[[Future], None], future: Future) -> None:
         if _callback_thread is None:
             _callback_thread = ThreadPoolExecutor(1, thread_name_prefix="futures_hpc-joblib")
         runner = _callback_thread
-    runner.submit(callback, future)
+    runner.submit(_callback_then, callback, then, future)
+
+
+def _callback_then(callback: Callable[[Future], None], then: Callable[[], None],
+                   future: Future) -> None:
+    callback(future)
+    then()
 
 
 def _shut_down_owned_executor(executor: HPCExecutor) -> None:
@@ -134,6 +134,10 @@ class FuturesHPCBackend(ParallelBackendBase):
     #: joblib's limit: a batch that takes longer than this from dispatch to result (queueing
     #: and transfer included) makes the next ones smaller, so no worker is left with stragglers.
     MAX_IDEAL_BATCH_DURATION = 2.0
+    #: Batches measured to compute for less than this are handed over as soon as joblib has
+    #: cut them, not one per finished batch, so that the call queue can pack them into shared
+    #: tasks (the call queue's own bound for packing calls).
+    QUICK_BATCH_SECONDS = QUICK_CALL_SECONDS
 
     def __init__(
         self,
@@ -164,6 +168,7 @@ class FuturesHPCBackend(ParallelBackendBase):
         self._measured_calls = 0.0
         self._batch_size = 1
         self._batch_duration = 0.0  # smoothed, from dispatch to result, of _batch_size batches
+        self._last_batch_calls = 0  # calls in the batch joblib handed over last
         self._cost_key = os.urandom(16)  # the call queue's cost key of this Parallel's batches
 
     # -- the executor --------------------------------------------------------------------------
@@ -279,17 +284,42 @@ class FuturesHPCBackend(ParallelBackendBase):
         The batches of one ``Parallel`` call share a cost key in the executor's call queue, so
         that once one came back, batches measured as short are sent ahead to busy workers (two
         per worker thread), as loky keeps a call queued per worker: no worker idles for a round
-        trip between two batches.
+        trip between two batches. Quick batches go further: after each callback, the batches
+        joblib has already cut are handed over at once (:meth:`_hand_over_cut_batches`) and
+        the call queue packs those waiting together into shared tasks.
         """
-        calls = len(func) if hasattr(func, "__len__") else 1
-        future = self._require_executor().submit_batch(_TimedBatch(func), max(1, calls),
+        calls = max(1, len(func) if hasattr(func, "__len__") else 1)
+        self._last_batch_calls = calls
+        future = self._require_executor().submit_batch(run_timed_batch, func, calls,
                                                        self._cost_key)
         with self._in_flight_lock:
             self._in_flight.add(future)
         future.add_done_callback(self._forget)
         if callback is not None:
-            future.add_done_callback(functools.partial(_run_callback, callback))
+            future.add_done_callback(functools.partial(_run_callback, callback,
+                                                       self._hand_over_cut_batches))
         return future
+
+    def apply_async(self, func: Callable[[], Any],
+                    callback: Callable[[Any], None] | None = None) -> Future:
+        """:meth:`submit` under its name before joblib 1.5 (joblib 1.3 and 1.4 call this)."""
+        return self.submit(func, callback)
+
+    def _hand_over_cut_batches(self) -> None:
+        """Dispatch the batches joblib has already cut, if the last one was quick.
+
+        joblib hands a backend one batch each time a batch ends, and cuts the last slice of
+        the calls into ``10 * n_jobs`` small batches (so 20 with ``n_jobs=2``): with dask's
+        few milliseconds per task, that tail alone took 20 tasks and five round trips for
+        10,000 trivial calls. Batches that joblib has already made take no more of the
+        caller's iterator, so handing them all over keeps ``pre_dispatch``'s bound.
+        """
+        parallel = getattr(self, "parallel", None)
+        if parallel is None or self._measured_calls <= 0:
+            return
+        seconds_per_call = self._measured_seconds / self._measured_calls
+        if seconds_per_call * self._last_batch_calls < self.QUICK_BATCH_SECONDS:
+            dispatch_ready_joblib_batches(parallel)
 
     def _forget(self, future: Future) -> None:
         with self._in_flight_lock:
