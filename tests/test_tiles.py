@@ -241,6 +241,21 @@ def test_task_groups_avoid_decoding_neighbouring_chunks():
                                    StubExecutor(threads=64)) == (1, 1)
 
 
+def test_task_groups_cut_the_grid_evenly():
+    """12 x 12 blocks, 2 threads, at most 18 blocks a task: 8 groups of 18, not 2 x 9's
+    6 of 18 and 6 of 6 (the workers would wait for the large ones at the end)."""
+    from futures_hpc.tiles.arrays import ArraySource
+    from futures_hpc.tiles.plan import _choose_blocks_per_task
+
+    bands = np.broadcast_to(np.zeros(1, dtype=np.uint16), (4, 6000, 6000))
+    grid = TileGrid(bands.shape, block=512)
+    assert grid.shape == (12, 12)
+    rows, cols = _choose_blocks_per_task(grid, [ArraySource(bands, "in")], StubExecutor())
+    assert rows * cols == 18
+    assert 12 % rows == 0 and 12 % cols == 0, (rows, cols)
+    assert (rows, cols) == (3, 6)  # the wider of the even cuts with the fewest groups
+
+
 def test_margin_wider_than_image_matches_numpy_pad(executor):
     image = rng_image((5, 7), seed=4)
     margin = 9
@@ -436,6 +451,116 @@ def test_geotiff_output_equals_the_serial_loop_and_takes_no_lock(executor, tmp_p
         assert (ours.crs, ours.transform, ours.nodata) == (theirs.crs, theirs.transform, -9.0)
         np.testing.assert_array_equal(ours.read(), theirs.read())
     assert sorted(os.listdir(tmp_path)) == ["in.tif", "out.tif", "serial.tif"]  # no lock file
+
+
+DEFLATE_16 = {"compress": "deflate", "nodata": -9.0, "blockxsize": 16, "blockysize": 16}
+
+
+def deflate_case(tmp_path):
+    """An input GeoTIFF and the serial loop's deflate output of it."""
+    from affine import Affine
+
+    bands = np.random.default_rng(8).integers(1, 5000, (4, 83, 101)).astype(np.uint16)
+    write_geotiff(tmp_path / "in.tif", bands, Affine(30.0, 0, 500000.0, 0, -30.0, 6.1e6),
+                  "EPSG:32755")
+    serial_geotiff(tmp_path / "in.tif", tmp_path / "serial.tif", ndvi_and_red,
+                   {"compress": "deflate"}, 32)
+    return str(tmp_path / "in.tif"), tmp_path / "serial.tif"
+
+
+def assert_same_geotiff(ours_path, theirs_path):
+    rasterio = pytest.importorskip("rasterio")
+    with rasterio.open(ours_path) as ours, rasterio.open(theirs_path) as theirs:
+        assert ours.profile == theirs.profile
+        np.testing.assert_array_equal(ours.read(), theirs.read())
+
+
+def test_compressed_tiles_stay_on_the_workers_that_made_them(executor, tmp_path, monkeypatch):
+    """Workers send the client their tiles' sizes only, write the tiles themselves where the
+    client placed them, and hold nothing once the run is over."""
+    pytest.importorskip("rasterio")
+    from futures_hpc.tiles import geotiff
+    from futures_hpc.tiles.held_tiles import held_count
+
+    source, serial = deflate_case(tmp_path)
+    received = []  # what reached the client's appender, group by group
+    real_add = geotiff.TileAppender.add
+
+    def add(self, rows, cols, tiles, blocks, sync=False):
+        received.append(type(tiles).__name__)
+        return real_add(self, rows, cols, tiles, blocks, sync)
+
+    monkeypatch.setattr(geotiff.TileAppender, "add", add)
+    map_blocks(executor, ndvi_and_red, source, block=32, out=str(tmp_path / "out.tif"),
+               blocks_per_task=(1, 2), creation_options=DEFLATE_16)
+    assert_same_geotiff(tmp_path / "out.tif", serial)
+    # 3 x 4 blocks in groups of 1 x 2: 6 groups; the probe's few pixels come as an array
+    assert received.count("HeldTiles") == 6, received
+    assert "EncodedTiles" not in received
+    assert set(executor.client.run(held_count).values()) == {0}
+
+
+def _swap_on_worker(name, replacement):
+    """Run on every worker: replace ``held_tiles.<name>`` (None: put the original back)."""
+    from futures_hpc.tiles import held_tiles
+
+    originals = held_tiles.__dict__.setdefault("_test_originals", {})
+    originals.setdefault(name, getattr(held_tiles, name))
+    setattr(held_tiles, name, originals[name] if replacement is None else replacement)
+
+
+def _holds_nothing(token, group, indices):
+    return None
+
+
+def _file_not_visible(path, payloads, offsets, sync):
+    raise FileNotFoundError(path)
+
+
+@pytest.mark.parametrize("name, replacement", [("take", _holds_nothing),
+                                               ("write_tiles", _file_not_visible)],
+                         ids=["holder-gone", "file-not-visible"])
+def test_held_tiles_are_made_again_or_written_by_the_client(executor, tmp_path, name,
+                                                            replacement):
+    """A worker that must write tiles it does not hold (the one that made them left) makes
+    them again; one that cannot see the file sends them to the client, which writes them.
+
+    Neither can be timed for real between a group's two tasks here, so every worker's
+    ``held_tiles.take`` (or ``write_tiles``) is replaced for this test and put back after.
+    """
+    pytest.importorskip("rasterio")
+    source, serial = deflate_case(tmp_path)
+    executor.client.run(_swap_on_worker, name, replacement)
+    try:
+        map_blocks(executor, ndvi_and_red, source, block=32, out=str(tmp_path / "out.tif"),
+                   blocks_per_task=(1, 2), creation_options=DEFLATE_16)
+    finally:
+        executor.client.run(_swap_on_worker, name, None)
+    assert_same_geotiff(tmp_path / "out.tif", serial)
+
+
+def _double(value):
+    return 2 * value
+
+
+def test_a_held_write_bound_to_a_worker_that_left_goes_to_another(executor):
+    """The write task of tiles held by a worker that is gone (here: an address no worker has)
+    waits in dask's no-worker state; the wait notices and sends it to any worker."""
+    from futures_hpc.tiles.api import HELD_WRITE_CHECK_SECONDS, _HeldWrite
+
+    client = executor.client
+    submitted = []
+
+    def submit(workers):
+        submitted.append(workers)
+        return client.submit(_double, 21, workers=workers, pure=False)
+
+    gone = "tls://192.0.2.1:1"
+    write = _HeldWrite(submit, gone, lambda: set(client.scheduler_info(n_workers=-1)["workers"]))
+    time.sleep(0.5)
+    assert not write.done()  # bound to a worker that is not there: it does not run
+    assert write.result(timeout=10 * HELD_WRITE_CHECK_SECONDS) == 42
+    assert submitted == [[gone], None]
 
 
 def test_compressed_geotiff_blocks_that_cut_tiles_and_failed_blocks(executor, tmp_path):

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from futures_hpc.errors import OptionError
-from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFileSink, image_shape_of
+from futures_hpc.tiles.arrays import (
+    ArraySink,
+    Georeference,
+    ImageSink,
+    RawFileSink,
+    image_shape_of,
+    sync_file,
+)
 from futures_hpc.tiles.formats import create_sink, existing_sink, reopen_sink
 from futures_hpc.tiles.geotiff import GeoTiffSink, TileAppender
 from futures_hpc.tiles.grid import TileGrid, Window, _Group
+from futures_hpc.tiles.held_tiles import HeldTiles
 from futures_hpc.tiles.plan import (
     _check_out,
     _groups,
@@ -31,7 +40,7 @@ from futures_hpc.tiles.shared_memory import (
     map_shared_output,
     shared_memory_free,
 )
-from futures_hpc.tiles.worker import _BlockStore, _Outcome
+from futures_hpc.tiles.worker import _BlockStore, _Outcome, _write_held_tiles
 
 logger = logging.getLogger("futures_hpc")
 
@@ -195,6 +204,61 @@ def _map_all(runner: _Runner, plan: _Plan, sink: ImageSink | None, out: Any,
 
 #: Compressed tiles the client may hold ahead of their turn, per task in flight.
 HELD_TILES_PER_TASK = 64
+#: The dask priority of a worker's write of its held tiles: before its next group.
+HELD_WRITE_PRIORITY = 10
+#: How often a wait for such a write checks that the worker holding the tiles is still there.
+HELD_WRITE_CHECK_SECONDS = 2.0
+
+
+class _HeldWrite:
+    """A worker's write of the tiles it holds: a task bound to that worker.
+
+    Bound strictly, because dask lets an idle worker steal a task that only prefers another
+    one, and a thief would compute the group again. If the worker leaves before the write
+    runs, the task goes to any worker, which computes the group again.
+
+    Parameters
+    ----------
+    submit : callable
+        ``submit(workers)`` submits the write, restricted to ``workers`` (None: any).
+    worker : str
+        The address of the worker holding the tiles.
+    live_workers : callable
+        Returns the addresses of the workers connected now.
+    """
+
+    def __init__(self, submit: Callable[[list[str] | None], Any], worker: str,
+                 live_workers: Callable[[], set[str]]):
+        self._submit = submit
+        self._worker = worker
+        self._live_workers = live_workers
+        self.future = submit([worker])
+
+    def done(self) -> bool:
+        """Whether the write is over (written, or failed)."""
+        return self.future.done()
+
+    def result(self, timeout: float | None = None) -> list[bytes] | None:
+        """Wait for the write: None once written, or the tiles' bytes for the client to write.
+
+        Raises TimeoutError after ``timeout`` seconds, or the task's own exception.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = HELD_WRITE_CHECK_SECONDS
+            if deadline is not None:
+                step = min(step, max(0.0, deadline - time.monotonic()))
+            try:
+                return self.future.result(timeout=step)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if self._worker not in self._live_workers():
+                    logger.info("the worker %s left before writing its tiles: another one "
+                                "computes them again", self._worker)
+                    self.future.cancel()
+                    self.future = self._submit(None)
+                    self._worker = ""
 
 
 class _ClientWriter:
@@ -207,16 +271,33 @@ class _ClientWriter:
 
     def __init__(self, sink: ImageSink, runner: _Runner, grid: TileGrid):
         self.sink = sink
+        self.runner = runner
         self.store: _BlockStore | None = runner.job.store
         self.appender = None
+        self.groups: dict[tuple[int, int], _Group] = {}  # groups whose tiles workers hold
         if isinstance(sink, GeoTiffSink) and sink.encodes_tiles:
             if not sink.aligned_with(grid.block):
                 sink.use_client_writes()  # blocks cut tiles: the client writes with rasterio
             else:
-                self.appender = TileAppender(sink, grid.block)
+                sink.tiles_stay_on_workers = True
+                self.appender = TileAppender(sink, grid.block, self._write_held)
                 runner.backlog = lambda: self.appender.held > HELD_TILES_PER_TASK * max(
                     1, runner.in_flight_limit())
                 runner.on_group_failed = self.skip
+
+    def _write_held(self, held: HeldTiles, placements: list[tuple[int, int, int]]
+                    ) -> _HeldWrite:
+        """Have the worker holding a group's tiles write them where the appender placed them."""
+        group, client = self.groups[held.group], self.runner.executor.client
+
+        def submit(workers: list[str] | None) -> Any:
+            return client.submit(
+                _write_held_tiles, self.runner.job_future, group, self.sink, placements,
+                self.store is not None, workers=workers, pure=False,
+                priority=HELD_WRITE_PRIORITY)
+
+        return _HeldWrite(submit, held.worker,
+                          lambda: set(client.scheduler_info(n_workers=-1)["workers"]))
 
     def resume(self, resume: BlockResume, grid: TileGrid) -> None:
         """Keep what the interrupted run wrote (a compressed GeoTIFF: its first blocks)."""
@@ -235,6 +316,8 @@ class _ClientWriter:
         failed = {window.index for window, _ in outcome.failures}
         done = [window for window in group.windows if window.index not in failed]
         if self.appender is not None:
+            if isinstance(outcome.data, HeldTiles):
+                self.groups[group.window.index] = group
             durable = self.appender.add(group.window.rows, group.window.cols, outcome.data,
                                         done, sync=self.store is not None)
             if self.store is not None and durable:
@@ -247,9 +330,12 @@ class _ClientWriter:
                 self.store.record(done)
 
     def close(self, complete: bool = True) -> None:
-        """Write what the appender still holds and close it."""
+        """Write what the appender still holds, close it, record what became durable."""
         if self.appender is not None:
-            self.appender.close(complete)
+            durable = self.appender.close(complete)
+            if self.store is not None and durable:
+                sync_file(self.sink.path)
+                self.store.record(durable)
 
 
 PROBE_SIZE = 16

@@ -297,6 +297,9 @@ class ImageSink:
     shape: tuple[int, ...]
     dtype: np.dtype
     worker_writable: bool = True
+    #: A worker writes each block as soon as it is done (positional writes of disjoint byte
+    #: ranges, safe side by side), not the group's output once all its blocks are.
+    writes_each_block: bool = False
 
     def write(self, rows: slice, cols: slice, data: np.ndarray) -> None:
         """Write ``data`` (already trimmed to the window) at ``[..., rows, cols]``."""
@@ -351,6 +354,8 @@ class RawFileSink(ImageSink):
     host share), assigned into one shared writable mapping of the file per process: one strided
     copy per window, not a system call per row.
     """
+
+    writes_each_block = True
 
     def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: Any,
                  mapped: bool = False):

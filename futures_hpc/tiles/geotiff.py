@@ -10,11 +10,11 @@ output with GDAL while blocks are written:
   straight into their tiles with ``pwrite``: writes of disjoint byte ranges of one
   preallocated file, safe side by side on local disks, NFS and Lustre without any lock, as for
   ``.npy`` outputs. The file's bytes depend only on its pixels.
-- **Deflate-compressed** outputs (no predictor), with blocks that are whole tiles: the workers
-  compress their tiles (the costly part) and return the compressed bytes; the client is the
-  only writer of the file. It appends the tiles in a fixed order (block by block, row by row,
-  whatever order tasks finish in) and writes their offsets into the header, so the bytes again
-  depend only on the pixels, and a resumed run gives the same file.
+- **Compressed** outputs, with blocks that are whole tiles: the workers compress their tiles
+  (the costly part) and keep them (:mod:`futures_hpc.tiles.held_tiles`); the client places
+  them in a fixed order (block by block, row by row, whatever order tasks finish in), the
+  workers write them there, and the client writes their offsets into the header. The bytes
+  again depend only on the pixels, and a resumed run gives the same file.
 - **Anything else** (other compressions, predictors, blocks that cut tiles): the workers return
   pixels and the client writes them with rasterio, one writer again.
 
@@ -23,8 +23,10 @@ See docs/tiles.md ("How a GeoTIFF is written").
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +35,10 @@ from typing import Any
 import numpy as np
 
 from futures_hpc.tiles.arrays import Georeference, ImageSink, image_shape_of, sync_file
+from futures_hpc.tiles.held_tiles import HeldTiles
 from futures_hpc.tiles.raster import import_rasterio
+
+logger = logging.getLogger("futures_hpc")
 
 GEOTIFF_TILE = 256
 #: Tile sides tried for a compressed output, so that the blocks are whole tiles.
@@ -196,7 +201,7 @@ def _data_start(layout: TiffLayout) -> int:
     return -(-layout.header_end // 16) * 16
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, position: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview | np.ndarray, position: int) -> None:
     view = memoryview(data).cast("B")
     while len(view):
         written = os.pwrite(fd, view, position)
@@ -329,8 +334,13 @@ class GeoTiffSink(ImageSink):
         self.layout = read_layout(self.path)
         self.mode = self._mode()
         self.worker_writable = self.mode != "client"
+        #: Uncompressed tiles laid out in advance: each block goes straight into them.
+        self.writes_each_block = self.mode == "direct"
         #: Compressed tiles go back to the client, which appends them (set with the grid).
         self.encodes_tiles = self.mode == "encoded"
+        #: Compressed tiles stay on the worker that made them, which writes them once the
+        #: client has placed them (:mod:`futures_hpc.tiles.held_tiles`); set by the client.
+        self.tiles_stay_on_workers = False
 
     def _mode(self) -> str:
         layout = self.layout
@@ -356,7 +366,7 @@ class GeoTiffSink(ImageSink):
     def use_client_writes(self) -> None:
         """Have the client write every window with rasterio (blocks that cut tiles)."""
         self.mode = "client"
-        self.worker_writable = self.encodes_tiles = False
+        self.worker_writable = self.encodes_tiles = self.writes_each_block = False
 
     def _planes(self, data: np.ndarray) -> np.ndarray:
         """``data`` as (bands, rows, cols) in the file's byte order."""
@@ -410,10 +420,13 @@ class GeoTiffSink(ImageSink):
                 if tile_cols.start == 0 and (tile_cols.stop == layout.tile_width
                                              or cols.stop == layout.width):
                     # whole tile rows (the padding beyond the image edge stays zero)
-                    full = np.zeros((part.shape[0], layout.tile_width) + part.shape[2:],
-                                    part.dtype)
-                    full[:, :part.shape[1]] = part
-                    _pwrite_all(fd, full.tobytes(), start + tile_rows.start * row_bytes)
+                    if part.shape[1] == layout.tile_width:
+                        full = np.ascontiguousarray(part)
+                    else:
+                        full = np.zeros((part.shape[0], layout.tile_width) + part.shape[2:],
+                                        part.dtype)
+                        full[:, :part.shape[1]] = part
+                    _pwrite_all(fd, full, start + tile_rows.start * row_bytes)
                     continue
                 for offset, line in enumerate(part):
                     _pwrite_all(fd, np.ascontiguousarray(line).tobytes(),
@@ -503,15 +516,26 @@ class TileAppender:
     submits no more work while too many wait). A block is *durable* once all its tiles are
     written and their offsets are in the header.
 
+    Tiles a worker holds (:class:`~futures_hpc.tiles.held_tiles.HeldTiles`) are placed like
+    the others; ``write_held(held, placements)`` then has that worker write them and returns
+    a future, and they go in the header once it is done. Such tiles count as written (their
+    blocks durable) only then.
+
     Parameters
     ----------
     sink : GeoTiffSink
         A compressed output in ``"encoded"`` mode.
     block : (int, int)
         The job's block.
+    write_held : callable, optional
+        ``write_held(held, placements)`` with ``placements`` a list of ``(tile index, offset,
+        size)``: starts the write and returns a handle with ``done()`` and
+        ``result(timeout)``, whose result is None (written) or the tiles' bytes (for this
+        process to write).
     """
 
-    def __init__(self, sink: GeoTiffSink, block: tuple[int, int]):
+    def __init__(self, sink: GeoTiffSink, block: tuple[int, int],
+                 write_held: Callable[[HeldTiles, list[tuple[int, int, int]]], Any] | None = None):
         self.sink = sink
         self.layout = layout = sink.layout
         self.block = block
@@ -521,8 +545,13 @@ class TileAppender:
         self.fd = os.open(sink.path, os.O_RDWR)
         self.next = 0
         self.end = _data_start(layout)
-        self.pending: dict[int, bytes | None] = {}
+        self.pending: dict[int, bytes | _HeldTile | None] = {}
         self.waiting: list[tuple[int, tuple[int, int], Any]] = []
+        self.write_held = write_held
+        #: Writes of held tiles under way: (future, placements, their ranks).
+        self.writing: list[tuple[Any, list[tuple[int, int, int]], list[int]]] = []
+        #: Ranks placed whose bytes are not written yet (or whose write failed).
+        self.unwritten: set[int] = set()
 
     @property
     def held(self) -> int:
@@ -572,9 +601,13 @@ class TileAppender:
         ``blocks`` are the group's windows that succeeded; returns the blocks (of any group)
         that became durable, after an ``fsync`` when ``sync``.
         """
+        self._settle()
         if tiles is None:
             for rank in self._ranks(rows, cols):
                 self.pending[rank] = None
+        elif isinstance(tiles, HeldTiles):
+            for index, size in zip(tiles.indices, tiles.sizes, strict=True):
+                self.pending[int(self.rank[index])] = _HeldTile(tiles, size)
         else:
             if not isinstance(tiles, EncodedTiles):
                 tiles = self.sink.encode(rows, cols, tiles)
@@ -584,43 +617,131 @@ class TileAppender:
             self.waiting.append((max(self._ranks(window.rows, window.cols)), window.index,
                                  window))
         self._write_ready()
-        durable = [entry for entry in self.waiting if entry[0] < self.next]
+        self._settle()
+        return self._durable(sync)
+
+    def _durable(self, sync: bool) -> list[Any]:
+        """The waiting blocks whose tiles are all written and listed; fsync first if ``sync``."""
+        written = min(self.unwritten, default=self.next)
+        durable = [entry for entry in self.waiting if entry[0] < written]
         if not durable:
             return []
-        self.waiting = [entry for entry in self.waiting if entry[0] >= self.next]
+        self.waiting = [entry for entry in self.waiting if entry[0] >= written]
         if sync:
             os.fsync(self.fd)
         return [window for _, _, window in sorted(durable)]
 
     def _write_ready(self) -> None:
-        chunks: list[bytes] = []
+        here: list[tuple[int, bytes]] = []  # (offset, payload) written by this process
         placed: list[tuple[int, int, int]] = []  # (tile index, offset, size)
-        start = self.end
+        held: dict[tuple[int, int], tuple[HeldTiles, list[tuple[int, int, int]], list[int]]]
+        held = {}
         while self.next in self.pending:
             payload = self.pending.pop(self.next)
             index = int(self.order[self.next])
             if payload is None:
                 placed.append((index, 0, 0))
+            elif isinstance(payload, _HeldTile):
+                _, placements, ranks = held.setdefault(payload.tiles.group,
+                                                       (payload.tiles, [], []))
+                placements.append((index, self.end, payload.size))
+                ranks.append(self.next)
+                self.unwritten.add(self.next)
+                self.end += payload.size
             else:
                 placed.append((index, self.end, len(payload)))
-                chunks.append(payload)
+                here.append((self.end, payload))
                 self.end += len(payload)
             self.next += 1
-        if chunks:
-            _pwrite_all(self.fd, b"".join(chunks), start)
-        # the offsets go in after the data: a kill in between leaves a tile unlisted, not torn
+        for tiles, placements, ranks in held.values():
+            self.writing.append((self.write_held(tiles, placements), placements, ranks))
+        _pwrite_runs(self.fd, here)
+        self._list(placed)
+
+    def _list(self, placed: list[tuple[int, int, int]]) -> None:
+        """Put tiles in the header (after their data: a kill in between leaves one unlisted)."""
         for index, offset, size in placed:
             self.layout.write_array(self.fd, self.layout.offsets, index,
                                     np.array([offset], np.int64))
             self.layout.write_array(self.fd, self.layout.bytecounts, index,
                                     np.array([size], np.int64))
 
-    def close(self, complete: bool = True) -> None:
-        """Write what is left (``complete``: tiles after a gap stay sparse), close the file."""
+    def _settle(self, wait: bool = False, timeout: float | None = None) -> None:
+        """List the held tiles whose writes are done (all of them, with ``wait``).
+
+        A write that failed leaves its tiles unlisted and unwritten (their blocks never
+        durable) and raises, unless ``timeout`` is given (closing after an error): then
+        writes not done within it are left as they are, and failures are only logged.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        still, failure = [], None
+        for entry in self.writing:
+            handle, placements, ranks = entry
+            if not (wait or handle.done()):
+                still.append(entry)
+                continue
+            try:
+                payloads = handle.result(
+                    None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                still.append(entry)
+                continue
+            except Exception as exc:  # noqa: BLE001 - raised below, with its tiles named
+                failure = failure or RuntimeError(
+                    f"writing {len(placements)} compressed tiles on a worker failed: "
+                    f"{type(exc).__name__}: {exc}")
+                continue
+            if payloads is not None:  # the file is not visible there: write them here
+                _pwrite_runs(self.fd, [(offset, payload) for (_, offset, _), payload
+                                       in zip(placements, payloads, strict=True)])
+            self._list(placements)
+            self.unwritten.difference_update(ranks)
+        self.writing = still
+        if failure is not None:
+            if timeout is None:
+                raise failure
+            logger.warning("%s", failure)
+
+    def close(self, complete: bool = True) -> list[Any]:
+        """Write what is left (``complete``: tiles after a gap stay sparse), close the file.
+
+        Waits for the held tiles' writes (after an error, for 10 s at most) and returns the
+        blocks that became durable meanwhile.
+        """
         try:
             while complete and self.pending:
                 if self.next not in self.pending:
                     self.pending[self.next] = None
                 self._write_ready()
+            self._settle(wait=True, timeout=None if complete else CLOSING_WAIT_SECONDS)
+            return self._durable(sync=False)
         finally:
             os.close(self.fd)
+
+
+#: After an error, how long closing waits for the workers' writes of held tiles.
+CLOSING_WAIT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class _HeldTile:
+    """A tile a worker holds, waiting for its turn: the group's record and its size."""
+
+    tiles: HeldTiles
+    size: int
+
+
+def _pwrite_runs(fd: int, writes: list[tuple[int, bytes]]) -> None:
+    """Write ``(offset, payload)`` pairs, joining those that follow each other."""
+    run: list[bytes] = []
+    start = end = 0
+    for offset, payload in writes:
+        if run and offset != end:
+            _pwrite_all(fd, b"".join(run), start)
+            run = []
+        if not run:
+            start = end = offset
+        run.append(payload)
+        end += len(payload)
+    if run:
+        _pwrite_all(fd, b"".join(run), start)

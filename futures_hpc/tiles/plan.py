@@ -195,9 +195,13 @@ def _choose_blocks_per_task(grid: TileGrid, sources: Sequence[ImageSource],
                             executor: Any) -> tuple[int, int]:
     """Group blocks so a task reads a large region but each func call stays block-sized.
 
-    The group is the largest whose inputs fit a share of a worker thread's memory while there
-    are still four tasks per thread (so the hand-out can balance); among groups of that size,
-    the one that decodes the fewest neighbouring chunks for its margin wins.
+    A group's inputs fit a share of a worker thread's memory and there are still four tasks
+    per thread (so the hand-out can balance). Among such shapes, the one that cuts the grid
+    into the fewest groups wins, which is the most even cut: on a 12 x 12 grid with at most
+    18 blocks per task, 3 x 6 gives 8 groups of 18 blocks where 2 x 9 gives 6 of 18 and 6 of
+    6, and the workers then wait for the large ones at the end. Ties go to the shape that
+    decodes the fewest neighbouring chunks for its margin, then to the smaller group, then to
+    the wider one.
     """
     threads, thread_memory = _worker_resources(executor)
     budget = TASK_BYTES_CAP if thread_memory is None else min(
@@ -212,7 +216,8 @@ def _choose_blocks_per_task(grid: TileGrid, sources: Sequence[ImageSource],
             count = rows * cols
             if count > most_blocks or (count > 1 and count * fewest_tasks > len(grid)):
                 break
-            key = (count, -_read_amplification(grid, (rows, cols), chunk), cols)
+            groups = -(-grid.shape[0] // rows) * -(-grid.shape[1] // cols)
+            key = (-groups, -_read_amplification(grid, (rows, cols), chunk), -count, cols)
             if best_key is None or key > best_key:
                 best, best_key = (rows, cols), key
     return best

@@ -21,7 +21,8 @@ import numpy as np
 
 from futures_hpc.calls import with_remote_traceback
 from futures_hpc.store.recorder import record_block
-from futures_hpc.tiles.arrays import Georeference, ImageSink, ImageSource, RawFileSink
+from futures_hpc.tiles import held_tiles
+from futures_hpc.tiles.arrays import Georeference, ImageSink, ImageSource
 from futures_hpc.tiles.grid import (
     BlockInfo,
     Window,
@@ -161,8 +162,9 @@ class _BlockJob:
         except FileNotFoundError as exc:
             return _NotVisible(f"cannot read an input here: {exc}")
         outcome = _Outcome()
-        # raw files take positional writes, safe side by side: write each block as it is done
-        block_sink = sink if isinstance(sink, RawFileSink) else None
+        # positional writes, safe side by side (raw files, laid-out uncompressed GeoTIFFs):
+        # write each block as it is done
+        block_sink = sink if getattr(sink, "writes_each_block", False) else None
         placed: list[Window] = []  # blocks in outcome.data, written with the group
         for window in group.windows:
             try:
@@ -318,6 +320,7 @@ async def forget_job(token: str) -> None:
     with _UNPICKLED_JOBS_LOCK:
         _FORGOTTEN_JOBS.append(token)
         _UNPICKLED_JOBS.pop(token, None)
+    held_tiles.forget(token)
 
 
 def held_jobs() -> list[str]:
@@ -331,7 +334,51 @@ def held_jobs() -> list[str]:
 
 def _run_group(shared: _SharedJob, group: _Group, sink: ImageSink | None,
                data: Sequence[np.ndarray | None] | None) -> _Outcome | _NotVisible:
-    """The task: run one group of blocks on a worker (see :meth:`_BlockJob.run`)."""
-    return shared.resolve().run(group, sink, data)
+    """The task: run one group of blocks on a worker (see :meth:`_BlockJob.run`).
+
+    A compressed GeoTIFF's tiles stay here when the sink says so (``tiles_stay_on_workers``):
+    the outcome then carries their sizes (:class:`~futures_hpc.tiles.held_tiles.HeldTiles`)
+    and :func:`_write_held_tiles` writes them once the client has placed them.
+    """
+    outcome = shared.resolve().run(group, sink, data)
+    if (isinstance(outcome, _Outcome) and outcome.data is not None
+            and hasattr(outcome.data, "payloads")
+            and getattr(sink, "tiles_stay_on_workers", False)):
+        held = held_tiles.hold(shared.token, group.window.index, outcome.data)
+        if held is not None:
+            outcome.data = held
+    return outcome
+
+
+def _write_held_tiles(shared: _SharedJob, group: _Group, sink: ImageSink,
+                      placements: Sequence[tuple[int, int, int]], sync: bool
+                      ) -> list[bytes] | None:
+    """The second task of a compressed group: write its placed tiles into the file.
+
+    ``placements`` are ``(tile index, offset, size)``. The tiles are those this worker holds;
+    where it holds none (the worker that made them left), the group is computed again. Returns
+    None once written, or the tiles' bytes where the file is not visible here (the client
+    writes them).
+    """
+    indices = [index for index, _, _ in placements]
+    payloads = held_tiles.take(shared.token, group.window.index, indices)
+    if payloads is None:
+        outcome = shared.resolve().run(group, sink, None)
+        tiles = getattr(outcome, "data", None)
+        if not hasattr(tiles, "payloads"):
+            reason = getattr(outcome, "reason", "its blocks failed")
+            raise RuntimeError(f"{group}: its tiles could not be made again ({reason})")
+        by_index = dict(zip(tiles.indices, tiles.payloads, strict=True))
+        payloads = [by_index[index] for index in indices]
+    for (index, _, size), payload in zip(placements, payloads, strict=True):
+        if len(payload) != size:
+            raise RuntimeError(f"{group}: tile {index} was {size} bytes when placed and is "
+                               f"{len(payload)} bytes now: the encoding is not deterministic")
+    try:
+        held_tiles.write_tiles(sink.path, payloads, [offset for _, offset, _ in placements],
+                               sync)
+    except FileNotFoundError:
+        return payloads
+    return None
 
 
