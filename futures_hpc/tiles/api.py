@@ -10,14 +10,7 @@ from typing import Any
 import numpy as np
 
 from futures_hpc.errors import OptionError
-from futures_hpc.tiles.arrays import (
-    ArraySink,
-    Georeference,
-    ImageSink,
-    RawFileSink,
-    image_shape_of,
-    sync_file,
-)
+from futures_hpc.tiles.arrays import ArraySink, Georeference, ImageSink, RawFileSink, image_shape_of
 from futures_hpc.tiles.formats import create_sink, existing_sink, reopen_sink
 from futures_hpc.tiles.geotiff import GeoTiffSink, TileAppender
 from futures_hpc.tiles.grid import TileGrid, Window, _Group
@@ -332,9 +325,8 @@ class _ClientWriter:
     def close(self, complete: bool = True) -> None:
         """Write what the appender still holds, close it, record what became durable."""
         if self.appender is not None:
-            durable = self.appender.close(complete)
+            durable = self.appender.close(complete, sync=self.store is not None)
             if self.store is not None and durable:
-                sync_file(self.sink.path)
                 self.store.record(durable)
 
 

@@ -34,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from futures_hpc.tiles.arrays import Georeference, ImageSink, image_shape_of, sync_file
+from futures_hpc.tiles.arrays import (
+    Georeference,
+    ImageSink,
+    _transfer_exactly,
+    image_shape_of,
+    sync_file,
+)
 from futures_hpc.tiles.held_tiles import HeldTiles
 from futures_hpc.tiles.raster import import_rasterio
 
@@ -202,10 +208,7 @@ def _data_start(layout: TiffLayout) -> int:
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview | np.ndarray, position: int) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        written = os.pwrite(fd, view, position)
-        view, position = view[written:], position + written
+    _transfer_exactly(os.pwritev, fd, memoryview(data).cast("B"), position)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,7 +521,7 @@ class TileAppender:
 
     Tiles a worker holds (:class:`~futures_hpc.tiles.held_tiles.HeldTiles`) are placed like
     the others; ``write_held(held, placements)`` then has that worker write them and returns
-    a future, and they go in the header once it is done. Such tiles count as written (their
+    a handle, and they go in the header once it is done. Such tiles count as written (their
     blocks durable) only then.
 
     Parameters
@@ -601,7 +604,6 @@ class TileAppender:
         ``blocks`` are the group's windows that succeeded; returns the blocks (of any group)
         that became durable, after an ``fsync`` when ``sync``.
         """
-        self._settle()
         if tiles is None:
             for rank in self._ranks(rows, cols):
                 self.pending[rank] = None
@@ -702,11 +704,11 @@ class TileAppender:
                 raise failure
             logger.warning("%s", failure)
 
-    def close(self, complete: bool = True) -> list[Any]:
+    def close(self, complete: bool = True, sync: bool = False) -> list[Any]:
         """Write what is left (``complete``: tiles after a gap stay sparse), close the file.
 
         Waits for the held tiles' writes (after an error, for 10 s at most) and returns the
-        blocks that became durable meanwhile.
+        blocks that became durable meanwhile, after an ``fsync`` when ``sync``.
         """
         try:
             while complete and self.pending:
@@ -714,7 +716,7 @@ class TileAppender:
                     self.pending[self.next] = None
                 self._write_ready()
             self._settle(wait=True, timeout=None if complete else CLOSING_WAIT_SECONDS)
-            return self._durable(sync=False)
+            return self._durable(sync)
         finally:
             os.close(self.fd)
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from distributed import get_worker
 
+from futures_hpc.tiles.arrays import _transfer_exactly
+
 
 @dataclass(frozen=True)
 class HeldTiles:
@@ -99,10 +101,7 @@ def write_tiles(path: str, payloads: Sequence[bytes], offsets: Sequence[int],
     fd = os.open(path, os.O_WRONLY)
     try:
         for payload, offset in zip(payloads, offsets, strict=True):
-            view = memoryview(payload).cast("B")
-            while len(view):
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
+            _transfer_exactly(os.pwritev, fd, memoryview(payload).cast("B"), offset)
         if sync:
             os.fsync(fd)
     finally:
