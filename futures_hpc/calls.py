@@ -12,13 +12,14 @@ A remote exception comes back as itself, with the remote traceback attached as i
 from __future__ import annotations
 
 import pickle
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 
-from .call_clock import call_clock
+from .call_clock import call_clock, run_queue_seconds
 from .relay import packed_task_news, ran_before
 from .store.recorder import ChunkRecorder, StoreSpec, TaskRecorder, recorded_results
 from .store.results import MISSING
@@ -231,11 +232,21 @@ def run_chunks(payload: bytes) -> bytes:
     -----
     Whether the task ran before, on a worker since lost, is asked once (the scheduler's word is
     taken by the first to ask) and holds for every chunk: each then takes the results its calls
-    recorded in the store.
+    recorded in the store. The thread's wait for a CPU is read once for the task, not twice per
+    chunk: each chunk times itself on the wall clock and is charged its share of that wait.
     """
     before = ran_before()
-    outcomes = [_run_chunk(chunk, before) for chunk in pickle.loads(payload)]
-    return pickle.dumps(("chunks", outcomes), protocol=pickle.HIGHEST_PROTOCOL)
+    waited = run_queue_seconds()
+    outcomes = [_chunk_outcome(chunk, before, time.perf_counter)
+                for chunk in pickle.loads(payload)]
+    waited = run_queue_seconds() - waited
+    walls = sum(outcome[3] for outcome in outcomes if outcome[3] is not None)
+    if waited > 0 and walls > 0:  # each chunk's share of the wait for a CPU, by its wall time
+        kept = max(0.0, 1 - waited / walls)
+        outcomes = [outcome if outcome[3] is None else (*outcome[:3], outcome[3] * kept)
+                    for outcome in outcomes]
+    return pickle.dumps(("chunks", [_pack_outcome(outcome) for outcome in outcomes]),
+                        protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def run_chunk(payload: bytes) -> bytes:
@@ -258,13 +269,19 @@ def _run_chunk(payload: bytes, before: bool | None) -> bytes:
     ``before`` None: ask the scheduler's word (:func:`~futures_hpc.relay.ran_before`), if the
     chunk records in a store.
     """
+    return _pack_outcome(_chunk_outcome(payload, before, call_clock))
+
+
+def _chunk_outcome(payload: bytes, before: bool | None,
+                   clock: Callable[[], float]) -> tuple[str, list[Any], Any, float | None]:
+    """Run a chunk; its outcome ``("chunk", results, error, seconds)``, timed on ``clock``."""
     results: list[Any] = []
     started = None
     recorder = None
     try:
         packed_function, columns, store = pickle.loads(payload)
         function = pickle.loads(packed_function)
-        started = call_clock()
+        started = clock()
         if store is not None:
             recorder = (TaskRecorder(store) if store.keys is not None
                         else ChunkRecorder(store, columns, results))
@@ -279,14 +296,14 @@ def _run_chunk(payload: bytes, before: bool | None) -> bytes:
         else:
             _run_plain(function, columns, results)
     except BaseException as error:  # noqa: BLE001
-        seconds = None if started is None else call_clock() - started
+        seconds = None if started is None else clock() - started
         if recorder is not None:
             recorder.close()
-        return _pack_outcome(("chunk", results, _ExceptionWithTraceback(error), seconds))
-    seconds = call_clock() - started
+        return ("chunk", results, _ExceptionWithTraceback(error), seconds)
+    seconds = clock() - started
     if recorder is not None:
         recorder.close()
-    return _pack_outcome(("chunk", results, None, seconds))
+    return ("chunk", results, None, seconds)
 
 
 def _run_recorded(function: Callable[..., Any], columns: Sequence[Sequence[Any]],
