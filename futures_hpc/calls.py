@@ -241,12 +241,16 @@ def run_chunks(payload: bytes) -> bytes:
                 for chunk in pickle.loads(payload)]
     waited = run_queue_seconds() - waited
     walls = sum(outcome[3] for outcome in outcomes if outcome[3] is not None)
-    if waited > 0 and walls > 0:  # each chunk's share of the wait for a CPU, by its wall time
-        kept = max(0.0, 1 - waited / walls)
-        outcomes = [outcome if outcome[3] is None else (*outcome[:3], outcome[3] * kept)
-                    for outcome in outcomes]
-    return pickle.dumps(("chunks", [_pack_outcome(outcome) for outcome in outcomes]),
-                        protocol=pickle.HIGHEST_PROTOCOL)
+    # Each chunk's share of the wait for a CPU, by its wall time.
+    kept = max(0.0, 1 - waited / walls) if waited > 0 and walls > 0 else 1.0
+    packed = []
+    for index, outcome in enumerate(outcomes):
+        outcomes[index] = None  # dropped once packed: one chunk is held twice at most
+        if outcome[3] is not None:
+            outcome = (*outcome[:3], outcome[3] * kept)
+        packed.append(_pack_outcome(outcome))
+        del outcome
+    return pickle.dumps(("chunks", packed), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def run_chunk(payload: bytes) -> bytes:
