@@ -22,7 +22,7 @@ result is measured and printed separately.
 3. The verdict on that target, over ``--pairs`` (5) fresh pairs of pools. On this machine the
    same counted loop costs one worker process up to about 5 % more CPU than another, for the
    life of the process, whatever started it: two identical ``ProcessPoolExecutor(2)`` started
-   one after the other landed 0 to 7 points apart. So one pair of pools is one draw. Each pair
+   one after the other landed 0 to 10 points apart. So one pair of pools is one draw. Each pair
    is a new executor and two new ``ProcessPoolExecutor(2)``, the second a control that runs
    the same calls; best of 2 each, order alternated. Printed: every pair, the control's spread
    and the median over pairs of ``ex.map``'s points against the first pool.
@@ -145,7 +145,7 @@ def fresh_pools_report(arguments, iterations: int, single_call: float) -> None:
 
     The same counted loop costs a worker process more or less CPU by up to about 5 % on this
     machine, for the life of that process, whichever pool started it (measured: the same
-    ``ProcessPoolExecutor(2)`` twice, fresh processes, 0 to 7 points apart). One pair of pools is
+    ``ProcessPoolExecutor(2)`` twice, fresh processes, 0 to 10 points apart). One pair of pools is
     then one draw. Each of ``--pairs`` pairs starts a new executor and two new
     ``ProcessPoolExecutor(2)``: the second runs the same calls as the first and shows how far
     two identical pools land apart. Every pool is warmed the same way; each form's best of 2,
@@ -157,8 +157,7 @@ def fresh_pools_report(arguments, iterations: int, single_call: float) -> None:
     work = [iterations] * arguments.work_calls
     expected = [counted_work(iterations)] * arguments.work_calls
     warm_up = [iterations] * (WORKERS * 10)
-    names = ("ProcessPoolExecutor(2)", "ProcessPoolExecutor(2), again (control)",
-             "futures_hpc ex.map (defaults)")
+    names = ("ProcessPoolExecutor(2)", "control", "ex.map")  # the control: the same pool again
     points: dict[str, list[float]] = {name: [] for name in names[1:]}
     print(f"\n{len(work):,} calls of the same work on fresh pools, {arguments.pairs} pairs "
           f"(each: a new executor and two new ProcessPoolExecutor(2); best of 2, order "
@@ -186,12 +185,11 @@ def fresh_pools_report(arguments, iterations: int, single_call: float) -> None:
                       for name, seconds in elapsed.items()}
         for name in names[1:]:
             points[name].append(100 * (efficiency[name] - efficiency[names[0]]))
-        print(f"  pair {pair + 1}: " + "   ".join(
-            f"{name.split(' (')[0] if name != names[1] else 'control'} "
-            f"{100 * efficiency[name]:5.1f} %" for name in names)
-            + f"   ex.map {points[names[2]][-1]:+5.1f} points, control "
-              f"{points[names[1]][-1]:+5.1f} points", flush=True)
-    control, ours = points[names[1]], points[names[2]]
+        print(f"  pair {pair + 1}: "
+              + "   ".join(f"{name} {100 * efficiency[name]:5.1f} %" for name in names)
+              + "   " + ", ".join(f"{name} {points[name][-1]:+5.1f} points" for name in names[1:]),
+              flush=True)
+    control, ours = points["control"], points["ex.map"]
     print(f"\n  control, the same pool again: {statistics.median(control):+.1f} points "
           f"(median; {min(control):+.1f} to {max(control):+.1f})")
     print(f"  ex.map: {statistics.median(ours):+.1f} points (median; {min(ours):+.1f} to "

@@ -45,13 +45,15 @@ def _no_run_queue() -> float:
     return 0.0
 
 
+_READABLE = _readable()
+
 #: Seconds on a clock that does not advance while the calling thread waits for a CPU.
-call_clock = _wall_less_run_queue if _readable() else time.perf_counter
+call_clock = _wall_less_run_queue if _READABLE else time.perf_counter
 
 #: Seconds the calling thread has waited for a CPU so far (always 0.0 where the kernel does not
 #: say): one reading for a whole task of several chunks, which then time themselves on
 #: ``time.perf_counter`` and share the wait out (:func:`futures_hpc.calls.run_chunks`); a
 #: reading costs about 12 microseconds, two per chunk were a tenth of a task of trivial calls.
-run_queue_seconds = _run_queue_seconds if _readable() else _no_run_queue
+run_queue_seconds = _run_queue_seconds if _READABLE else _no_run_queue
 
 __all__ = ["SCHEDSTAT_PATH", "call_clock", "run_queue_seconds"]

@@ -66,6 +66,11 @@ def _transfer_exactly(call, fd: int, buffer: memoryview, position: int) -> None:
         done += moved
 
 
+def pwrite_all(fd: int, data: bytes | memoryview | np.ndarray, position: int) -> None:
+    """Write every byte of ``data`` (bytes, a buffer or a C-contiguous array) at ``position``."""
+    _transfer_exactly(os.pwritev, fd, memoryview(data).cast("B"), position)
+
+
 def _transfer_window(call, fd: int, offset: int, shape: tuple[int, ...], itemsize: int,
                      rows: slice, cols: slice, window: np.ndarray) -> None:
     """Move a window between the C-ordered ``window`` array and the file, run by run.

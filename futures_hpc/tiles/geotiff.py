@@ -37,8 +37,8 @@ import numpy as np
 from futures_hpc.tiles.arrays import (
     Georeference,
     ImageSink,
-    _transfer_exactly,
     image_shape_of,
+    pwrite_all,
     sync_file,
 )
 from futures_hpc.tiles.held_tiles import HeldTiles
@@ -137,7 +137,7 @@ class TiffLayout:
         if len(values) and int(np.max(values)) > np.iinfo(dtype).max:
             raise OverflowError("the file has grown beyond what its tile offsets can hold")
         data = np.asarray(values, dtype=dtype).tobytes()
-        _pwrite_all(fd, data, array.position + first * dtype.itemsize)
+        pwrite_all(fd, data, array.position + first * dtype.itemsize)
 
 
 def read_layout(source: str | bytes) -> TiffLayout | None:
@@ -205,10 +205,6 @@ def _values(read: Callable[[int, int], bytes], layout: TiffLayout,
 def _data_start(layout: TiffLayout) -> int:
     """Where the first tile goes: after the header, on a 16-byte boundary."""
     return -(-layout.header_end // 16) * 16
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview | np.ndarray, position: int) -> None:
-    _transfer_exactly(os.pwritev, fd, memoryview(data).cast("B"), position)
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,10 +425,10 @@ class GeoTiffSink(ImageSink):
                         full = np.zeros((part.shape[0], layout.tile_width) + part.shape[2:],
                                         part.dtype)
                         full[:, :part.shape[1]] = part
-                    _pwrite_all(fd, full, start + tile_rows.start * row_bytes)
+                    pwrite_all(fd, full, start + tile_rows.start * row_bytes)
                     continue
                 for offset, line in enumerate(part):
-                    _pwrite_all(fd, np.ascontiguousarray(line).tobytes(),
+                    pwrite_all(fd, np.ascontiguousarray(line).tobytes(),
                                 start + (tile_rows.start + offset) * row_bytes
                                 + tile_cols.start * pixel)
         finally:
@@ -739,11 +735,11 @@ def _pwrite_runs(fd: int, writes: list[tuple[int, bytes]]) -> None:
     start = end = 0
     for offset, payload in writes:
         if run and offset != end:
-            _pwrite_all(fd, b"".join(run), start)
+            pwrite_all(fd, b"".join(run), start)
             run = []
         if not run:
             start = end = offset
         run.append(payload)
         end += len(payload)
     if run:
-        _pwrite_all(fd, b"".join(run), start)
+        pwrite_all(fd, b"".join(run), start)

@@ -22,7 +22,7 @@ from typing import Any
 
 from distributed import get_worker
 
-from futures_hpc.tiles.arrays import _transfer_exactly
+from futures_hpc.tiles.arrays import pwrite_all
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def write_tiles(path: str, payloads: Sequence[bytes], offsets: Sequence[int],
     fd = os.open(path, os.O_WRONLY)
     try:
         for payload, offset in zip(payloads, offsets, strict=True):
-            _transfer_exactly(os.pwritev, fd, memoryview(payload).cast("B"), offset)
+            pwrite_all(fd, payload, offset)
         if sync:
             os.fsync(fd)
     finally:
