@@ -105,6 +105,12 @@ SHORT_TASK_SECONDS = 0.5
 LARGE_PAYLOAD_BYTES = 1024 * 1024
 #: Tries at scattering a large call before it goes in the graph instead (see _scattered).
 SCATTER_ATTEMPTS = 2
+#: How long a scatter waits for a running worker: long enough to ask the scheduler once (the
+#: executor's client scatters directly to workers, and asks before its first check of the
+#: time). dask's own default is its connect timeout (30 s): an adaptive executor scaled down to
+#: no worker stalled each large call that long, twice, before it went in the graph (which asks
+#: for a worker like any task).
+SCATTER_WAIT_SECONDS = 0.1
 
 
 @dataclass(eq=False)
@@ -494,11 +500,13 @@ class CallQueue:
         dask's scatter picks its worker in the client, then tells the scheduler; a worker that
         leaves in between (scaling down, a job at its walltime) makes the scheduler refuse it
         (``KeyError`` of the worker's address). The scatter is tried once more with the
-        workers then known, and then the payload goes in the graph, which always works.
+        workers then known, and then the payload goes in the graph, which always works. With
+        no worker running (an adaptive executor between bursts) the scatter does not wait for
+        one (``SCATTER_WAIT_SECONDS``): the graph's task is what makes the executor ask.
         """
         for attempt in range(SCATTER_ATTEMPTS):
             try:
-                return self._client.scatter(payload, hash=False)
+                return self._client.scatter(payload, hash=False, timeout=SCATTER_WAIT_SECONDS)
             except Exception as error:  # noqa: BLE001 - the graph is the fallback
                 if self._client.status in ("closing", "closed"):
                     raise

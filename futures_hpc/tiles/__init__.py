@@ -7,8 +7,8 @@ user's function runs on the workers; its result is trimmed back to the block and
 output by the worker itself when the output is a file or a zarr store.
 
 :func:`map_blocks` produces an image, :func:`reduce_blocks` a statistic. Both use only the
-public executor API (``submit``, ``worker_slots`` and ``client.scatter``/``client.run``), so
-they work on every backend. See ``docs/tiles.md``.
+public executor API (``submit``, ``worker_slots`` and the client's ``scatter``, ``submit`` and
+``run``), so they work on every backend. See ``docs/tiles.md``.
 
 The modules, each importing only those below it:
 

@@ -9,6 +9,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from futures_hpc.call_queue import SCATTER_WAIT_SECONDS
 from futures_hpc.errors import FuturesHPCError
 from futures_hpc.tiles.arrays import ArraySource, ImageSink, ImageSource
 from futures_hpc.tiles.grid import Window, _Group
@@ -21,6 +22,7 @@ from futures_hpc.tiles.worker import (
     _run_group,
     _SharedJob,
     forget_job,
+    job_held_by_workers,
 )
 
 logger = logging.getLogger("futures_hpc")
@@ -98,9 +100,27 @@ class _Runner:
     _limit_checked: float = float("-inf")
 
     def __enter__(self) -> _Runner:
+        """Put the job on every running worker, or in a task where none is running.
+
+        ``client.scatter(broadcast=True)`` gives each running worker a copy, so a group can
+        run on any of them. With no worker running (an adaptive executor between bursts),
+        dask's scatter would wait 30 s for one and then fail: the job becomes instead the
+        result of a task every group depends on, which makes the executor ask for workers;
+        the workers then fetch it from one another, and dask runs the task again if every
+        worker holding the job has left.
+        """
         self.shared_job = _SharedJob.of(self.job)
-        self.job_future = self.executor.client.scatter(self.shared_job, broadcast=True,
-                                                       hash=False)
+        client = self.executor.client
+        try:
+            self.job_future = client.scatter(self.shared_job, broadcast=True, hash=False,
+                                             timeout=SCATTER_WAIT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - no running worker, or one left meanwhile
+            if client.status in ("closing", "closed"):
+                raise
+            logger.debug("the job goes in a task, not scattered: %r", exc)
+            self.job_future = client.submit(
+                job_held_by_workers, self.shared_job,
+                key=f"futures_hpc-tiles-job-{self.shared_job.token}")
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -101,7 +101,7 @@ class _BlockStore:
 
 @dataclass
 class _BlockJob:
-    """Everything constant across blocks; scattered once to every worker."""
+    """Everything constant across blocks; sent once to every worker that runs a group."""
 
     func: Callable[..., Any]
     sources: list[ImageSource]
@@ -285,13 +285,18 @@ _ALLOCATOR_SET: list[bool] = []
 
 
 def _steady_allocator() -> None:
-    """Let this worker reuse freed memory for block-sized arrays, as a plain process does.
+    """Let this worker reuse freed memory for block-sized arrays.
 
     distributed starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also turns off
     glibc's adaptive mmap threshold: every array over 128 KiB is then a fresh ``mmap`` whose
     pages fault in zeroed, and a windowed raster loop runs about 3 times slower (0.93 s against
     3.06 s for the NDVI benchmark's serial loop). Once per process, on glibc only, this sets the
-    thresholds glibc reaches by itself in a process without that variable (32 MiB, 64 MiB).
+    mmap threshold to 32 MiB (the ceiling of glibc's adaptive one) and the trim threshold to
+    64 MiB. A plain process does not get there by itself on such a loop: its adaptive
+    thresholds stop at about the largest array it has freed (a few MiB), its heap is trimmed
+    after each window and faulted in again for the next, and the NDVI loop takes 0.28 s to
+    0.40 s where it takes 0.23 s to 0.24 s with these thresholds (benchmarks/rios.py shows
+    both).
     """
     if _ALLOCATOR_SET:
         return
@@ -321,6 +326,22 @@ async def forget_job(token: str) -> None:
         _FORGOTTEN_JOBS.append(token)
         _UNPICKLED_JOBS.pop(token, None)
     held_tiles.forget(token)
+
+
+def job_held_by_workers(shared: _SharedJob) -> _SharedJob:
+    """The task whose result is a run's job: the workers fetch it from one another.
+
+    Parameters
+    ----------
+    shared : _SharedJob
+        The run's job, pickled once by the client.
+
+    Returns
+    -------
+    _SharedJob
+        The same job, now held by a worker.
+    """
+    return shared
 
 
 def held_jobs() -> list[str]:

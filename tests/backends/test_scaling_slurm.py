@@ -212,6 +212,46 @@ def test_by_default_an_idle_job_is_kept_as_long_as_a_job_took_to_start():
         assert wait_until_no_jobs(ex.run_name) == {}
 
 
+def _array_sum(array) -> float:
+    return float(array.sum())
+
+
+def _doubled(block, otherargs):
+    return block * otherargs
+
+
+def test_large_calls_and_map_blocks_run_on_an_executor_released_down_to_no_worker():
+    """Between bursts an adaptive executor has no worker. dask's scatter then waits its connect
+    timeout (30 s) for one and fails: a large call's arguments (scattered) waited that long
+    twice before going in the graph, and ``map_blocks`` (whose job was scattered) failed with
+    ``TimeoutError: No valid workers found``. Both now ask for a worker at once.
+    """
+    import dask
+    import numpy as np
+
+    from futures_hpc.tiles import map_blocks
+
+    connect_timeout = dask.utils.parse_timedelta(
+        dask.config.get("distributed.comm.timeouts.connect"))
+    large = np.arange(1 << 18, dtype=np.float64)  # 2 MB pickled: over the scatter threshold
+    image = np.arange(512 * 768, dtype=np.float32).reshape(512, 768)
+    with HPCExecutor("slurm", max_workers=1, idle_timeout=1, **SMALL) as ex:
+        assert ex.submit(slow_double, 1, 0.0).result(timeout=120) == 2
+        assert wait_for(lambda: not connected_job_ids(ex), timeout=60, interval=0.2)
+        assert not ex.client.scheduler_info(n_workers=-1)["workers"]
+
+        started = time.monotonic()
+        assert ex.submit(_array_sum, large).result(timeout=120) == float(large.sum())
+        assert time.monotonic() - started < connect_timeout  # it did not wait out a scatter
+
+        assert wait_for(lambda: not connected_job_ids(ex), timeout=60, interval=0.2)
+        assert not ex.client.scheduler_info(n_workers=-1)["workers"]
+        doubled = map_blocks(ex, _doubled, image, block=256, otherargs=2.0)
+        np.testing.assert_array_equal(doubled, image * 2)
+        assert ex.status().retired_jobs >= 2  # each ran on a job started for it
+    assert wait_until_no_jobs(ex.run_name) == {}
+
+
 def test_jobs_of_two_worker_processes_are_released_whole():
     """With 2 worker processes per job, both leave together once idle: never half a job."""
     options = {**SMALL, "cores": 2, "memory": "1GB"}
