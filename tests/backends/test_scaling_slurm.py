@@ -7,6 +7,7 @@ batch system would.
 
 from __future__ import annotations
 
+import operator
 import os
 import shutil
 import signal
@@ -223,13 +224,14 @@ def _doubled(block, otherargs):
 def test_large_calls_and_map_blocks_run_on_an_executor_released_down_to_no_worker():
     """Between bursts an adaptive executor has no worker. dask's scatter then waits its connect
     timeout (30 s) for one and fails: a large call's arguments (scattered) waited that long
-    twice before going in the graph, and ``map_blocks`` (whose job was scattered) failed with
-    ``TimeoutError: No valid workers found``. Both now ask for a worker at once.
+    twice before going in the graph, and ``map_blocks`` and ``reduce_blocks`` (whose job was
+    scattered) failed with ``TimeoutError: No valid workers found``. All now ask for a worker
+    at once.
     """
     import dask
     import numpy as np
 
-    from futures_hpc.tiles import map_blocks
+    from futures_hpc.tiles import map_blocks, reduce_blocks
 
     connect_timeout = dask.utils.parse_timedelta(
         dask.config.get("distributed.comm.timeouts.connect"))
@@ -248,7 +250,11 @@ def test_large_calls_and_map_blocks_run_on_an_executor_released_down_to_no_worke
         assert not ex.client.scheduler_info(n_workers=-1)["workers"]
         doubled = map_blocks(ex, _doubled, image, block=256, otherargs=2.0)
         np.testing.assert_array_equal(doubled, image * 2)
-        assert ex.status().retired_jobs >= 2  # each ran on a job started for it
+
+        assert wait_for(lambda: not connected_job_ids(ex), timeout=60, interval=0.2)
+        total = reduce_blocks(ex, _array_sum, image, block=256, combine=operator.add)
+        assert total == float(image.astype(np.float64).sum())
+        assert ex.status().retired_jobs >= 3  # each ran on a job started for it
     assert wait_until_no_jobs(ex.run_name) == {}
 
 
