@@ -33,8 +33,8 @@ from .calls import unpack_outcome
 from .engine import add_client_stream_handler, allowed_failures, future_state_waiter
 from .errors import CallMemoryError, WorkerLostError
 from .memory_kills import MemoryKillRelay
-from .memory_ladder import format_bytes
 from .oom_watch import OutOfMemoryWatch
+from .options import format_bytes
 from .relay import RELAY_OP, CallNewsPlugin, RelayToClients
 from .streams import PromptStreams, make_client_prompt
 

@@ -28,11 +28,14 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from .engine import NANNY_MEMORY_KILL_TOPIC, cancel_on_scheduler, send_to_client
-from .memory_ladder import LADDER_RESOURCE
 from .oom_watch import OOM_KILL_TOPIC
 from .relay import RELAY_OP
 
 logger = logging.getLogger("futures_hpc")
+
+#: The dask resource that the workers of every rung of a memory ladder declare and its tasks
+#: need (:mod:`futures_hpc.memory_ladder`): a task that needs it is a ladder's call.
+LADDER_RESOURCE = "fhpc-memory-ladder"
 
 #: Seconds for which the tasks of a removed worker are kept, for a memory event that comes late.
 REMEMBER_SECONDS = 10.0

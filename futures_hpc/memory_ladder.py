@@ -15,9 +15,9 @@ scheduler, so that dask does not retry it on the same shape; the client's bridge
 task with a :class:`~futures_hpc.errors.CallMemoryError` that its call queue hands to
 :meth:`MemoryLadder.move_up`.
 
-The rungs' workers declare :data:`LADDER_RESOURCE` and their tasks need it: only ladder calls
-are ever moved on a memory kill, and a rung's worker holds one task at a time, so that the
-scheduler knows which task was running.
+The rungs' workers declare :data:`~futures_hpc.memory_kills.LADDER_RESOURCE` and their tasks
+need it: only ladder calls are ever moved on a memory kill, and a rung's worker holds one task
+at a time, so that the scheduler knows which task was running.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import CallMemoryError, OptionError
-from .options import parse_memory
+from .options import format_bytes, parse_memory
 
 if TYPE_CHECKING:
     from .call_queue import CallQueue
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from .pools import PoolShape, ResourcePool
     from .queued_call import QueuedCall
 
-#: The dask resource that the workers of every rung declare and its tasks need.
-LADDER_RESOURCE = "fhpc-memory-ladder"
 
 
 def is_ladder(memory: Any) -> bool:
@@ -69,16 +67,6 @@ def parse_ladder(memory: Sequence[Any]) -> tuple[tuple[str, int], ...]:
                 "gives more memory on each retry")
         rungs.append((text, amount))
     return tuple(rungs)
-
-
-def format_bytes(amount: int | None) -> str:
-    """``1.2 GB``, ``300 MB``: an amount of memory for messages."""
-    if amount is None:
-        return "an unknown amount"
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if amount >= size:
-            return f"{amount / size:.3g} {unit}"
-    return f"{amount} B"
 
 
 class MemoryLadder:

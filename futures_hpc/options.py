@@ -66,6 +66,16 @@ def unknown_option_error(name: str, value: Any, allowed: Iterable[str], where: s
     )
 
 
+def format_bytes(amount: int | None) -> str:
+    """``1.2 GB``, ``300 MB``: an amount of memory for messages."""
+    if amount is None:
+        return "an unknown amount"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if amount >= size:
+            return f"{amount / size:.3g} {unit}"
+    return f"{amount} B"
+
+
 def parse_memory(value: Any, option: str = "memory") -> int:
     """Parse a memory amount (``"8GB"``, ``"512 MiB"``, or a number of bytes) into bytes.
 

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from .call_queue import CallQueue
 from .errors import ExecutorShutdownError, JobFailedError, OptionError
-from .memory_ladder import LADDER_RESOURCE, LadderEntrance, MemoryLadder
+from .memory_kills import LADDER_RESOURCE
+from .memory_ladder import LadderEntrance, MemoryLadder
 from .options import (
     check_whole_number,
     format_walltime,
