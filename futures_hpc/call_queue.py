@@ -84,6 +84,7 @@ from .queued_call import (
 )
 from .store import MISSING, ResultStore, StoreSpec, function_identity
 from .store.identity import WORKER_KEYED_TYPES, Occurrences, call_keys
+from .streams import SCATTER_WAIT_SECONDS
 
 logger = logging.getLogger("futures_hpc")
 
@@ -105,12 +106,6 @@ SHORT_TASK_SECONDS = 0.5
 LARGE_PAYLOAD_BYTES = 1024 * 1024
 #: Tries at scattering a large call before it goes in the graph instead (see _scattered).
 SCATTER_ATTEMPTS = 2
-#: How long a scatter waits for a running worker: long enough to ask the scheduler once (the
-#: executor's client scatters directly to workers, and asks before its first check of the
-#: time). dask's own default is its connect timeout (30 s): an adaptive executor scaled down to
-#: no worker stalled each large call that long, twice, before it went in the graph (which asks
-#: for a worker like any task).
-SCATTER_WAIT_SECONDS = 0.1
 
 
 @dataclass(eq=False)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from .queued_call import QueuedCall
 
 
-
 def is_ladder(memory: Any) -> bool:
     """Whether a ``memory`` option is a ladder (a list or tuple of memories)."""
     return isinstance(memory, (list, tuple))

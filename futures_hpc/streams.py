@@ -77,6 +77,13 @@ def in_process_scheduler_address(cluster: Cluster) -> str | None:
     return cluster.sync(listen)
 
 
+#: How long a scatter of the executor's client waits for a running worker: long enough to ask
+#: the scheduler once (the client scatters directly to workers, and asks before its first check
+#: of the time). dask's own default is its connect timeout (30 s): an adaptive executor released
+#: down to no worker stalled each large call that long, twice, and ``map_blocks`` failed.
+SCATTER_WAIT_SECONDS = 0.1
+
+
 def connect_client(cluster: Cluster, security: Any) -> distributed.Client:
     """An executor's client: an in-process link to a scheduler in this process, else its address.
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from futures_hpc.errors import FuturesHPCError
+from futures_hpc.streams import SCATTER_WAIT_SECONDS
 from futures_hpc.tiles.arrays import ArraySource, ImageSink, ImageSource
 from futures_hpc.tiles.grid import Window, _Group
 from futures_hpc.tiles.shared_memory import SharedMemoryStage, _remove
@@ -27,9 +28,6 @@ from futures_hpc.tiles.worker import (
 logger = logging.getLogger("futures_hpc")
 
 IN_FLIGHT_PER_THREAD = 2
-#: How long the job's scatter waits for a running worker: long enough to ask the scheduler once
-#: (the executor's client scatters directly to workers), as the call queue's large calls do.
-JOB_SCATTER_WAIT_SECONDS = 0.1
 IN_FLIGHT_REFRESH_SECONDS = 1.0
 
 
@@ -115,7 +113,7 @@ class _Runner:
         client = self.executor.client
         try:
             self.job_future = client.scatter(self.shared_job, broadcast=True, hash=False,
-                                             timeout=JOB_SCATTER_WAIT_SECONDS)
+                                             timeout=SCATTER_WAIT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - no running worker, or one left meanwhile
             if client.status in ("closing", "closed"):
                 raise
