@@ -402,6 +402,65 @@ def test_geotiff_in_and_out_keeps_georeferencing(executor, tmp_path):
     assert not os.path.exists(str(target) + ".lock")
 
 
+def band_mean3(image):
+    return np.stack([ndi.uniform_filter(band.astype(np.float32), size=3, mode="nearest")
+                     for band in image])
+
+
+@pytest.mark.parametrize("boundary", ["edge", "reflect", 7.0, None])
+def test_raster_read_block_by_block_equals_the_same_image_in_memory(executor, tmp_path,
+                                                                      boundary):
+    """A raster's blocks are read one by one (``reads_each_block``), an array's cut from its
+    group's region: with margins, every boundary and groups of blocks, both give the same."""
+    from affine import Affine
+
+    bands = np.random.default_rng(11).integers(1, 5000, (3, 77, 53)).astype(np.uint16)
+    write_geotiff(tmp_path / "in.tif", bands, Affine(10, 0, 0, 0, -10, 0), "EPSG:32755")
+    options = dict(block=(16, 16), overlap=2, boundary=boundary, blocks_per_task=(2, 3))
+    from_raster = map_blocks(executor, band_mean3, str(tmp_path / "in.tif"), **options)
+    from_memory = map_blocks(executor, band_mean3, bands, **options)
+    np.testing.assert_array_equal(from_raster, from_memory)
+    if boundary == "edge":  # a 3 x 3 mean inside a 2-pixel margin is the whole image's
+        np.testing.assert_allclose(from_raster, band_mean3(bands), rtol=1e-6)
+
+
+def test_a_task_reads_a_raster_block_by_block_and_an_array_by_group(tmp_path):
+    """Which reads a task makes, counted on the real sources (run in this process)."""
+    from affine import Affine
+
+    from futures_hpc.tiles.arrays import RawFileSource
+    from futures_hpc.tiles.grid import _Group
+    from futures_hpc.tiles.raster import RasterioSource
+    from futures_hpc.tiles.worker import _BlockJob
+
+    bands = np.random.default_rng(3).integers(1, 5000, (2, 40, 40)).astype(np.uint16)
+    write_geotiff(tmp_path / "in.tif", bands, Affine(10, 0, 0, 0, -10, 0), "EPSG:32755")
+    np.save(tmp_path / "in.npy", bands)
+    reads = collections.defaultdict(list)
+
+    def counted(source):
+        read = source.read
+        source.read = lambda rows, cols: reads[source.name].append((rows, cols)) or read(rows,
+                                                                                         cols)
+        return source
+
+    raster = counted(RasterioSource(str(tmp_path / "in.tif"), "raster"))
+    raw = counted(RawFileSource(str(tmp_path / "in.npy"), np.load(tmp_path / "in.npy",
+                                mmap_mode="r").offset, bands.shape, bands.dtype, "raw"))
+    grid = TileGrid((40, 40), (10, 10), (1, 1))
+    group = _Group.of([grid.window(row, col) for row in range(2) for col in range(3)])
+    job = _BlockJob(func=lambda a, b: a[0].astype(np.int64) + b[1], sources=[raster, raw],
+                    boundary="edge", fill_value=0, passes_info=False, passes_otherargs=False,
+                    otherargs=None, georeference=None, dtype=None, combine=None,
+                    stops_at_first_error=True)
+    outcome = job.run(group, None, None)
+    assert [(rows, cols) for rows, cols in reads["raster"]] == [
+        (window.read_rows, window.read_cols) for window in group.windows]
+    assert reads["raw"] == [(group.window.read_rows, group.window.read_cols)]
+    expected = bands[0, :20, :30].astype(np.int64) + bands[1, :20, :30]
+    np.testing.assert_array_equal(outcome.data, expected)
+
+
 GEOTIFF_OPTIONS = {
     "plain": {},
     "deflate": {"compress": "deflate"},

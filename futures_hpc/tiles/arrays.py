@@ -139,13 +139,17 @@ class ImageSource:
     """A readable image: ``shape`` (2-D or 3-D), ``dtype``, a ``name`` for messages.
 
     ``worker_readable`` says whether a worker can read the image itself (from a file or store);
-    ``georeference`` is set for rasters that carry one.
+    ``reads_each_block`` whether a task reads each block as it runs it (its pixels are then in
+    the CPU's caches for func) rather than the whole group's region at once (one read per task:
+    for inputs whose every read decodes its chunks again); ``georeference`` is set for rasters
+    that carry one.
     """
 
     shape: tuple[int, ...]
     dtype: np.dtype
     name: str
     worker_readable: bool = True
+    reads_each_block: bool = False
     georeference: Georeference | None = None
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:

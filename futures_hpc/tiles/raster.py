@@ -12,7 +12,14 @@ from futures_hpc.tiles.arrays import Georeference, ImageSource
 
 
 class RasterioSource(ImageSource):
-    """Any raster GDAL reads, through rasterio; one dataset handle per thread."""
+    """Any raster GDAL reads, through rasterio; one dataset handle per thread.
+
+    A task reads it block by block (``reads_each_block``): each block is read just before func
+    runs on it, while it fits in the CPU's caches, and GDAL's block cache keeps the internal
+    tiles or strips a read decoded, so neighbouring blocks do not decode them again.
+    """
+
+    reads_each_block = True
 
     def __init__(self, path: str, name: str):
         rasterio = import_rasterio()

@@ -117,18 +117,28 @@ class _BlockJob:
     store: _BlockStore | None = None  # where finished blocks are recorded (resumable jobs)
 
     def regions(self, window: Window, data: Sequence[np.ndarray | None] | None) -> list:
-        """Each input's pixels under a group's window and margin, clipped to the image."""
+        """Each input's pixels under a group's window and margin, clipped to the image.
+
+        None for an input read block by block as the blocks run (``reads_each_block``).
+        """
         given = data if data is not None else [None] * len(self.sources)
-        return [source.read(window.read_rows, window.read_cols) if region is None else region
+        return [region if region is not None
+                else None if source.reads_each_block
+                else source.read(window.read_rows, window.read_cols)
                 for source, region in zip(self.sources, given, strict=True)]
 
-    def block_of(self, region: np.ndarray, group: Window, window: Window) -> np.ndarray:
-        """``window``'s block cut from a group's region, padded at the image edge; read-only."""
-        block = read_padded(_RegionSource(region, group), window, self.boundary,
-                            self.fill_value)
-        block = block.view()
-        block.flags.writeable = False
-        return block
+    def blocks_of(self, regions: list, group: Window, window: Window) -> list[np.ndarray]:
+        """``window``'s block of every input, padded at the image edge; read-only.
+
+        Cut from the group's region, or read from the input itself if it has none.
+        """
+        blocks = []
+        for source, region in zip(self.sources, regions, strict=True):
+            block = read_padded(source if region is None else _RegionSource(region, group),
+                                window, self.boundary, self.fill_value).view()
+            block.flags.writeable = False
+            blocks.append(block)
+        return blocks
 
     def info(self, window: Window) -> BlockInfo:
         georeference = self.georeference or Georeference(None, None, None)
@@ -159,6 +169,7 @@ class _BlockJob:
         """Read the group's region, run every block, write (or return) the group's output."""
         try:
             regions = self.regions(group.window, data)
+            first = self.blocks_of(regions, group.window, group.windows[0])
         except FileNotFoundError as exc:
             return _NotVisible(f"cannot read an input here: {exc}")
         outcome = _Outcome()
@@ -166,9 +177,10 @@ class _BlockJob:
         # write each block as it is done
         block_sink = sink if getattr(sink, "writes_each_block", False) else None
         placed: list[Window] = []  # blocks in outcome.data, written with the group
-        for window in group.windows:
+        for number, window in enumerate(group.windows):
             try:
-                blocks = [self.block_of(region, group.window, window) for region in regions]
+                blocks = first if number == 0 else self.blocks_of(regions, group.window, window)
+                first = []  # read before the loop, to tell a file this worker cannot see
                 result = self.call(blocks, window)
                 if self.combine is None:
                     core = self.trim(result, window)
