@@ -73,3 +73,8 @@ class CallMemoryError(WorkerLostError):
 
     def __reduce__(self) -> tuple:
         return type(self), (str(self), self.memory, self.rss, self.memory_limit)
+
+
+def refuse_pools(backend: str, reason: str) -> OptionError:
+    """The error of a backend that has one kind of worker only (no ``with_resources``)."""
+    return OptionError(f"with_resources is not available on the {backend!r} backend: {reason}")

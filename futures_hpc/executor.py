@@ -61,7 +61,8 @@ from .options import (
     merge_with_profile,
     parse_resources,
 )
-from .pools import BASE_RESOURCE, PoolExecutor, Pools, parse_shape
+from .pool_shape import parse_shape
+from .pools import BASE_RESOURCE, PoolExecutor, Pools
 from .progress import track
 from .provider import BackendProvider, ProviderTrait, chosen_executor_class
 from .queued_call import function_name, pickled
@@ -554,7 +555,7 @@ class HPCExecutor(BlockMethods, Executor):
         })
         if rungs is None:
             return PoolExecutor(self, self._pools.get(shape))
-        ladder = MemoryLadder(self, shape, rungs)
+        ladder = MemoryLadder(self._pools.get, shape, rungs)
         return PoolExecutor(self, ladder.pool(0), ladder)
 
     def automatic_chunksize(self, call_count: int, fn: Callable[..., Any] | None = None) -> int:

@@ -23,18 +23,26 @@ at a time, so that the scheduler knows which task was running.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import CallMemoryError, OptionError
 from .options import format_bytes, parse_memory
+from .pool_shape import PoolShape
 
 if TYPE_CHECKING:
     from .call_queue import CallQueue
-    from .executor import HPCExecutor
-    from .pools import PoolShape, ResourcePool
     from .queued_call import QueuedCall
+
+
+class RungPool(Protocol):
+    """What a ladder needs of a rung's pool (a :class:`~futures_hpc.pools.ResourcePool`)."""
+
+    #: Why the pool cannot run calls (its jobs were refused), once it cannot.
+    failure: BaseException | None
+    #: The pool's calls; None if it has none.
+    queue: CallQueue | None
 
 
 def is_ladder(memory: Any) -> bool:
@@ -73,8 +81,9 @@ class MemoryLadder:
 
     Parameters
     ----------
-    executor : HPCExecutor
-        Whose pools the rungs are.
+    pool_of : callable
+        ``pool_of(shape)`` is the executor's pool of that shape, made on first use
+        (:meth:`futures_hpc.pools.Pools.get`).
     first : PoolShape
         The shape of the first rung (the other options of ``with_resources``).
     rungs : tuple of (str, int)
@@ -82,25 +91,25 @@ class MemoryLadder:
 
     """
 
-    def __init__(self, executor: HPCExecutor, first: PoolShape,
+    def __init__(self, pool_of: Callable[[PoolShape], RungPool], first: PoolShape,
                  rungs: tuple[tuple[str, int], ...]) -> None:
-        self._executor = executor
+        self._pool_of = pool_of
         self.shapes: tuple[PoolShape, ...] = tuple(
             replace(first, memory=text, memory_bytes=amount, memory_ladder=True)
             for text, amount in rungs)
-        self._pools: list[ResourcePool | None] = [None] * len(self.shapes)
+        self._pools: list[RungPool | None] = [None] * len(self.shapes)
         self._lock = threading.Lock()
 
     def describe(self) -> str:
         """``memory=['1GB', '2GB']``."""
         return f"memory={[shape.memory for shape in self.shapes]!r}"
 
-    def pool(self, rung: int) -> ResourcePool:
+    def pool(self, rung: int) -> RungPool:
         """The pool of ``rung``, made (and its scaling started) on first use."""
         with self._lock:
             pool = self._pools[rung]
         if pool is None:
-            pool = self._executor._pools.get(self.shapes[rung])
+            pool = self._pool_of(self.shapes[rung])
             with self._lock:
                 self._pools[rung] = pool
         return pool

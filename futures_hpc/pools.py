@@ -29,131 +29,66 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .call_queue import CallQueue
-from .errors import ExecutorShutdownError, JobFailedError, OptionError
+from .errors import ExecutorShutdownError, JobFailedError
 from .memory_kills import LADDER_RESOURCE
 from .memory_ladder import LadderEntrance, MemoryLadder
-from .options import (
-    check_whole_number,
-    format_walltime,
-    parse_resources,
-    parse_walltime,
-    unknown_option_error,
-)
+from .pool_shape import SHAPE_OPTIONS, PoolShape
 from .scaling import FairShareAdaptive, ScalingStatus, validate_scaling_options
 
-if TYPE_CHECKING:
-    from .executor import HPCExecutor
-
 logger = logging.getLogger("futures_hpc")
+
+
+class PoolsHost(Protocol):
+    """What the pools use of their executor (an :class:`~futures_hpc.executor.HPCExecutor`).
+
+    Named here, below the executor, so that this module does not import it: the executor makes
+    its pools and hands itself to them.
+    """
+
+    #: The dask cluster the pools' workers join (its ``loop``, ``new_worker_spec``).
+    cluster: Any
+    #: ``fhpc-<8 hex>``: names the run in job names and messages.
+    run_name: str
+    #: The executor's checked options (the pools' scaling options come from there).
+    executor_options: dict[str, Any]
+    #: The backend's provider: makes the pools' jobs (``pool_job``...).
+    _backend: Any
+    #: The executor's own call queue.
+    _queue: CallQueue
+
+    def _make_queue(self, slots: Callable[[], int],
+                    resources: dict[str, float] | None = None) -> CallQueue:
+        """A call queue of the executor's client, for a pool's workers."""
+
+    def _submit_to(self, queue: Any, fn: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], batch: tuple[bytes, int] | None = None
+                   ) -> Future:
+        """Queue a call on ``queue`` (a pool's, or its memory ladder's entrance)."""
+
+    def _map_on(self, queue: Any, slots: Callable[[], int], fn: Callable[..., Any],
+                iterables: Any, **options: Any) -> Iterator[Any]:
+        """``map`` over ``queue``, ``slots()`` workers at most."""
+
+    def with_resources(self, **options: Any) -> PoolExecutor:
+        """Another pool of the same executor (:meth:`HPCExecutor.with_resources`)."""
 
 #: The resource every worker of the executor's own kind declares, one unit per thread.
 BASE_RESOURCE = "fhpc-pool-0"
 #: The resource a worker of a pool with GPUs declares (its GPU count).
 GPU_RESOURCE = "GPU"
-#: The options of ``with_resources``.
-SHAPE_OPTIONS = ("cores", "memory", "gpus", "walltime", "queue", "job_extra", "max_workers",
-                 "call_time")
 #: The most often calls waking a pool's scaling policy make it look (seconds).
 WAKE_SECONDS = 0.2
 #: How long after calls come the woken policy looks (the rest of a burst comes meanwhile).
 WAKE_DELAY_SECONDS = 0.05
 #: Environment variables set to a pool's cores in its workers (threads of numeric libraries).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-@dataclass(frozen=True)
-class PoolShape:
-    """What each worker of a pool has: checked ``with_resources`` options.
-
-    Attributes
-    ----------
-    cores : int
-        Cores of each worker (a batch job's CPUs; a local worker's threads).
-    memory : str or None
-        Memory of each worker as given; ``memory_bytes`` holds the amount.
-    gpus : int
-        GPUs of each worker (0: none).
-    walltime : str or None
-        ``HH:MM:SS`` of each batch job; ``walltime_seconds`` holds the seconds.
-    queue : str or None
-        The batch queue (partition) of the pool's jobs.
-    job_extra : tuple of str
-        More scheduler directives for the pool's jobs.
-    max_workers : int or None
-        The most workers of the pool (default: the executor's ``max_workers``).
-    call_time : str or None
-        ``HH:MM:SS`` each call needs; ``call_time_seconds`` holds the seconds. No call starts
-        on a job with less time left.
-    memory_ladder : bool
-        A rung of a memory ladder (``memory=[...]``, :mod:`futures_hpc.memory_ladder`): its
-        calls killed for memory move to the next rung. A pool of its own, apart from a pool of
-        the same shape without a ladder.
-
-    """
-
-    cores: int = 1
-    # The amounts say which pool a shape is (``"1GB"`` and ``10**9`` are one pool), not the text.
-    memory: str | None = field(default=None, compare=False)
-    memory_bytes: int | None = None
-    gpus: int = 0
-    walltime: str | None = field(default=None, compare=False)
-    walltime_seconds: int | None = None
-    queue: str | None = None
-    job_extra: tuple[str, ...] = ()
-    max_workers: int | None = None
-    call_time: str | None = None
-    call_time_seconds: int | None = None
-    memory_ladder: bool = False
-
-    def describe(self) -> str:
-        """``cores=2 memory=8GB ...``: the options that were given."""
-        parts = [f"cores={self.cores}"]
-        for name in ("memory", "gpus", "walltime", "call_time", "queue", "max_workers"):
-            value = getattr(self, name)
-            if value:
-                parts.append(f"{name}={value}")
-        if self.job_extra:
-            parts.append(f"job_extra={list(self.job_extra)}")
-        if self.memory_ladder:
-            parts.append("(a memory ladder's rung)")
-        return " ".join(parts)
-
-
-def parse_shape(options: Mapping[str, Any]) -> PoolShape:
-    """Check the options of ``with_resources``; raise :class:`OptionError` naming a bad one."""
-    for name in options:
-        if name not in SHAPE_OPTIONS:
-            raise unknown_option_error(name, options[name], SHAPE_OPTIONS, "with_resources")
-    given = {name: value for name, value in options.items() if value is not None}
-    common = parse_resources({name: given[name] for name in
-                              ("cores", "memory", "walltime", "queue", "job_extra")
-                              if name in given})
-    gpus = check_whole_number("gpus", given.get("gpus", 0), 0)
-    max_workers = given.get("max_workers")
-    call_time = None
-    if "call_time" in given:
-        call_time = parse_walltime(given["call_time"], "call_time")
-    return PoolShape(
-        cores=common.cores or 1,
-        memory=common.memory,
-        memory_bytes=common.memory_bytes,
-        gpus=gpus,
-        walltime=common.walltime,
-        walltime_seconds=common.walltime_seconds,
-        queue=common.queue,
-        job_extra=tuple(common.job_extra),
-        max_workers=None if max_workers is None else check_whole_number(
-            "max_workers", max_workers, 1),
-        call_time=None if call_time is None else format_walltime(call_time),
-        call_time_seconds=call_time,
-    )
 
 
 @dataclass(eq=False)
@@ -350,7 +285,7 @@ class BaseScope:
 class Pools:
     """The pools of one executor, made on first use of each shape."""
 
-    def __init__(self, executor: HPCExecutor) -> None:
+    def __init__(self, executor: PoolsHost) -> None:
         self.executor = executor
         self.base = BaseScope(self)
         self._lock = threading.Lock()
@@ -437,7 +372,7 @@ class PoolExecutor(Executor):
     only stops it taking calls (and waits for, or cancels, its own).
     """
 
-    def __init__(self, executor: HPCExecutor, pool: ResourcePool,
+    def __init__(self, executor: PoolsHost, pool: ResourcePool,
                  ladder: MemoryLadder | None = None) -> None:
         self._executor = executor
         self._pool = pool
@@ -475,8 +410,8 @@ class PoolExecutor(Executor):
         return self._pool.shape
 
     @property
-    def executor(self) -> HPCExecutor:
-        """The executor whose cluster runs this pool."""
+    def executor(self) -> PoolsHost:
+        """The :class:`~futures_hpc.executor.HPCExecutor` whose cluster runs this pool."""
         return self._executor
 
     @property
@@ -563,8 +498,3 @@ class PoolExecutor(Executor):
     def __repr__(self) -> str:
         return f"<PoolExecutor {self._pool.name} ({self._pool.shape.describe()}) of " \
                f"{self._executor!r}>"
-
-
-def refuse_pools(backend: str, reason: str) -> OptionError:
-    """The error of a backend that has one kind of worker only."""
-    return OptionError(f"with_resources is not available on the {backend!r} backend: {reason}")

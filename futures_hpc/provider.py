@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 
 from distributed.deploy import Cluster
 
+from .errors import refuse_pools
+
 
 class BackendProvider:
     """Base of every backend's provider; each method's default does nothing that costs.
@@ -92,12 +94,10 @@ class BackendProvider:
     # -- pools (``ex.with_resources``, :mod:`futures_hpc.pools`) ------------------------------
 
     def check_pool(self, shape: Any) -> None:
-        """Refuse a pool shape (:class:`~futures_hpc.pools.PoolShape`) this backend cannot run.
+        """Refuse a pool shape (:class:`~futures_hpc.pool_shape.PoolShape`) this backend cannot run.
 
         The default refuses every pool: a backend runs pools only if it makes their workers.
         """
-        from .pools import refuse_pools
-
         raise refuse_pools(self.name, "its workers are all of one kind")
 
     def pool_walltime(self, shape: Any) -> tuple[str | None, int | None]:

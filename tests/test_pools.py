@@ -21,7 +21,8 @@ import pytest
 from futures_hpc import HPCExecutor
 from futures_hpc.backends.mpi import MPIProvider
 from futures_hpc.errors import CallDependencyError, OptionError
-from futures_hpc.pools import BASE_RESOURCE, GPU_RESOURCE, THREAD_VARIABLES, PoolShape
+from futures_hpc.pool_shape import PoolShape
+from futures_hpc.pools import BASE_RESOURCE, GPU_RESOURCE, THREAD_VARIABLES
 
 pytestmark = pytest.mark.timeout(120)
 

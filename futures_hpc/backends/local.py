@@ -27,7 +27,8 @@ from ..engine import (
 )
 from ..executor import HPCExecutor
 from ..hosted_nannies import HostedSet, spread_interval
-from ..pools import BASE_RESOURCE, PoolShape, ResourcePool
+from ..pool_shape import PoolShape
+from ..pools import BASE_RESOURCE, ResourcePool
 from ..provider import BackendProvider
 
 logger = logging.getLogger("futures_hpc")

@@ -25,7 +25,7 @@ import time
 from typing import Any, ClassVar
 
 from ..dask_settings import worker_environment as dask_worker_environment
-from ..errors import BackendUnavailableError, OptionError
+from ..errors import BackendUnavailableError, OptionError, refuse_pools
 from ..executor import HPCExecutor
 from ..import_path import pythonpath_value
 from ..provider import BackendProvider
@@ -63,8 +63,6 @@ class MPIProvider(BackendProvider):
 
     def check_pool(self, shape: Any) -> None:
         """Refuse pools: the workers are the ranks ``mpirun`` started, all of one size."""
-        from ..pools import refuse_pools
-
         raise refuse_pools(self.name, "its workers are the ranks of one mpirun, all of one "
                            "size; start the calls that need another size in an executor of "
                            "another backend (e.g. HPCExecutor('slurm', cores=...))")

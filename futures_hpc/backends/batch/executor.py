@@ -43,7 +43,8 @@ from ...errors import BackendUnavailableError, JobFailedError, JobSubmissionErro
 from ...executor import HPCExecutor
 from ...import_path import pythonpath_value
 from ...options import ResourceOptions, format_walltime, parse_walltime
-from ...pools import BASE_RESOURCE, PoolShape, ResourcePool
+from ...pool_shape import PoolShape
+from ...pools import BASE_RESOURCE, ResourcePool
 from ...provider import BackendProvider
 from ...scaling import (
     MINIMUM_WALLTIME_MARGIN,

@@ -9,7 +9,8 @@ from typing import Any
 
 from futures_hpc.errors import JobFailedError, OptionError
 from futures_hpc.executor import HPCExecutor
-from futures_hpc.pools import PoolShape, ResourcePool
+from futures_hpc.pool_shape import PoolShape
+from futures_hpc.pools import ResourcePool
 from futures_hpc.provider import BackendProvider
 from futures_hpc.scaling import (
     FairShareAdaptive,
