@@ -440,8 +440,12 @@ def test_a_task_reads_a_raster_block_by_block_and_an_array_by_group(tmp_path):
 
     def counted(source):
         read = source.read
-        source.read = lambda rows, cols: reads[source.name].append((rows, cols)) or read(rows,
-                                                                                         cols)
+
+        def counting_read(rows, cols):
+            reads[source.name].append((rows, cols))
+            return read(rows, cols)
+
+        source.read = counting_read
         return source
 
     raster = counted(RasterioSource(str(tmp_path / "in.tif"), "raster"))
@@ -454,7 +458,7 @@ def test_a_task_reads_a_raster_block_by_block_and_an_array_by_group(tmp_path):
                     otherargs=None, georeference=None, dtype=None, combine=None,
                     stops_at_first_error=True)
     outcome = job.run(group, None, None)
-    assert [(rows, cols) for rows, cols in reads["raster"]] == [
+    assert reads["raster"] == [
         (window.read_rows, window.read_cols) for window in group.windows]
     assert reads["raw"] == [(group.window.read_rows, group.window.read_cols)]
     expected = bands[0, :20, :30].astype(np.int64) + bands[1, :20, :30]

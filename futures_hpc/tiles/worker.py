@@ -167,9 +167,9 @@ class _BlockJob:
     def run(self, group: _Group, sink: ImageSink | None,
             data: Sequence[np.ndarray | None] | None) -> _Outcome | _NotVisible:
         """Read the group's region, run every block, write (or return) the group's output."""
-        try:
+        try:  # the first block is read here: a file this worker cannot see is not a failure
             regions = self.regions(group.window, data)
-            first = self.blocks_of(regions, group.window, group.windows[0])
+            blocks = self.blocks_of(regions, group.window, group.windows[0])
         except FileNotFoundError as exc:
             return _NotVisible(f"cannot read an input here: {exc}")
         outcome = _Outcome()
@@ -179,8 +179,8 @@ class _BlockJob:
         placed: list[Window] = []  # blocks in outcome.data, written with the group
         for number, window in enumerate(group.windows):
             try:
-                blocks = first if number == 0 else self.blocks_of(regions, group.window, window)
-                first = []  # read before the loop, to tell a file this worker cannot see
+                if number:
+                    blocks = self.blocks_of(regions, group.window, window)
                 result = self.call(blocks, window)
                 if self.combine is None:
                     core = self.trim(result, window)
