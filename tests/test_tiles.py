@@ -205,6 +205,40 @@ def test_wide_margin_task_groups_and_both_transports(executor, shared_memory, bl
     np.testing.assert_allclose(result, expected, rtol=1e-6)
 
 
+def test_workers_are_asked_about_shared_memory_again_only_when_they_change(monkeypatch):
+    """A real local executor; the broadcast that asks the workers is counted by a spy.
+
+    The spy calls the real function: every answer comes from the real workers. The same
+    workers are asked once; after a restart (new worker processes, new addresses) again.
+    """
+    import futures_hpc.tiles.shared_memory as shared_memory_module
+
+    require(shared_memory_module.shared_memory_available(), "needs a writable /dev/shm")
+    asked = []
+    ask = shared_memory_module._ask_workers_for_token
+    monkeypatch.setattr(shared_memory_module, "_ask_workers_for_token",
+                        lambda executor: asked.append(ask(executor)) or asked[-1])
+    image = rng_image((48, 40), seed=5)
+    expected = ndi.uniform_filter(image, size=3, mode="nearest")
+
+    def mean3(block):
+        return ndi.uniform_filter(block, size=3, mode="nearest")
+
+    with HPCExecutor("local", max_workers=2) as ex:
+        ex.client.wait_for_workers(2, timeout=60)
+        for _ in range(3):
+            np.testing.assert_allclose(map_blocks(ex, mean3, image, block=16, overlap=1),
+                                       expected, rtol=1e-6)
+        assert asked == [True]
+        before = set(ex.client.nthreads())
+        ex.client.restart()
+        ex.client.wait_for_workers(2, timeout=60)
+        assert not before & set(ex.client.nthreads())
+        np.testing.assert_allclose(map_blocks(ex, mean3, image, block=16, overlap=1,
+                                              shared_memory=True), expected, rtol=1e-6)
+        assert asked == [True, True]
+
+
 class StubClient:
     def __init__(self, threads, memory_per_worker):
         self.workers = {f"w{i}": {"nthreads": 1, "memory_limit": memory_per_worker}

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -148,10 +149,33 @@ def _read_token(path: str) -> bytes | None:
         return None
 
 
+#: Per client, the workers last asked whether they see this host's ``/dev/shm``, and the answer.
+_SHARING_CHECKED: weakref.WeakKeyDictionary[Any, tuple[frozenset[str], bool]] = (
+    weakref.WeakKeyDictionary())
+
+
 def _workers_share_memory(executor: Any) -> bool:
-    """Tell whether every current worker sees this client's ``/dev/shm`` (and there is one)."""
+    """Tell whether every current worker sees this client's ``/dev/shm`` (and there is one).
+
+    The answer is kept while the same workers are connected: asking the scheduler who they are
+    is one round trip to it, while asking the workers is a broadcast through it to each of them.
+    A worker that joins later and does not see the file is still handled: its task answers
+    that it cannot read the input, and the client sends it the data.
+    """
     if not shared_memory_available():
         return False
+    client = executor.client
+    workers = frozenset(client.nthreads())
+    checked = _SHARING_CHECKED.get(client)
+    if checked is not None and checked[0] == workers:
+        return checked[1]
+    shared = _ask_workers_for_token(executor)
+    _SHARING_CHECKED[client] = (workers, shared)
+    return shared
+
+
+def _ask_workers_for_token(executor: Any) -> bool:
+    """Write a token in ``/dev/shm``; True if every worker reads it back."""
     path = new_shared_path("token")
     token = uuid.uuid4().bytes
     with open(path, "wb") as handle:
