@@ -21,7 +21,6 @@ carries the decision out:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -47,6 +46,7 @@ from .scaling_policy import (
     walltime_margin,
     wanted_workers,
 )
+from .worker_closing import until_disconnected
 
 __all__ = [  # the policy's names too, as before the policy had a module of its own
     "AUTO_IDLE_TIMEOUT",
@@ -93,11 +93,6 @@ DEFAULT_MAX_RESUBMISSIONS = 3
 DEFAULT_INTERVAL = 0.5
 #: Seconds of queued work per worker that the scale-up aims for (smaller: more workers sooner).
 DEFAULT_TARGET_DURATION = 2.0
-#: Seconds a released batch worker is given to close and disconnect before its job is
-#: cancelled anyway (a worker closes in well under a second; a hung one is not waited for).
-RELEASE_GRACE_SECONDS = 5.0
-#: Seconds between two looks at whether released workers have disconnected.
-_DISCONNECT_POLL_SECONDS = 0.05
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -319,18 +314,6 @@ class _TaskEnds(SchedulerPlugin):
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.last_end.pop(worker, None)
         self.connected_at.pop(worker, None)
-
-
-async def _until_disconnected(scheduler: Any, addresses: list[str], timeout: float) -> bool:
-    """Wait until none of ``addresses`` is connected to ``scheduler``; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while any(address in scheduler.workers for address in addresses):
-        if time.monotonic() >= deadline:
-            logger.debug("released worker(s) still connected after %g s; their jobs are "
-                         "cancelled anyway", timeout)
-            return False
-        await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
-    return True
 
 
 class FairShareAdaptive(Adaptive):
@@ -601,7 +584,7 @@ class FairShareAdaptive(Adaptive):
             # that neither its last heartbeat ("unregistered worker") nor a connection it is
             # still opening (a failed TLS handshake) is cut by the cancel, which comes after.
             await scheduler.retire_workers(workers=addresses, remove=False, close_workers=True)
-            await _until_disconnected(scheduler, addresses, RELEASE_GRACE_SECONDS)
+            await until_disconnected(scheduler, addresses)
         elif addresses:
             # Processes with a nanny of this cluster (local) are closed by the nanny, when the
             # spec goes.

@@ -359,6 +359,31 @@ def test_no_job_left_in_the_queue_after_the_with_block(batch, exit_kind):
     assert time.monotonic() - started < QUEUE_EMPTY_WITHIN_SECONDS
 
 
+class _TeardownMarker(distributed.WorkerPlugin):
+    """A worker plugin whose teardown (run when the worker closes itself) leaves a file."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def teardown(self, worker) -> None:
+        Path(self.directory, f"{worker.name}.closed").touch()
+
+
+def test_closing_lets_idle_workers_close_before_their_jobs_are_cancelled(batch, tmp_path):
+    """Closing the executor asks its idle workers to close and waits for them before the
+    cancel: their plugins' teardowns run (each leaves a file here). Before, the cancel came
+    first and its SIGTERM killed the worker processes: no teardown ran.
+    """
+    with batch.executor(max_workers=2) as executor:
+        wait_for_workers(executor, 2)
+        executor.client.register_plugin(_TeardownMarker(str(tmp_path)))
+        names = {str(worker["name"]) for worker in
+                 executor.client.scheduler_info(n_workers=-1)["workers"].values()}
+        assert len(names) == 2
+    assert sorted(path.stem for path in tmp_path.glob("*.closed")) == sorted(names)
+    assert wait_until_no_jobs(batch, executor.run_name) == []
+
+
 _CHILD_SCRIPT = textwrap.dedent("""
     import json, signal, sys
     import dask.config

@@ -28,6 +28,7 @@ from distributed.deploy.utils import nprocesses_nthreads
 
 from ...engine import ClusterHooks, JobHooks, job_keyword_arguments
 from ...errors import JobSubmissionError
+from ...worker_closing import close_workers, job_worker_addresses
 from .commands import SUBMISSION_TIMEOUT_SECONDS
 from .jobs import JobBook
 from .system import BatchSystem
@@ -347,8 +348,22 @@ class _BookkeepingCluster(ClusterHooks):
                 self.worker_spec.pop(name, None)
 
     async def close_cluster(self) -> None:
-        """Cancel every job with one command, then close as dask-jobqueue does."""
+        """Close the workers, cancel every job with one command, then close as dask-jobqueue does.
+
+        Idle workers are asked to close first and given a few seconds to disconnect
+        (:mod:`futures_hpc.worker_closing`), so that their plugins' teardowns run and their
+        scratch directories go; the jobs are cancelled whether they did or not. Workers still
+        running a call (Ctrl-C, ``shutdown(cancel_futures=True)``) are not waited for.
+        """
         self.job_book.begin_closing()
+        scheduler = getattr(self, "scheduler", None)
+        if hasattr(scheduler, "close_worker"):  # a scheduler in this process
+            try:
+                idle = [address for address in job_worker_addresses(scheduler, self.workers)
+                        if not scheduler.workers[address].processing]
+                await close_workers(scheduler, idle)
+            except Exception as error:  # never in the way of the cancel
+                logger.debug("closing the workers before their jobs failed: %r", error)
         # Synchronous (a few tens of ms): at interpreter exit no thread pool takes work.
         self.job_book.cancel(self.job_cls.cancel_command)
         await super().close_cluster()
