@@ -44,6 +44,10 @@ sampling the executor's job book and the in-process scheduler every 0.2 s:
 - jobs submitted in total (thrash), the most jobs pending at once (submitted, no worker
   connected yet), and the makespan; then the ratios against ``fixed`` and against ``dask_adapt``.
 
+Beside them: the floor (a policy that knew every gap in advance), what any policy that does not
+know the gaps can at best promise (each gap's part of the floor times e/(e-1), the bound of
+randomized ski rental), and what the break-even rule of ``idle_timeout="auto"`` promises (2x).
+
 Targets (issue 14): idle worker-seconds at most 0.25x the fixed cluster's and no more than
 ``adapt()``'s, no more jobs submitted than ``adapt()``, makespan at most 1.15x the fixed cluster's.
 """
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -277,6 +282,19 @@ def main(argv: list[str] | None = None) -> int:
               "held or paid with a new start-up, whichever is less; "
               f"{startup:.1f} s per start-up as the fixed cluster's jobs took; "
               "the ends of the bursts not counted)")
+        # Each gap is a ski rental: hold the workers (pay the gap) or release them (pay a new
+        # start-up). A policy that does not know a gap's length cannot promise less than
+        # e/(e-1) times the best choice for it, not even a randomized one (Karlin, Manasse,
+        # McGeoch and Owicki, 1994); releasing after idle = start-up promises 2x.
+        gaps = WORKERS * sum(min(gap, startup) for gap in workload["gaps"])
+        first = WORKERS * startup
+        for label, factor in (("the best any policy not knowing the gaps can promise "
+                               "(e/(e-1) x each gap's part)", math.e / (math.e - 1)),
+                              ("what the break-even rule (idle_timeout = start-up) promises "
+                               "(2 x each gap's part)", 2.0)):
+            promised = first + factor * gaps
+            print(f"  {label}: {promised:.1f} idle worker-seconds = "
+                  f"{promised / fixed.idle_worker_seconds:.2f}x fixed")
     print("  targets for fair_share: idle <= 0.25x fixed and <= 1.00x dask_adapt, jobs <= "
           "dask_adapt's, makespan <= 1.15x fixed")
     return 0

@@ -583,8 +583,11 @@ class FairShareAdaptive(Adaptive):
             # scheduler keeps each one registered until it has closed and disconnected, so
             # that neither its last heartbeat ("unregistered worker") nor a connection it is
             # still opening (a failed TLS handshake) is cut by the cancel, which comes after.
-            await scheduler.retire_workers(workers=addresses, remove=False, close_workers=True)
-            await until_disconnected(scheduler, addresses)
+            retired = await scheduler.retire_workers(workers=addresses, remove=False,
+                                                     close_workers=True)
+            # A worker whose data could move nowhere was not asked to close: not waited for.
+            await until_disconnected(scheduler, [address for address in addresses
+                                                 if address in (retired or {})])
         elif addresses:
             # Processes with a nanny of this cluster (local) are closed by the nanny, when the
             # spec goes.
